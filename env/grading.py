@@ -1,0 +1,225 @@
+"""Answer extraction, equivalence checking and majority voting for MATH problems.
+
+Every stage that judges a branch (profiling, the replay and live backends, evaluation, the
+deployed controller) must agree on what "correct" and "the same answer" mean, so the rules live
+here, separate from generation. Equivalence is math-verify's (``verify(parse(gold),
+parse(pred))``), the grader used by the MATH-500 reference figures bundled in ``data/``.
+
+math-verify guards parsing and comparison with ``signal.alarm``, which only works on a process's
+main thread. We keep those timeouts on the main thread and switch them off elsewhere (worker
+threads of a server or thread pool); there, answers longer than ``MAX_ANSWER_CHARS`` are refused
+instead, which keeps sympy away from the pathological inputs a timeout would otherwise catch.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from math_verify import parse, verify
+
+MAX_ANSWER_CHARS = 500
+"""Longer answers are judged wrong without parsing (the longest MATH gold answer has 159)."""
+
+MATH_VERIFY_TIMEOUT_S = 5
+"""Per-parse and per-comparison timeout on the main thread (math-verify's own default)."""
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _find_box_command(text: str, start: int) -> tuple[int, int] | None:
+    """(start, end) of the next ``\\boxed``/``\\fbox`` command at or after ``start``."""
+    hits = [(text.find(cmd, start), cmd) for cmd in _BOX_COMMANDS]
+    hits = [(pos, cmd) for pos, cmd in hits if pos >= 0]
+    if not hits:
+        return None
+    pos, cmd = min(hits)
+    return pos, pos + len(cmd)
+
+
+def _read_braced(text: str, open_pos: int) -> int | None:
+    """Index just past the ``}`` closing the ``{`` at ``open_pos``; None if never closed.
+
+    A backslash escapes the next character, so ``\\{``, ``\\}`` and ``\\\\`` never count.
+    """
+    depth = 0
+    i = open_pos
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def extract_boxed_answer(text: str) -> str | None:
+    """Return the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
+
+    Boxes nested inside another box belong to it; the outermost box that comes last is the
+    answer. The brace-less form ``\\boxed 5`` yields the token after the space, without trailing
+    ``.``/``,``/``;``. Returns None when there is no box, when the last box is empty, or when it
+    is never closed (typically a branch cut off mid-answer).
+    """
+    answer = None
+    pos = 0
+    while (found := _find_box_command(text, pos)) is not None:
+        cmd_end = found[1]
+        after = cmd_end
+        while after < len(text) and text[after].isspace():
+            after += 1
+        if after < len(text) and text[after] == "{":
+            close = _read_braced(text, after)
+            if close is None:
+                return None
+            answer = text[after + 1 : close - 1].strip()
+            pos = close
+        elif after > cmd_end:
+            token_end = after
+            while (
+                token_end < len(text) and not text[token_end].isspace() and text[token_end] != "$"
+            ):
+                token_end += 1
+            answer = text[after:token_end].rstrip(".,;")
+            pos = token_end
+        else:
+            pos = cmd_end  # e.g. "\boxedfoo": not a box command
+    return answer or None
+
+
+def _timeout() -> int | None:
+    """math-verify timeout usable on the current thread (None disables its signal alarm)."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_answer(answer: str) -> tuple:
+    """math-verify parse of a bare answer, boxed so its LaTeX extractor picks it up whole."""
+    if not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
+        return ()
+    try:
+        return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout()))
+    except Exception:  # noqa: BLE001 - math-verify should not raise; a grader must never crash
+        return ()
+
+
+@functools.lru_cache(maxsize=65536)
+def is_equivalent(gold: str, predicted: str | None) -> bool:
+    """True when math-verify judges the predicted answer equal to the gold answer.
+
+    Both are bare answers (box contents), e.g. ``"\\frac{1}{2}"`` and ``"0.5"``. The comparison
+    is math-verify's and is not symmetric in general (the gold decides, e.g., whether a set or
+    an interval is meant). A missing, empty, overlong or unparsable answer is simply False.
+    """
+    if predicted is None:
+        return False
+    gold_parsed, pred_parsed = _parse_answer(gold), _parse_answer(predicted)
+    if not gold_parsed or not pred_parsed:
+        return False
+    try:
+        return verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout())
+    except Exception:  # noqa: BLE001 - as in _parse_answer
+        return False
+
+
+def is_equiv_pair(first: str, second: str) -> bool:
+    """Whether two sampled answers count as the same vote: identical text or equivalent."""
+    return first.strip() == second.strip() or is_equivalent(first, second)
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """Grade of one response: the extracted answer (None if no box) and whether it is right."""
+
+    answer: str | None
+    correct: bool
+
+
+def grade(gold: str, response_text: str) -> GradeResult:
+    """Grade a full model response against the gold answer by its last boxed answer."""
+    answer = extract_boxed_answer(response_text)
+    return GradeResult(answer=answer, correct=is_equivalent(gold, answer))
+
+
+def answer_classes(
+    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = is_equiv_pair
+) -> list[int]:
+    """Equivalence class id per answer, numbered in order of first appearance; -1 for None.
+
+    Each answer is compared with the first member (representative) of each existing class,
+    ``equivalent(representative, answer)``, and joins the first class that matches. Profiles
+    store these ids so replay can vote with integers instead of re-grading text.
+    """
+    representatives: list[str] = []
+    classes = []
+    for answer in answers:
+        if answer is None:
+            classes.append(-1)
+            continue
+        for class_id, representative in enumerate(representatives):
+            if equivalent(representative, answer):
+                classes.append(class_id)
+                break
+        else:
+            classes.append(len(representatives))
+            representatives.append(answer)
+    return classes
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """Outcome of a majority vote.
+
+    :param winner: representative (first-seen member) of the winning class; None if no answers.
+    :param winner_count: number of answers in the winning class.
+    :param group_sizes: answers per class, indexed by class id (first-appearance order).
+    :param classes: class id of each input answer, -1 for None.
+    """
+
+    winner: str | None
+    winner_count: int
+    group_sizes: tuple[int, ...]
+    classes: tuple[int, ...]
+
+
+def majority_vote(
+    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = is_equiv_pair
+) -> VoteResult:
+    """Majority vote over equivalence classes of answers (None answers do not vote).
+
+    Ties go to the class whose first member appeared earliest, so the result depends only on
+    the order of the answers.
+    """
+    classes = answer_classes(answers, equivalent)
+    sizes = [0] * (max(classes, default=-1) + 1)
+    for class_id in classes:
+        if class_id >= 0:
+            sizes[class_id] += 1
+    if not sizes:
+        return VoteResult(None, 0, (), tuple(classes))
+    winner_class = max(range(len(sizes)), key=lambda c: (sizes[c], -c))
+    winner = answers[classes.index(winner_class)]
+    return VoteResult(winner, sizes[winner_class], tuple(sizes), tuple(classes))
+
+
+def decided(counts: Sequence[int], remaining: int) -> bool:
+    """Whether the vote's winner is fixed whatever the ``remaining`` unfinished branches answer.
+
+    ``counts`` are the current votes per class (e.g. ``VoteResult.group_sizes``). Decided when
+    nothing is left to come, or when the leader is strictly ahead of the runner-up by more than
+    ``remaining``: then no class, existing or new, can even tie it. Ties are not counted as
+    decided although the earliest-class tie-break might already fix them; this errs on the side
+    of waiting.
+    """
+    if remaining <= 0:
+        return True
+    ranked = sorted(counts, reverse=True) + [0, 0]
+    return ranked[0] > ranked[1] + remaining
