@@ -102,7 +102,9 @@ def ensure_target_model() -> Path:
 
         source = _gguf_dir()
         log.info("converting %s to safetensors (one-off)", GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=GGUF_FILE, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
         # The tensors are already de-quantised; forget the GGUF quantiser so it can be saved.
         model.hf_quantizer = None

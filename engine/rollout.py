@@ -1,0 +1,61 @@
+"""What one engine call produced: per-branch results and per-call timings.
+
+Kept separate from the engine so voting, grading, profiling and the server can consume
+rollouts without importing vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class BranchResult:
+    """One sampled branch of a call.
+
+    ``finish_s`` is seconds from the start of the call, ``None`` when the branch was aborted
+    (deadline, early stop or error).  ``drafted_tokens``/``accepted_tokens`` come from vLLM's
+    per-request speculative metrics and are 0 without speculation or for aborted branches.
+    """
+
+    index: int
+    text: str = ""
+    token_count: int = 0
+    finish_s: float | None = None
+    finish_reason: str = "running"  # "stop", "length", "aborted"
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_s is not None
+
+
+@dataclass
+class Rollout:
+    """Result of ``VLLMEngine.run``: all branches, finished or not, and call-level figures."""
+
+    n: int
+    k: int
+    method: str
+    prompt_tokens: int
+    deadline_s: float | None
+    branches: list[BranchResult]
+    wall_s: float = 0.0
+    ttft_s: float | None = None
+    stopped_by: str = "complete"  # "complete", "deadline", "early_stop"
+    spec_counters: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> list[BranchResult]:
+        """Branches that finished, in finish order."""
+        done = [b for b in self.branches if b.finished]
+        return sorted(done, key=lambda b: (b.finish_s, b.index))
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(b.token_count for b in self.branches)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
