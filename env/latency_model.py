@@ -188,4 +188,3 @@ def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np
     p = np.asarray(predicted, dtype=float)
     m = np.asarray(measured, dtype=float)
     return np.abs(p - m) / np.maximum(m, 1e-9)
-

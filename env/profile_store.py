@@ -59,7 +59,10 @@ SPEC_COLUMNS = {
 
 
 def default_profiles_dir() -> Path:
-    return Path(os.environ.get("TTS_DATA_DIR") or Path(__file__).resolve().parent.parent / "data") / "profiles"
+    return (
+        Path(os.environ.get("TTS_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
+        / "profiles"
+    )
 
 
 @dataclass
@@ -147,7 +150,9 @@ def read_table(path: Path) -> list[dict]:
     return rows
 
 
-def save_profile(folder: Path, manifest: dict, rows: list[dict], spec_rows: list[dict] | None = None) -> Path:
+def save_profile(
+    folder: Path, manifest: dict, rows: list[dict], spec_rows: list[dict] | None = None
+) -> Path:
     """Write a complete profile folder (tables first, manifest last)."""
     folder = Path(folder)
     manifest = {**manifest, "format_version": FORMAT_VERSION, "num_problems": len(rows)}
@@ -169,8 +174,12 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     named = default_profiles_dir() / str(name_or_path)
     if (named / "manifest.json").is_file():
         return named
-    known = sorted(p.name for p in default_profiles_dir().glob("*") if (p / "manifest.json").is_file())
-    raise FileNotFoundError(f"no profile {str(name_or_path)!r} (a folder with manifest.json); bundled profiles: {known}")
+    known = sorted(
+        p.name for p in default_profiles_dir().glob("*") if (p / "manifest.json").is_file()
+    )
+    raise FileNotFoundError(
+        f"no profile {str(name_or_path)!r} (a folder with manifest.json); bundled profiles: {known}"
+    )
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -179,7 +188,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     manifest = json.loads((folder / "manifest.json").read_text())
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"profile {folder} has format_version {version}; this code reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"profile {folder} has format_version {version}; this code reads {FORMAT_VERSION}"
+        )
     rows = read_table(folder / "problems.parquet")
     for row in rows:
         for col in ("branch_class", "branch_tokens", "branch_finish_s"):

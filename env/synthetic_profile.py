@@ -1,0 +1,327 @@
+"""Calibrated synthetic profile: Llama-3.2-1B-Instruct on an H100, built from public figures.
+
+Why: the bundled real model is too weak at math (pass@1 ~3 %) for allocation to matter, and no
+GPU or larger model is available here. This generator writes a profile in the format of real
+profiles (`env.profile_store`) whose behaviour follows public per-problem results, so the whole
+pipeline (replay, training, evaluation) can be studied on a CPU. It is marked synthetic in its
+manifest, and everything shown from it says "synthetic profile".
+
+What is drawn, per problem (MATH-500 test problems, and MATH train problems):
+- correctness: MATH-500 success rates of Llama-3.2-1B-Instruct over 1,280 samples
+  (data/llama32_1b_math500_counts.json); a train problem takes the rate of a random MATH-500
+  problem of the same subject and level;
+- wrong answers: `env.synthetic_answers`, concentration calibrated to the published
+  majority-vote curve and effective number of answers (data/llama32_1b_math500_majority.json);
+- response lengths: log-normal per problem, scaled by the MATH reference solution's length and
+  by difficulty, longer when wrong, cut at the source run's max_tokens (no answer);
+- per-token draft acceptance for ngram and a draft model;
+- finish times of all N_max branches of a k = 0 call from the H100 roofline (`env.roofline`).
+
+Run ``python -m env.synthetic_profile`` (see ``--help``); it prints every calibration check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from env.math_data import MathProblem, data_dir, load_math500, load_math_train
+from env.profile_store import default_profiles_dir, save_profile
+from env.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
+from env.synthetic_answers import (
+    CALIBRATION_EVALUATIONS,
+    N_STICKS,
+    AnswerModel,
+    Calibration,
+    build_answer_model,
+    calibrate,
+    simulate_votes,
+    stored_vote_curve,
+)
+from env.synthetic_branches import (
+    PARAMETERS,
+    SAMPLING,
+    SOURCE_RUN,
+    acceptance,
+    length_medians,
+    prompt_tokens,
+    sample_branches,
+    truncation_rate,
+    value,
+)
+from env.synthetic_report import format_summary, length_statistics
+
+PROFILE_NAME = "synthetic-llama32-1b-h100"
+TARGET_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+COUNTS_FILE = "llama32_1b_math500_counts.json"
+MAJORITY_FILE = "llama32_1b_math500_majority.json"
+CALIBRATION_REPS = 12
+CHECK_REPS = 64
+
+
+@dataclass
+class SyntheticProfile:
+    """A generated profile: where it was written, its contents, and the answer distributions
+    of its MATH-500 problems (in row order) for checks beyond the stored branches."""
+
+    path: Path
+    manifest: dict
+    rows: list[dict]
+    test_answers: AnswerModel
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a bundled JSON-lines file (for the reference solutions math_data drops)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_published() -> tuple[dict[str, float], dict]:
+    """MATH-500 success rate per unique_id (pooled over the 5 sessions) and the curve file."""
+    counts = json.loads((data_dir() / COUNTS_FILE).read_text())
+    rates = {
+        uid: sum(c) / sum(n)
+        for uid, c, n in zip(counts["uids"], counts["counts"], counts["ns"], strict=True)
+    }
+    majority = json.loads((data_dir() / MAJORITY_FILE).read_text())["within_session"]
+    return rates, majority
+
+
+def train_success_rates(train, test, test_rates: np.ndarray, rng: np.random.Generator):
+    """Success rate of each train problem: that of a random MATH-500 problem of the same
+    subject and level (same subject when the level is unknown)."""
+    by_cell, by_subject = defaultdict(list), defaultdict(list)
+    for problem, rate in zip(test, test_rates, strict=True):
+        by_cell[(problem.subject, problem.level)].append(rate)
+        by_subject[problem.subject].append(rate)
+    rates = np.empty(len(train))
+    for i, problem in enumerate(train):
+        pool = by_cell.get((problem.subject, problem.level)) or by_subject[problem.subject]
+        rates[i] = pool[rng.integers(len(pool))]
+    return rates
+
+
+@dataclass
+class _Problems:
+    """MATH-500 problems (first) and the chosen train problems, with per-problem inputs."""
+
+    problems: list[MathProblem]
+    n_test: int
+    rates: np.ndarray
+    medians: np.ndarray
+    p_none: np.ndarray
+    sticks: np.ndarray
+
+
+def _load_problems(rates: dict[str, float], seed: int, train_problems: int) -> _Problems:
+    """Problems, success rates, length medians, no-answer rates and stick uniforms."""
+    streams = [np.random.default_rng([seed, stream]) for stream in range(4)]
+    test = load_math500(source="bundled")
+    train_all = load_math_train()
+    count = min(train_problems, len(train_all))
+    picked = np.sort(streams[0].permutation(len(train_all))[:count])
+    train = [train_all[i] for i in picked]
+    train_solutions = _read_jsonl(data_dir() / "math_train.jsonl.gz")
+    solutions = [len(r["solution"]) for r in _read_jsonl(data_dir() / "math500.jsonl")]
+    solutions += [len(train_solutions[i]["solution"]) for i in picked]
+    test_rates = np.array([rates[p.id] for p in test])
+    all_rates = np.concatenate(
+        [test_rates, train_success_rates(train, test, test_rates, streams[1])]
+    )
+    medians = length_medians(np.asarray(solutions, dtype=float), all_rates, streams[2])
+    p_none = (1.0 - all_rates) * truncation_rate(medians * value("length_wrong_ratio"))
+    sticks = streams[3].random((len(test) + len(train), N_STICKS))
+    return _Problems(test + train, len(test), all_rates, medians, p_none, sticks)
+
+
+def _calibrated_answers(
+    data: _Problems, majority: dict, seed: int, progress: bool
+) -> tuple[AnswerModel, Calibration, np.ndarray, np.ndarray]:
+    """Answer distributions of all problems with the concentration fitted on MATH-500, and a
+    fresh check of the fit: per-problem vote accuracy (P_test, N) and effective answers."""
+    rng = np.random.default_rng([seed, 4])
+    n = data.n_test
+    grid = tuple(majority["sel_grid"])
+    share = value("one_off_share")
+    draws = rng.random((n, CALIBRATION_REPS, grid[-1]))
+    with tqdm(total=CALIBRATION_EVALUATIONS, desc="calibrate", disable=not progress) as bar:
+        fit = calibrate(
+            data.rates[:n],
+            data.p_none[:n],
+            data.sticks[:n],
+            draws,
+            share,
+            grid,
+            np.asarray(majority["selection"]),
+            majority["eff_answers_median"],
+            bar,
+        )
+    answers = build_answer_model(data.rates, data.p_none, data.sticks, fit.theta0, fit.boost, share)
+    check_draws = rng.random((n, CHECK_REPS, grid[-1]))
+    per_problem, effective = simulate_votes(answers.take(slice(0, n)), check_draws, grid)
+    return answers, fit, per_problem, effective
+
+
+def _rows(data: _Problems, answers: AnswerModel, seed: int, n_max: int, progress: bool):
+    """One profile row per problem (finish times are added once the latency model exists)."""
+    probs = answers.category_probs()
+    mean_rate = float(data.rates[: data.n_test].mean())
+    rows = []
+    for i, problem in enumerate(tqdm(data.problems, desc="branches", disable=not progress)):
+        rng = np.random.default_rng([seed, 10, i])
+        row = {
+            "id": problem.id,
+            "split": "test" if i < data.n_test else "train",
+            "problem": problem.problem,
+            "answer": problem.answer,
+            "level": problem.level,
+            "subject": problem.subject,
+            "prompt_tokens": prompt_tokens(problem.problem),
+            "branch_text": [""] * n_max,
+        }
+        row.update(sample_branches(probs[i], problem.answer, n_max, data.medians[i], rng))
+        row["accept"] = acceptance(data.rates[i], data.medians[i], mean_rate, rng)
+        rows.append(row)
+    return rows
+
+
+def _parameters(fit: Calibration, roofline: RooflineModel) -> dict[str, dict]:
+    """Every parameter of the profile with its value and source."""
+    calibrated = f"calibrated to {MAJORITY_FILE} (majority curve, effective answers)"
+    parameters = {name: {"value": v, "source": s} for name, (v, s) in PARAMETERS.items()}
+    parameters.update(
+        {
+            "success_rates": {"value": COUNTS_FILE, "source": SOURCE_RUN},
+            "train_success_rates": {
+                "value": "MATH-500 rate of a random problem of the same subject and level",
+                "source": "issue 5: MATH-500 empirical distribution by level and subject",
+            },
+            "distractor_sticks": {"value": N_STICKS, "source": "modelling choice"},
+            "distractor_theta0": {"value": fit.theta0, "source": calibrated},
+            "distractor_hopeless_boost": {"value": fit.boost, "source": calibrated},
+            **roofline.parameters(),
+        }
+    )
+    return parameters
+
+
+def generate(
+    out: Path | None = None,
+    seed: int = 0,
+    n_max: int = 64,
+    train_problems: int = 7500,
+    progress: bool = True,
+    command: str | None = None,
+) -> SyntheticProfile:
+    """Generate, calibrate, check and save the synthetic profile; deterministic for a seed."""
+    started = time.monotonic()
+    out = Path(out) if out is not None else default_profiles_dir() / PROFILE_NAME
+    rates, majority = load_published()
+    data = _load_problems(rates, seed, train_problems)
+    answers, fit, per_problem, effective = _calibrated_answers(data, majority, seed, progress)
+    rows = _rows(data, answers, seed, n_max, progress)
+
+    test_rows = rows[: data.n_test]
+    grid = tuple(majority["sel_grid"])
+    stored_n = tuple(n for n in grid if n <= n_max)
+    stored = stored_vote_curve(
+        [np.asarray(r["branch_class"]) for r in test_rows],
+        [_gold_class(r) for r in test_rows],
+        stored_n,
+        np.random.default_rng([seed, 5]),
+    )
+    # The stored curve is one draw of n_max branches per problem: a per-problem outcome with
+    # success probability q has variance at most q (1 - q).
+    q = per_problem[:, : len(stored_n)]
+    stored_error = np.sqrt((q * (1 - q)).sum(axis=0)) / data.n_test
+
+    mean_prompt = np.mean([r["prompt_tokens"] for r in test_rows])
+    mean_tokens = np.mean([np.mean(r["branch_tokens"]) for r in test_rows])
+    roofline = RooflineModel(context_tokens=round(float(mean_prompt + mean_tokens / 2)))
+    latency = roofline.latency_model()
+    for row in rows:
+        tokens, prompt = row["branch_tokens"], row["prompt_tokens"]
+        finish = latency.branch_finish_times(tokens, 0, "ngram", 0.0, prompt)
+        row["branch_finish_s"] = np.round(finish, 6).tolist()
+
+    manifest = {
+        "name": out.name,
+        "synthetic": True,
+        "label": "synthetic profile",
+        "target_model": TARGET_MODEL,
+        "draft_model": roofline.draft.name,
+        "hardware": H100_SXM.name,
+        "vllm_version": None,
+        "sampling": SAMPLING,
+        "n_max": n_max,
+        "k_grid": list(K_GRID),
+        "spec_methods": list(SPEC_METHODS),
+        "seed": seed,
+        "splits": {"test": data.n_test, "train": len(rows) - data.n_test},
+        "latency_model": latency.to_dict(),
+        "parameters": _parameters(fit, roofline),
+        "calibration": {
+            "majority_vote": {
+                "protocol": "published (sampling-ceilings within_session_curves)",
+                "n": list(grid),
+                "published": majority["selection"],
+                "simulated": np.round(per_problem.mean(axis=0), 4).tolist(),
+                "calibration_fit": np.round(fit.curve, 4).tolist(),
+                "stored_n": list(stored_n),
+                "stored": np.round(stored, 4).tolist(),
+                "stored_standard_error": np.round(stored_error, 4).tolist(),
+            },
+            "effective_answers": {
+                "published_median": majority["eff_answers_median"],
+                "simulated_median": round(float(np.median(effective)), 3),
+            },
+            "lengths": length_statistics(test_rows),
+            "latency_checks": published_checks(roofline),
+            "acceptance_means": {
+                m: round(float(np.mean([r["accept"][m] for r in test_rows])), 4)
+                for m in SPEC_METHODS
+            },
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command or f"python -m env.synthetic_profile --out {out} --seed {seed}",
+    }
+    manifest["duration_s"] = round(time.monotonic() - started, 2)
+    save_profile(out, manifest, rows)
+    saved = json.loads((out / "manifest.json").read_text())
+    return SyntheticProfile(out, saved, rows, answers.take(slice(0, data.n_test)))
+
+
+def _gold_class(row: dict) -> int:
+    """Class id of the correct answer among a row's branches; -1 if no branch is correct."""
+    correct = np.asarray(row["branch_correct"], dtype=bool)
+    return int(np.asarray(row["branch_class"])[correct][0]) if correct.any() else -1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"folder (default data/profiles/{PROFILE_NAME})"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-max", type=int, default=64, help="branches recorded per problem")
+    parser.add_argument("--train-problems", type=int, default=7500, help="MATH train problems")
+    args = parser.parse_args(argv)
+    command = "python -m env.synthetic_profile " + " ".join(sys.argv[1:] if argv is None else argv)
+    profile = generate(args.out, args.seed, args.n_max, args.train_problems, True, command.strip())
+    print(format_summary(profile.manifest))
+    print(f"wrote {profile.path} in {profile.manifest['duration_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
