@@ -58,7 +58,9 @@ class EngineConfig:
     :param max_tokens: generation limit per branch.
     :param max_model_len: context length the engine is sized for.
     :param dtype: weights/activations dtype; float32 keeps greedy speculation exact.
-    :param gpu_memory_utilization: on CPU this sizes the KV cache.
+    :param gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU only).
+    :param kv_cache_gb: KV cache size; explicit so that on CPU several engines can live in one
+        process (vLLM's automatic CPU sizing subtracts the whole process's memory).
     :param seed: engine-wide seed (per-request seeds are never used: they crash the CPU build
         when a prompt is chunked).
     """
@@ -75,6 +77,7 @@ class EngineConfig:
     max_model_len: int = 2048
     dtype: str = "float32"
     gpu_memory_utilization: float = 0.4
+    kv_cache_gb: float = 1.0
     seed: int = 0
     ngram_min: int = 2
     ngram_max: int = 4
@@ -119,6 +122,7 @@ class VLLMEngine:
             max_model_len=cfg.max_model_len,
             max_num_seqs=max(cfg.max_n, 1),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30),
             seed=cfg.seed,
             speculative_config=speculative,
             disable_log_stats=False,
@@ -173,6 +177,15 @@ class VLLMEngine:
         with self._lock:
             return self._engine.has_unfinished_requests()
 
+    def shutdown(self) -> None:
+        """Stop the engine core and free its memory (the object is unusable afterwards)."""
+        import gc
+
+        with self._lock:
+            self._engine.engine_core.shutdown()
+            del self.llm, self._engine
+        gc.collect()
+
     # ----------------------------------------------------------------------------- validation
     def _check_k(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.config.k_max:
@@ -222,6 +235,8 @@ class VLLMEngine:
         deadline_s: float | None = None,
         should_stop: Callable[[list[BranchResult]], bool] | None = None,
         temperature: float | None = None,
+        max_tokens: int | None = None,
+        ignore_eos: bool = False,
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
@@ -232,7 +247,8 @@ class VLLMEngine:
         done, so the next call and ``has_unfinished_requests`` never see a leftover request.
         ``should_stop(finished_branches)`` is called whenever a branch finishes; returning
         True aborts the remaining branches (early stop once a vote is decided).
-        ``temperature`` overrides the configured one for this call (0 = greedy).
+        ``temperature`` and ``max_tokens`` override the configured values for this call (0 =
+        greedy); ``ignore_eos`` makes every branch generate exactly max_tokens (timing runs).
         """
         start = time.monotonic()
         self._check_n(n)
@@ -242,6 +258,13 @@ class VLLMEngine:
             isinstance(temperature, int | float) and 0 <= temperature <= 2
         ):
             raise ValueError(f"temperature must be a number in 0..2, got {temperature!r}")
+        limit = self.config.max_tokens
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool)
+            or not isinstance(max_tokens, int)
+            or not 1 <= max_tokens <= limit
+        ):
+            raise ValueError(f"max_tokens must be an int in 1..{limit}, got {max_tokens!r}")
         ids = self.prompt_token_ids(prompt)
         call = _Call(
             rollout=Rollout(
@@ -255,6 +278,8 @@ class VLLMEngine:
             prompt_ids=ids,
             start=start,
             temperature=self.config.temperature if temperature is None else float(temperature),
+            max_tokens=max_tokens or self.config.max_tokens,
+            ignore_eos=ignore_eos,
             should_stop=should_stop,
         )
         self._lock.acquire()
@@ -299,6 +324,7 @@ class VLLMEngine:
                     self.config.max_tokens, self.config.max_model_len - len(call.prompt_ids)
                 ),
                 output_kind=RequestOutputKind.DELTA,
+                ignore_eos=call.ignore_eos,
             )
             for rid in request_ids:
                 self._engine.add_request(rid, {"prompt_token_ids": call.prompt_ids}, params)
@@ -361,6 +387,8 @@ class _Call:
     prompt_ids: list[int]
     start: float
     temperature: float
+    max_tokens: int
+    ignore_eos: bool
     should_stop: Callable[[list[BranchResult]], bool] | None
     cancelled: bool = False
     error: BaseException | None = None
