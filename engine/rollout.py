@@ -44,7 +44,7 @@ class Rollout:
     branches: list[BranchResult]
     wall_s: float = 0.0
     ttft_s: float | None = None
-    stopped_by: str = "complete"  # "complete", "deadline", "early_stop"
+    stopped_by: str = "complete"  # "complete", "deadline", "early_stop", "cancelled", "error"
     spec_counters: dict[str, float] = field(default_factory=dict)
 
     @property

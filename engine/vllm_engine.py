@@ -237,6 +237,7 @@ class VLLMEngine:
         temperature: float | None = None,
         max_tokens: int | None = None,
         ignore_eos: bool = False,
+        cancel: threading.Event | None = None,
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
@@ -249,6 +250,8 @@ class VLLMEngine:
         True aborts the remaining branches (early stop once a vote is decided).
         ``temperature`` and ``max_tokens`` override the configured values for this call (0 =
         greedy); ``ignore_eos`` makes every branch generate exactly max_tokens (timing runs).
+        Setting ``cancel`` (e.g. when a client disconnects) aborts the call after the current
+        step; it then returns what finished, with ``stopped_by == "cancelled"``.
         """
         start = time.monotonic()
         self._check_n(n)
@@ -281,6 +284,7 @@ class VLLMEngine:
             max_tokens=max_tokens or self.config.max_tokens,
             ignore_eos=ignore_eos,
             should_stop=should_stop,
+            cancel=cancel,
         )
         self._lock.acquire()
         worker = threading.Thread(target=self._drive, args=(call,), daemon=True)
@@ -353,6 +357,9 @@ class VLLMEngine:
                             newly_finished = True
                     if not live or call.cancelled:
                         break
+                    if call.cancel is not None and call.cancel.is_set():
+                        rollout.stopped_by = "cancelled"
+                        break
                     if newly_finished and call.should_stop and call.should_stop(rollout.finished):
                         rollout.stopped_by = "early_stop"
                         break
@@ -390,6 +397,7 @@ class _Call:
     max_tokens: int
     ignore_eos: bool
     should_stop: Callable[[list[BranchResult]], bool] | None
+    cancel: threading.Event | None = None
     cancelled: bool = False
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)

@@ -123,3 +123,17 @@ def test_greedy_output_identical_at_every_k(draft_engine):
     assert len(texts[0]) > 20
     for k in range(1, 5):
         assert texts[k] == texts[0], f"k={k} differs from k=0"
+
+
+def test_cancel_event_aborts_the_call(draft_engine):
+    import threading
+
+    cancel = threading.Event()
+    timer = threading.Timer(0.5, cancel.set)
+    timer.start()
+    started = time.monotonic()
+    rollout = draft_engine.run(LONG, n=4, k=0, cancel=cancel)
+    timer.join()
+    assert rollout.stopped_by == "cancelled"
+    assert time.monotonic() - started < 3.0
+    assert not draft_engine.has_unfinished_requests()
