@@ -324,9 +324,7 @@ class VLLMEngine:
                 n=1,
                 temperature=call.temperature,
                 top_p=self.config.top_p if call.temperature > 0 else 1.0,
-                max_tokens=min(
-                    self.config.max_tokens, self.config.max_model_len - len(call.prompt_ids)
-                ),
+                max_tokens=min(call.max_tokens, self.config.max_model_len - len(call.prompt_ids)),
                 output_kind=RequestOutputKind.DELTA,
                 ignore_eos=call.ignore_eos,
             )

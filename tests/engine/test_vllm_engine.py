@@ -137,3 +137,9 @@ def test_cancel_event_aborts_the_call(draft_engine):
     assert rollout.stopped_by == "cancelled"
     assert time.monotonic() - started < 3.0
     assert not draft_engine.has_unfinished_requests()
+
+
+def test_per_call_max_tokens_and_ignore_eos(draft_engine):
+    rollout = draft_engine.run(PROMPT, n=2, k=1, max_tokens=7, ignore_eos=True)
+    assert [b.token_count for b in rollout.branches] == [7, 7]
+    assert all(b.finish_reason == "length" for b in rollout.branches)
