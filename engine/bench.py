@@ -118,17 +118,21 @@ def main(argv: list[str] | None = None) -> dict:
         total = len(args.n) * (config.k_max + 1) * args.repeats
         with tqdm(total=total, desc=f"k sweep ({method})") as bar:
             result["k_sweep"] += measure_k_sweep(engine, args.n, args.repeats, bar)
-        for n, k in ((1, 0), (16, 0), (16, 2)):
-            row = measure_overhead(engine, n, k, args.repeats + 2)
+        for n, k in ((1, 0), (max(args.n), 2)):
+            row = measure_overhead(engine, n, k, args.repeats)
             result["overhead"].append({"method": method, **row})
         engine.shutdown()
+        _write(result, args.out)  # after each method, so a long run keeps what it measured
     _print_tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
     print(f"\nwrote {args.out}")
     return result
+
+
+def _write(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
