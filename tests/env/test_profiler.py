@@ -1,0 +1,215 @@
+"""The profiler on the real engines and model: a two-problem profile, stopped and resumed.
+
+One profile is recorded per module in two sessions (the first stops after one problem), on the
+session's shared engines and with a tiny calibration, so the module costs about a minute of
+engine time.  Further tests reuse its journal instead of profiling again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from env.latency_model import LatencyModel
+from env.math_data import build_user_message, load_math500, load_math_train
+from env.profile_store import PROBLEM_COLUMNS, SPEC_COLUMNS, load_profile, read_table
+from env.profiler import JOURNAL, Journal, ProfileSettings, profile_problems
+from env.replay_backend import ReplayBackend
+
+SETTINGS = ProfileSettings(
+    n_max=2,
+    max_tokens=24,
+    k_grid=(0, 1, 2),
+    spec_branches=1,
+    spec_max_tokens=12,
+    calib_batches=(1, 2),
+    calib_tokens=8,
+    calib_repeats=1,
+    calib_prefill_ns=(1, 2),
+)
+MANIFEST_KEYS = {
+    "name", "synthetic", "model", "draft", "spec_methods", "hardware", "vllm_version",
+    "sampling", "n_max", "k_grid", "created", "command", "duration_s", "splits",
+    "latency_model", "calibration", "format_version", "num_problems",
+}  # fmt: skip
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+class Recording:
+    """An engine that logs every ``run`` and can die at a given call (counted over engines)."""
+
+    def __init__(self, engine, log: list, die_at: int | None = None) -> None:
+        self.engine, self.log, self.die_at = engine, log, die_at
+
+    def run(self, prompt: str, **kwargs):
+        self.log.append((prompt, kwargs))
+        if self.die_at is not None and len(self.log) >= self.die_at:
+            raise Killed
+        return self.engine.run(prompt, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def recording(draft_engine, ngram_engine, log: list, die_at: int | None = None) -> dict:
+    return {
+        "draft_model": Recording(draft_engine, log, die_at),
+        "ngram": Recording(ngram_engine, log, die_at),
+    }
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return [("test", load_math500(source="bundled")[3]), ("train", load_math_train(20)[7])]
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, draft_engine, ngram_engine, problems):
+    """A profile recorded in two sessions; the journal as it was after the first."""
+    out = tmp_path_factory.mktemp("profiles") / "tiny-real"
+    first, second = [], []
+    engines = recording(draft_engine, ngram_engine, first)
+    profile_problems(engines, problems, out, SETTINGS, "first", 1.0, limit=1, progress=False)
+    after_first = (out / JOURNAL).read_text()
+    engines = recording(draft_engine, ngram_engine, second)
+    profile_problems(engines, problems, out, SETTINGS, "second", 2.0, progress=False)
+    return {"out": out, "first": first, "second": second, "after_first": after_first}
+
+
+def prompts(log: list) -> set[str]:
+    return {prompt for prompt, _ in log}
+
+
+@pytest.mark.engine
+def test_resume_continues_without_redoing_finished_problems(profiled, problems):
+    (_, done), (_, rest) = problems
+    first, second = profiled["first"], profiled["second"]
+    assert build_user_message(done.problem) in prompts(first)
+    assert build_user_message(rest.problem) not in prompts(first)
+    assert build_user_message(done.problem) not in prompts(second)
+    assert build_user_message(rest.problem) in prompts(second)
+    # the calibration (fixed-length calls) ran once, in the first session
+    assert any(kw.get("ignore_eos") for _, kw in first)
+    assert not any(kw.get("ignore_eos") for _, kw in second)
+    journal = Journal(profiled["out"] / JOURNAL)
+    assert [r["row"]["id"] for r in journal.of_kind("problem")] == [done.id, rest.id]
+    assert len(journal.of_kind("calibration")) == 1 and len(journal.of_kind("session")) == 2
+
+
+@pytest.mark.engine
+def test_profile_loads_with_valid_columns(profiled, problems):
+    profile = load_profile(profiled["out"])
+    assert [r["id"] for r in profile.rows] == [p.id for _, p in problems]
+    assert [r["split"] for r in profile.rows] == ["test", "train"]
+    for row in profile.rows:
+        assert set(PROBLEM_COLUMNS) <= set(row)
+        assert row["prompt_tokens"] > 10
+        for column in ("branch_text", "branch_answer", "branch_class", "branch_correct",
+                       "branch_tokens", "branch_finish_s", "branch_finish_reason"):  # fmt: skip
+            assert len(row[column]) == SETTINGS.n_max, column
+        assert np.all((row["branch_tokens"] >= 1) & (row["branch_tokens"] <= SETTINGS.max_tokens))
+        assert np.all(row["branch_finish_s"] > 0)
+        assert set(row["branch_finish_reason"]) <= {"stop", "length"}
+        for answer, cls, correct in zip(row["branch_answer"], row["branch_class"],
+                                        row["branch_correct"], strict=True):  # fmt: skip
+            assert (answer is None) == (cls == -1)
+            assert not (correct and answer is None)
+        assert set(row["accept"]) == {"draft_model", "ngram"}
+        assert all(0.0 <= a < 1.0 for a in row["accept"].values())
+    spec = read_table(profiled["out"] / "spec.parquet")
+    assert {(s["id"], s["method"], s["k"]) for s in spec} == {
+        (p.id, m, k) for _, p in problems for m in ("draft_model", "ngram") for k in (1, 2)
+    }
+    for s in spec:
+        assert set(SPEC_COLUMNS) <= set(s) and s["wall_s"] > 0
+        assert len(s["branch_tokens"]) == SETTINGS.spec_branches
+        assert max(s["branch_tokens"]) <= SETTINGS.spec_max_tokens
+        assert all(
+            0 <= a <= d for a, d in zip(s["branch_accepted"], s["branch_drafted"], strict=True)
+        )
+    assert any(sum(s["branch_drafted"]) > 0 for s in spec if s["method"] == "draft_model")
+
+
+@pytest.mark.engine
+def test_manifest_records_engine_calibration_and_sessions(profiled):
+    manifest = json.loads((profiled["out"] / "manifest.json").read_text())
+    assert set(manifest) >= MANIFEST_KEYS
+    assert manifest["synthetic"] is False and manifest["complete"] is True
+    assert manifest["spec_methods"] == ["draft_model", "ngram"]
+    assert manifest["k_grid"] == [0, 1, 2] and manifest["n_max"] == 2
+    assert manifest["sampling"]["max_tokens"] == SETTINGS.max_tokens
+    assert manifest["draft"]["layers"] >= 1 and manifest["vllm_version"]
+    assert manifest["hardware"]["cpu_count"] >= 1
+    assert [s["command"] for s in manifest["sessions"]] == ["first", "second"]
+    assert manifest["command"] == "second" and manifest["duration_s"] > 3.0
+    model = LatencyModel.from_dict(manifest["latency_model"])
+    assert model.methods() == ["draft_model", "ngram"]
+    for method in model.methods():
+        assert model.k_grid(method) == [0, 1, 2]
+        assert np.all(model.step_time(np.array([1, 2]), 0, method) > 0)
+    decode = manifest["calibration"]["decode"]
+    assert {(d["method"], d["k"], d["batch"]) for d in decode} == {
+        (m, k, b) for m in ("draft_model", "ngram") for k in (0, 1, 2) for b in (1, 2)
+    }
+    assert all(d["steps"] <= SETTINGS.calib_tokens - 1 for d in decode)
+
+
+@pytest.mark.engine
+def test_replay_runs_on_the_real_profile(profiled):
+    backend = ReplayBackend(profiled["out"], split="all")
+    assert backend.k_grid == (0, 1, 2) and backend.max_branches == 2
+    outcome = backend.run(0, n=2, k=1, deadline_s=1e6, rng=np.random.default_rng(0))
+    assert outcome.latency_s > 0 and outcome.branches_finished == 2
+
+
+@pytest.mark.engine
+def test_kill_loses_at_most_the_problem_in_flight(
+    profiled, problems, draft_engine, ngram_engine, tmp_path
+):
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / JOURNAL).write_text(profiled["after_first"])
+    log = []
+    with pytest.raises(Killed):  # dies on the second engine call of the second problem
+        profile_problems(recording(draft_engine, ngram_engine, log, die_at=2), problems, out,
+                         SETTINGS, "killed", progress=False)  # fmt: skip
+    with open(out / JOURNAL, "a") as handle:
+        handle.write('{"kind": "problem", "row": {"id": "half-writt')  # killed mid-write
+    assert len(Journal(out / JOURNAL).of_kind("problem")) == 1
+    log = []
+    profile_problems(recording(draft_engine, ngram_engine, log), problems, out, SETTINGS,
+                     "resumed", progress=False)  # fmt: skip
+    assert prompts(log) == {build_user_message(problems[1][1].problem)}
+    assert [r["id"] for r in load_profile(out).rows] == [p.id for _, p in problems]
+
+
+@pytest.mark.engine
+def test_resuming_with_other_settings_is_refused(
+    profiled, problems, draft_engine, ngram_engine, tmp_path
+):
+    shutil.copy(profiled["out"] / JOURNAL, tmp_path / JOURNAL)
+    log = []
+    with pytest.raises(ValueError, match="other settings"):
+        profile_problems(recording(draft_engine, ngram_engine, log), problems, tmp_path,
+                         replace(SETTINGS, n_max=3), progress=False)  # fmt: skip
+    assert not log
+
+
+def test_journal_drops_a_half_written_last_line(tmp_path):
+    path = tmp_path / JOURNAL
+    journal = Journal(path)
+    journal.append({"kind": "header", "value": 1})
+    journal.append({"kind": "problem", "row": {"id": "a"}})
+    with open(path, "a") as handle:
+        handle.write('{"kind": "problem", "ro')
+    reopened = Journal(path)
+    assert [r["kind"] for r in reopened.records] == ["header", "problem"]
+    reopened.append({"kind": "problem", "row": {"id": "b"}})
+    assert [r["row"]["id"] for r in Journal(path).of_kind("problem")] == ["a", "b"]

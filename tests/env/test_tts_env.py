@@ -1,0 +1,206 @@
+"""LatencyTTS-v0: checkers, replay rules (deadline cut-off, early stop, ties), reward, resets."""
+
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gymnasium_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import env  # noqa: F401 - registers LatencyTTS-v0
+from env.backend import Backend
+from env.features import ProblemFeaturizer
+from env.grading import decided
+from env.profile_store import load_profile, save_profile
+from env.replay_backend import ReplayBackend
+from env.tts_env import EnvConfig, LatencyTTSEnv
+from env.voting import vote_in_finish_order
+from tests.fake_profile import make_fake_profile
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    folder = make_fake_profile(tmp_path_factory.mktemp("profiles") / "fake-env", 200, 40, 16)
+    return load_profile(folder)
+
+
+@pytest.fixture(scope="module")
+def featurizer(profile):
+    return ProblemFeaturizer.fit(profile.split("train"), (0.5, 10.0))
+
+
+@pytest.fixture
+def train_env(profile, featurizer):
+    return LatencyTTSEnv(ReplayBackend(profile, "train"), featurizer, EnvConfig())
+
+
+def _handmade_profile(folder, classes, correct_class=1):
+    """One problem, branches of 100, 200, ... tokens finishing at 1, 2, ... s (k = 0)."""
+    n = len(classes)
+    latency_model = {
+        "source": "test", "prefill_base_s": 0.0, "prefill_per_token_s": 0.0,
+        "call_overhead_s": 0.0,
+        "steps": {"none": {"0": {"batch": [1, 64], "seconds": [0.01, 0.01]}}},
+    }  # fmt: skip
+    row = {
+        "id": "p0", "split": "test", "problem": "What is $1+1$?", "answer": "2", "level": 1,
+        "subject": "Algebra", "prompt_tokens": 20, "branch_text": [""] * n,
+        "branch_answer": [None if c < 0 else f"a{c}" for c in classes],
+        "branch_class": list(classes), "branch_correct": [c == correct_class for c in classes],
+        "branch_tokens": [100 * (i + 1) for i in range(n)],
+        "branch_finish_s": [float(i + 1) for i in range(n)],
+        "branch_finish_reason": ["stop"] * n, "accept": {},
+    }  # fmt: skip
+    manifest = {"name": "handmade", "synthetic": True, "latency_model": latency_model}
+    return ReplayBackend(save_profile(folder, manifest, [row]), "test")
+
+
+def test_checkers_and_registration(profile, featurizer):
+    made = gym.make("LatencyTTS-v0", backend=ReplayBackend(profile, "train"), featurizer=featurizer)
+    gymnasium_check_env(made.unwrapped)
+    sb3_check_env(made.unwrapped)
+    obs, _ = made.reset(seed=0)
+    assert made.observation_space.contains(obs)
+    assert made.unwrapped.n_grid == (1, 2, 4, 8, 16)
+
+
+def test_replay_backend_implements_the_protocol_and_clones_share_it(train_env):
+    assert isinstance(train_env.backend, Backend)
+    twin = train_env.clone()
+    assert twin.backend is train_env.backend and twin is not train_env
+    twin.reset(seed=1)
+    train_env.reset(seed=2)
+    assert twin.np_random is not train_env.np_random
+
+
+class _UnpromisingBackend:
+    """Replay without the determinism promise, as a live backend would be."""
+
+    def __init__(self, replay):
+        self._replay = replay
+
+    def __getattr__(self, name):
+        if name == "deterministic":
+            raise AttributeError(name)
+        return getattr(self._replay, name)
+
+
+def test_spec_is_nondeterministic_unless_the_backend_promises_otherwise(profile, featurizer):
+    replay = ReplayBackend(profile, "test")
+    assert not LatencyTTSEnv(replay, featurizer).spec.nondeterministic
+    assert LatencyTTSEnv(_UnpromisingBackend(replay), featurizer).spec.nondeterministic
+
+
+def test_finish_times_follow_latency_model(profile):
+    backend = ReplayBackend(profile, "test")
+    model, row = backend.latency_model, profile.split("test")[3]
+    branches = np.array([5, 0, 9, 2])
+    for k in backend.k_grid:
+        method, table_k = backend.timing(k)
+        expected = model.branch_finish_times(
+            row["branch_tokens"][branches], table_k, method,
+            profile.acceptance(row, backend.method), row["prompt_tokens"],
+        )  # fmt: skip
+        np.testing.assert_allclose(backend.finish_times(3, branches, k), expected)
+
+
+def test_deadline_cuts_off_unfinished_branches(tmp_path):
+    backend = _handmade_profile(tmp_path / "p", [0, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    early = backend.run(0, 4, 0, 1.5, rng)  # only the 1 s branch (a wrong answer) finished
+    assert (early.branches_finished, early.answer_class, early.correct) == (1, 0, False)
+    assert early.latency_s == 1.5 and not early.deadline_missed and early.answer == "a0"
+    nothing = backend.run(0, 4, 0, 0.5, rng)
+    assert nothing.deadline_missed and not nothing.answered and nothing.latency_s == 0.5
+    full = backend.run(0, 4, 0, 10.0, rng)
+    assert (full.branches_finished, full.correct, full.latency_s) == (4, True, 4.0)
+    assert full.generated_tokens == 1000
+
+
+def test_vote_stops_once_decided(tmp_path):
+    backend = _handmade_profile(tmp_path / "p", [1, 1, 1, 0])
+    outcome = backend.run(0, 4, 0, 10.0, np.random.default_rng(0))
+    assert outcome.correct and outcome.branches_finished == 3 and outcome.latency_s == 3.0
+    assert outcome.generated_tokens == 100 + 200 + 300 + 300  # the last one was aborted
+
+
+def test_tie_goes_to_class_finished_first(tmp_path):
+    backend = _handmade_profile(tmp_path / "p", [0, 1], correct_class=0)
+    outcome = backend.run(0, 2, 0, 10.0, np.random.default_rng(0))
+    assert outcome.answer_class == 0 and outcome.correct
+
+
+def test_n_beyond_recorded_branches_is_rejected(tmp_path):
+    backend = _handmade_profile(tmp_path / "p", [0, 1])
+    with pytest.raises(ValueError, match="recorded branches"):
+        backend.run(0, 3, 0, 10.0, np.random.default_rng(0))
+
+
+def _reference_vote(classes, n_started):
+    """The rules spelled out with env.grading.decided, branch by branch."""
+    counts: dict[int, int] = {}
+    for used, c in enumerate(classes, start=1):
+        if c >= 0:
+            counts[c] = counts.get(c, 0) + 1
+        if decided(list(counts.values()), n_started - used):
+            break
+    else:
+        used = len(classes)
+    leader = max(counts, key=lambda c: counts[c], default=-1)  # dict order = first finished
+    return used, leader
+
+
+def test_vote_matches_grading_rules():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        n = int(rng.integers(1, 12))
+        finished = int(rng.integers(0, n + 1))
+        classes = rng.integers(-1, 4, finished).tolist()
+        vote = vote_in_finish_order(classes, n)
+        assert (vote.used, vote.winner) == _reference_vote(classes, n)
+
+
+def test_reward_and_info(train_env):
+    train_env.config.latency_cost = 0.05
+    rewards = []
+    for seed in range(200):
+        train_env.reset(seed=seed)
+        _, reward, terminated, truncated, info = train_env.step(train_env.action_space.sample())
+        assert terminated and not truncated
+        assert info["latency_s"] <= info["deadline_s"] + 1e-9
+        expected = float(info["correct"]) - 0.05 * info["latency_s"] / info["deadline_s"]
+        assert reward == pytest.approx(expected)
+        rewards.append(reward)
+        assert {"correct", "n", "k", "branches_finished", "generated_tokens"} <= set(info)
+    assert 0 < np.mean([r > 0.5 for r in rewards]) < 1
+
+
+def test_reset_options_fix_problem_deadline_and_draw(train_env):
+    options = {"problem_index": 7, "deadline_s": 3.0, "draw_seed": 11}
+    obs, info = train_env.reset(options=options)
+    assert info == {"problem_index": 7, "deadline_s": 3.0}
+    first = train_env.step(train_env.action_of(4, 2))[4]
+    again_obs, _ = train_env.reset(options=options)
+    assert train_env.step(train_env.action_of(4, 2))[4] == first
+    np.testing.assert_array_equal(obs, again_obs)
+    with pytest.raises(RuntimeError, match="reset"):
+        train_env.step(train_env.action_of(4, 2))
+
+
+def test_sweep_walks_every_problem_at_every_deadline(profile, featurizer):
+    config = EnvConfig(sweep_deadlines_s=(1.0, 4.0))
+    sweep = LatencyTTSEnv(ReplayBackend(profile, "test"), featurizer, config)
+    seen = [tuple(sweep.reset()[1].values()) for _ in range(2 * 40)]
+    assert len(set(seen)) == 80 and tuple(sweep.reset()[1].values()) == seen[0]
+
+
+def test_replay_is_fast(train_env):
+    actions = np.random.default_rng(0).integers(0, train_env.action_space.nvec, (3000, 2))
+    train_env.reset(seed=0)
+    start = time.perf_counter()
+    for action in actions:
+        train_env.reset()
+        train_env.step(action)
+    # the benchmark (python -m env.bench_replay) shows >= 5,000/s; this only catches collapses
+    assert len(actions) / (time.perf_counter() - start) > 1000

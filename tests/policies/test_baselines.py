@@ -1,0 +1,76 @@
+"""Baselines: static best is the training argmax, max-fit fits, the oracle bounds them all."""
+
+import numpy as np
+import pytest
+
+from env.features import ProblemFeaturizer
+from env.profile_store import load_profile
+from env.replay_backend import ReplayBackend
+from env.tts_env import EnvConfig, LatencyTTSEnv
+from policies.baselines import (
+    MaxFitAllocator,
+    PlainAllocator,
+    StaticBestAllocator,
+    draw_rng,
+)
+from policies.evaluate import evaluate_methods
+from tests.fake_profile import make_fake_profile
+
+DEADLINES = (1.0, 2.0, 4.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("profiles") / "fake-baselines"
+    return load_profile(make_fake_profile(folder, n_train=150, n_test=40, n_branches=8))
+
+
+@pytest.fixture(scope="module")
+def envs(profile):
+    featurizer = ProblemFeaturizer.fit(profile.split("train"), (0.5, 10.0))
+    make = lambda split: LatencyTTSEnv(ReplayBackend(profile, split), featurizer, EnvConfig())  # noqa: E731
+    return make("train"), make("test")
+
+
+def test_static_best_is_the_most_accurate_action_on_training_problems(envs):
+    train, _ = envs
+    static = StaticBestAllocator.fit(train, DEADLINES, max_problems=60, seed=3)
+    problems = np.sort(np.random.default_rng(3).permutation(150)[:60])
+    actions = [(n, k) for n in train.n_grid for k in train.k_grid]
+    for deadline in DEADLINES:
+        scores = []
+        for n, k in actions:
+            outcomes = [train.backend.run(p, n, k, deadline, draw_rng(3, p, 0)) for p in problems]
+            scores.append((-np.mean([o.correct for o in outcomes]),
+                           np.mean([o.latency_s for o in outcomes])))  # fmt: skip
+        assert static.table[deadline] == actions[min(range(len(actions)), key=scores.__getitem__)]
+        assert static.choose(train, [0, 1], deadline) == [static.table[deadline]] * 2
+
+
+def test_oracle_is_an_upper_bound(envs):
+    train, test = envs
+    static = StaticBestAllocator.fit(train, DEADLINES, max_problems=60)
+    methods = evaluate_methods(test, [static, PlainAllocator()], DEADLINES, 2, 0, oracle=True)
+    for i in range(len(DEADLINES)):
+        oracle = methods["oracle"][i]["accuracy"]
+        assert oracle >= methods["static_best"][i]["accuracy"]
+        assert oracle >= methods["plain"][i]["accuracy"]
+    assert methods["plain"][0]["mean_n"] == 1 and methods["plain"][0]["mean_k"] == 0
+
+
+def test_max_fit_takes_the_largest_n_predicted_to_fit(envs):
+    _, test = envs
+    backend = test.backend
+    max_fit = MaxFitAllocator(backend.latency_model, backend.timing, backend.method)
+    problems = list(range(10))
+    latency = max_fit.predicted_latency(test, problems).min(axis=2)  # (problem, n)
+    deadline = float(np.median(latency))
+    for p, (n, k) in zip(problems, max_fit.choose(test, problems, deadline), strict=True):
+        i = test.n_grid.index(n)
+        if latency[p, i] <= deadline:
+            assert i == len(test.n_grid) - 1 or latency[p, i + 1] > deadline
+        else:
+            assert n == 1
+        assert k in test.k_grid
+    assert {n for n, _ in max_fit.choose(test, problems, 1e6)} == {max(test.n_grid)}
+    assert {n for n, _ in max_fit.choose(test, problems, 1e-6)} == {1}

@@ -1,0 +1,286 @@
+"""The HTTP service end to end: the real openai client, a real uvicorn server on loopback, the
+real engine on the bundled model; bad input, disconnects and a 50-request load test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from policies.controller import DecodingController
+from policies.server import SERVED_MODEL_NAME, create_app
+from tests.policies.test_controller import K_GRID, N_GRID, train_tiny_policy
+
+pytestmark = pytest.mark.engine
+
+PROBLEM = "What is $12 + 30$?"
+LONG = "Write a long, detailed story about a cat who learns algebra."
+HTTP_SLACK_S = 0.5
+"""Client-side allowance beyond the server-side deadline for loopback HTTP on 2 shared cores
+(the server shares its process and interpreter lock with the engine)."""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, draft_engine) -> SimpleNamespace:
+    """The app on 127.0.0.1 and a free port, in a background thread: url, engine, controller."""
+    controller = DecodingController(
+        train_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny"), draft_engine
+    )
+    app = create_app(controller, max_queue=16, min_service_s=0.3)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield SimpleNamespace(
+        url=f"http://127.0.0.1:{port}", engine=draft_engine, controller=controller
+    )
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+def _metric(base: str, line_start: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    values = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start)]
+    return sum(values)
+
+
+def _healthy(base: str) -> dict:
+    health = httpx.get(f"{base}/health").json()
+    assert health["status"] == "ok"
+    return health
+
+
+def test_chat_completion_with_the_openai_client(client):
+    started = time.monotonic()
+    response = client.chat.completions.create(
+        model=SERVED_MODEL_NAME,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": PROBLEM},
+        ],
+        max_tokens=16,
+        extra_body={"deadline_s": 3.0},
+    )
+    assert time.monotonic() - started <= 3.0 + HTTP_SLACK_S
+    choice = response.choices[0]
+    tts = response.model_extra["tts"]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == (tts["answer"] or "")
+    assert choice.finish_reason == ("stop" if tts["answer"] is not None else "length")
+    assert tts["n"] in N_GRID and tts["k"] in K_GRID and tts["deadline_s"] == 3.0
+    assert 0 <= tts["queue_wait_s"] <= tts["latency_s"] <= 3.0
+    assert len(tts["branches"]) == tts["n"]
+    assert tts["stopped_by"] in ("complete", "early_stop", "deadline")
+    assert response.usage.completion_tokens == sum(b["tokens"] for b in tts["branches"])
+    assert response.model == SERVED_MODEL_NAME and response.object == "chat.completion"
+
+
+def test_completion_with_the_deadline_in_a_header(client):
+    response = client.completions.create(
+        model=SERVED_MODEL_NAME,
+        prompt=PROBLEM,
+        max_tokens=8,
+        extra_headers={"X-Deadline-S": "2.5"},
+    )
+    tts = response.model_extra["tts"]
+    assert response.choices[0].text == (tts["answer"] or "")
+    assert tts["deadline_s"] == 2.5 and tts["latency_s"] <= 2.5
+    assert response.object == "text_completion"
+
+
+def test_openai_client_sees_unknown_model_as_not_found(client):
+    with pytest.raises(openai.NotFoundError, match=SERVED_MODEL_NAME) as info:
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "1"}],
+            extra_body={"deadline_s": 1.0},
+        )
+    assert info.value.code == "model_not_found"
+
+
+GOOD = {
+    "model": SERVED_MODEL_NAME,
+    "messages": [{"role": "user", "content": PROBLEM}],
+    "deadline_s": 2.0,
+}
+CASES = [  # (path, body as dict or raw bytes, headers, status, message fragment)
+    ("chat", b"{not json", {}, 400, "not valid JSON"),
+    ("chat", b"[1, 2]", {}, 400, "must be a JSON object"),
+    ("chat", {**GOOD, "messages": None}, {}, 400, "'messages' must be"),
+    ("chat", {k: v for k, v in GOOD.items() if k != "messages"}, {}, 400, "'messages' must be"),
+    ("chat", {**GOOD, "messages": "hi"}, {}, 400, "'messages' must be"),
+    ("chat", {**GOOD, "messages": [{"content": "x"}]}, {}, 400, "string 'role'"),
+    ("chat", {**GOOD, "messages": [{"role": "system", "content": "x"}]}, {}, 400, "no user"),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": 5}]}, {}, 400, "must be a string"),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": ""}]}, {}, 400, "non-empty"),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": "  "}]}, {}, 400, "non-empty"),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": "word " * 5000}]}, {}, 400,
+     "context allows at most"),
+    ("chat", {k: v for k, v in GOOD.items() if k != "model"}, {}, 400, "'model' must be"),
+    ("chat", {**GOOD, "model": 7}, {}, 400, "'model' must be"),
+    ("chat", {**GOOD, "model": "gpt-4o"}, {}, 404, f"serves '{SERVED_MODEL_NAME}'"),
+    ("chat", {**GOOD, "deadline_s": None}, {}, 400, "deadline_s is required"),
+    ("chat", {**GOOD, "deadline_s": "2"}, {}, 400, "must be a number"),
+    ("chat", {**GOOD, "deadline_s": True}, {}, 400, "must be a number"),
+    ("chat", json.dumps({**GOOD, "deadline_s": float("nan")}).encode(), {}, 400, "finite"),
+    ("chat", json.dumps({**GOOD, "deadline_s": float("inf")}).encode(), {}, 400, "finite"),
+    ("chat", {**GOOD, "deadline_s": -1}, {}, 400, "in (0, 600]"),
+    ("chat", {**GOOD, "deadline_s": 0}, {}, 400, "in (0, 600]"),
+    ("chat", {**GOOD, "deadline_s": 1e9}, {}, 400, "in (0, 600]"),
+    ("chat", {**GOOD, "deadline_s": 10**400}, {}, 400, "in (0, 600]"),
+    ("chat", json.dumps(GOOD).replace("2.0", "1e400").encode(), {}, 400, "finite"),
+    ("chat", {**GOOD, "deadline_s": None}, {"X-Deadline-S": "soon"}, 400, "X-Deadline-S must"),
+    ("chat", {**GOOD, "deadline_s": None}, {"X-Deadline-S": "nan"}, 400, "finite"),
+    ("chat", {**GOOD, "max_tokens": 0}, {}, 400, "max_tokens must be an integer in 1..48"),
+    ("chat", {**GOOD, "max_tokens": "8"}, {}, 400, "max_tokens must be an integer"),
+    ("chat", {**GOOD, "max_completion_tokens": 10**6}, {}, 400, "max_completion_tokens must"),
+    ("chat", {**GOOD, "stream": True}, {}, 400, "stream is not supported"),
+    ("chat", {**GOOD, "n": 3}, {}, 400, "n must be 1"),
+    ("chat", b"x" * 1_100_000, {}, 413, "limit"),
+    ("completions", {"model": SERVED_MODEL_NAME, "deadline_s": 1.0}, {}, 400, "'prompt' must be"),
+    ("completions", {"model": SERVED_MODEL_NAME, "prompt": [1, 2], "deadline_s": 1.0}, {}, 400,
+     "'prompt' must be"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "headers", "status", "message"), CASES)
+def test_bad_requests_get_a_clear_4xx(server, path, body, headers, status, message):
+    url = f"{server.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}"
+    if isinstance(body, bytes):
+        response = httpx.post(
+            url, content=body, headers={"content-type": "application/json", **headers}
+        )
+    else:
+        response = httpx.post(url, json=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    _healthy(server.url)
+
+
+def test_unknown_route_and_method_use_the_error_shape(server):
+    assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"] == "Not Found"
+    response = httpx.get(f"{server.url}/v1/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_health_models_and_metrics(server):
+    base = server.url
+    health = _healthy(base)
+    assert health["model"] == SERVED_MODEL_NAME and health["queue_length"] == 0
+    assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == SERVED_MODEL_NAME
+    response = httpx.get(f"{base}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    for name in (
+        "tts_requests_total{",
+        "tts_latency_seconds_bucket",
+        "tts_chosen_n_bucket",
+        "tts_chosen_k_bucket",
+        "tts_queue_length",
+        "tts_queue_wait_seconds",
+    ):
+        assert name in response.text
+    assert _metric(base, 'tts_requests_total{endpoint="chat",status="400"}') > 0
+
+
+def test_client_disconnect_aborts_its_branches(server, monkeypatch):
+    """The client gives up after 1 s of a 60 s request: the server aborts the engine call."""
+    calls = []
+    answer = server.controller.answer
+
+    def recorded_answer(*args, **kwargs):
+        calls.append(answer(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(server.controller, "answer", recorded_answer)
+    before = _metric(server.url, 'tts_cancellations_total{stage="running"}')
+    body = {**GOOD, "messages": [{"role": "user", "content": LONG}], "deadline_s": 60.0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.0)
+    gone = time.monotonic()
+    while not calls:
+        assert time.monotonic() - gone < 20.0, "the engine call was not aborted"
+        time.sleep(0.05)
+    assert calls[0].stopped_by == "cancelled"
+    assert _metric(server.url, 'tts_cancellations_total{stage="running"}') == before + 1
+    assert _metric(server.url, 'tts_requests_total{endpoint="chat",status="499"}') >= 1
+    assert not server.engine.has_unfinished_requests()
+    while _healthy(server.url)["running"]:  # the worker checks the engine after each call
+        assert time.monotonic() - gone < 25.0
+        time.sleep(0.05)
+
+
+LOAD_CLIENT = """
+import asyncio, json, sys, time
+import httpx
+
+url, bodies = sys.argv[1], json.loads(sys.argv[2])
+
+async def call(http, path, body):
+    sent = time.monotonic()
+    response = await http.post(url + path, json=body)
+    return response.status_code, time.monotonic() - sent, response.json()
+
+async def main():
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
+        await http.get(url + "/health")  # connect once before the burst
+        return await asyncio.gather(*(call(http, path, body) for path, body in bodies))
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_load_every_request_answered_in_time_or_refused(server):
+    """50 concurrent requests with 1-4 s deadlines: 200 within the deadline or 429 at once.
+
+    The clients run in their own process (one asyncio loop), as real clients would, so that
+    their timing does not depend on this process's interpreter lock."""
+    deadlines = [1.0 + 0.5 * (i % 7) for i in range(50)]
+    bodies = []
+    for i, deadline in enumerate(deadlines):
+        body = {**GOOD, "deadline_s": deadline, "max_tokens": 8}
+        if i % 2:
+            bodies.append(("/v1/chat/completions", body))
+        else:
+            del body["messages"]
+            bodies.append(("/v1/completions", {**body, "prompt": PROBLEM}))
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_CLIENT, server.url, json.dumps(bodies)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert 200 in statuses and 429 in statuses
+    for (status, elapsed, body), deadline in zip(results, deadlines, strict=True):
+        if status == 200:
+            assert body["tts"]["latency_s"] <= deadline
+            assert elapsed <= deadline + HTTP_SLACK_S, (elapsed, deadline)
+        else:
+            assert body["error"]["code"] in ("deadline_unmeetable", "queue_full")
+            assert elapsed < 1.0, elapsed
+    assert _healthy(server.url)["queue_length"] == 0
+    assert not server.engine.has_unfinished_requests()
