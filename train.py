@@ -217,7 +217,7 @@ def main() -> None:
         val_env.resolved_config,
         info={
             "spec_method": method,
-            "profile": {"name": profile.name, "path": str(profile.path),
+            "profile": {"name": profile.name, "path": str(Path(profile.path).resolve()),
                         "synthetic": profile.synthetic},
             "deadlines_s": list(deadlines),
             "selection": {"kept": chosen, "validation": validation},

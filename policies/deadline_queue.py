@@ -4,12 +4,14 @@ The server's engine runs one call at a time (``policies.server`` says why), so r
 Every call stops by its own deadline (plus the engine step in flight, which cannot be
 interrupted), which bounds when a newly arriving request could start at the latest: walk the
 queue in order, each job ending at max(that time, its deadline) plus an overrun, the step in
-flight.  The overrun is measured after every job (the largest recent one, at least
-``overrun_s``), so the bound follows the engine's speed under the current load.  A request that
-would then have less than ``min_service_s`` left before its deadline, or that finds
-``max_queue`` requests waiting, is refused at arrival rather than answered late; an admitted
-one is run with whatever time remains when its turn comes.  Jobs are blocking functions run on
-one worker thread; their results are handed back to the asyncio event loop that queued them.
+flight.  A request that would then have less than ``min_service_s`` left before its deadline,
+or that finds ``max_queue`` requests waiting, is refused at arrival rather than answered late;
+an admitted one is run with whatever time remains when its turn comes, less a response margin,
+and is refused while it waits if the engine falls so far behind that its deadline can no
+longer be met.  The overrun and the margin are measured after every job (the largest recent
+values, at least the configured ones), so the bound follows the engine and the event loop
+under the current load.  Jobs are blocking functions run on one worker thread; their results
+are handed back to the asyncio event loop that queued them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ OVERRUN_WINDOW = 16
 class Refused(Exception):
     """A request the queue cannot serve in time.
 
-    :param reason: ``"queue_full"`` or ``"deadline_unmeetable"``.
+    :param reason: ``"queue_full"``, ``"deadline_unmeetable"`` (at arrival) or
+        ``"engine_behind"`` (while waiting).
     :param retry_after_s: when the queue will have drained, at the latest.
     """
 
@@ -62,7 +65,8 @@ class DeadlineQueue:
     :param max_queue: most jobs waiting (not running) at once.
     :param min_service_s: least time a job must have left at its worst-case start.
     :param overrun_s: least allowance per job for the engine step in flight at its deadline.
-    :param response_margin_s: kept back from each deadline for handing the result back.
+    :param response_margin_s: least time kept back from each deadline for handing the result
+        back; raised by how late recent results reached the event loop.
     :param after_job: called on the worker after each job (e.g. to check the engine is clean).
     """
 
@@ -81,6 +85,7 @@ class DeadlineQueue:
         self._after_job = after_job
         self._jobs: list[Job] = []  # the running job (if any) first, then the waiting ones
         self._overruns: deque[float] = deque(maxlen=OVERRUN_WINDOW)
+        self._lateness: deque[float] = deque(maxlen=OVERRUN_WINDOW)
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-engine")
         self._executor.submit(lambda: None).result()  # start the worker now, not on a request
@@ -111,9 +116,15 @@ class DeadlineQueue:
     def _overrun_estimate(self) -> float:
         return max([self.overrun_s, *self._overruns])
 
-    def _latest_start(self, now: float) -> float:
+    def _margin(self) -> float:
+        return self.response_margin_s + max([0.0, *self._lateness])
+
+    def _latest_start(self, now: float, before: Job | None = None) -> float:
+        """When a job queued after all others (or at ``before``'s place) starts at the latest."""
         t, overrun = now, self._overrun_estimate()
         for job in self._jobs:
+            if job is before:
+                break
             t = max(t, job.deadline_at if job.returned_at is None else job.returned_at) + overrun
         return t
 
@@ -132,7 +143,7 @@ class DeadlineQueue:
                 f"server busy: {waiting} requests already wait (max_queue={self.max_queue})",
                 start - now,
             )
-        left = deadline_at - start - self.response_margin_s
+        left = deadline_at - start - self._margin()
         if left < self.min_service_s:
             raise Refused(
                 "deadline_unmeetable",
@@ -150,11 +161,34 @@ class DeadlineQueue:
         with self._lock:
             self._admit(deadline_at, time.monotonic())
             job = Job(deadline_at, work, asyncio.get_running_loop().create_future())
-            import sys
-            print("DBGA admit now", round(time.monotonic() % 1000, 3), "deadline", round(deadline_at % 1000, 3), "latest start", round(self._latest_start(time.monotonic()) % 1000, 3), file=sys.stderr)
             self._jobs.append(job)
         self._executor.submit(self._execute, job)
         return job
+
+    def drop_if_behind(self, job: Job) -> Refused | None:
+        """Drop a waiting job that can no longer get ``min_service_s`` before its deadline.
+
+        Admission assumed the jobs ahead would free the engine within the overrun estimate of
+        their deadlines; when the engine falls behind that (a slow step on a loaded machine), it
+        is better to refuse the job now than to fail it at its deadline.  Returns the refusal,
+        or None when the job is still on time (or already started).
+        """
+        with self._lock:
+            if job.started_at is not None or job not in self._jobs:
+                return None
+            now = time.monotonic()
+            start = self._latest_start(now, before=job)
+            left = job.deadline_at - start - self._margin()
+            if left >= self.min_service_s:
+                return None
+            job.cancel.set()
+            self._jobs.remove(job)
+            return Refused(
+                "engine_behind",
+                f"the engine fell behind its estimate: the requests ahead may hold it for "
+                f"{start - now:.2f} s more, leaving {max(left, 0.0):.2f} s",
+                start - now,
+            )
 
     def cancel(self, job: Job) -> str:
         """Cancel a job: ``"queued"`` if dropped before it started, ``"running"`` if aborted
@@ -172,8 +206,8 @@ class DeadlineQueue:
             if job.cancel.is_set():
                 return
             job.started_at = time.monotonic()
+            work_deadline = job.deadline_at - self._margin()
         result, error = None, None
-        work_deadline = job.deadline_at - self.response_margin_s
         try:
             if work_deadline <= job.started_at:
                 raise DeadlineExpired("the deadline passed while the request was queued")
@@ -182,7 +216,7 @@ class DeadlineQueue:
             error = exc
         with self._lock:
             job.returned_at = time.monotonic()
-        job.future.get_loop().call_soon_threadsafe(_settle, job.future, result, error)
+        job.future.get_loop().call_soon_threadsafe(self._settle, job, work_deadline, result, error)
         try:  # the job holds the engine until the step in flight is done
             if self._after_job is not None:
                 self._after_job()
@@ -191,8 +225,18 @@ class DeadlineQueue:
                 self._jobs.remove(job)
                 overrun = time.monotonic() - min(job.returned_at, work_deadline)
                 self._overruns.append(overrun)
-                import sys
-                print("DBGQ start", round(job.started_at % 1000, 3), "workdl", round(work_deadline % 1000, 3), "returned", round(job.returned_at % 1000, 3), "free", round(time.monotonic() % 1000, 3), "overrun", round(overrun, 3), "est", round(self._overrun_estimate(), 3), type(error).__name__, getattr(result, "stopped_by", None), getattr(result, "n", None), getattr(result, "k", None), file=sys.stderr)
+
+    def _settle(self, job: Job, work_deadline: float, result: Any, error: Exception | None) -> None:
+        """On the event loop: hand over the result; note how late past its deadline it came
+        (the engine's last step, a busy loop), so that later jobs keep that much back."""
+        with self._lock:
+            self._lateness.append(time.monotonic() - max(work_deadline, job.started_at))
+        if job.future.done():
+            return
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
 
     def close(self) -> None:
         """Abort the running job, drop the waiting ones and stop the worker."""
@@ -200,12 +244,3 @@ class DeadlineQueue:
             for job in self._jobs:
                 job.cancel.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)

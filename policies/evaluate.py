@@ -282,7 +282,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     policy = load_policy(args.policy)
-    profile = load_profile(args.profile or policy.info["profile"]["path"])
+    trained_on = policy.info["profile"]
+    if args.profile:
+        profile = load_profile(args.profile)
+    elif Path(trained_on["path"], "manifest.json").is_file():
+        profile = load_profile(trained_on["path"])
+    else:  # the policy moved: find its profile by name under data/profiles
+        profile = load_profile(trained_on["name"])
     if args.deadlines:
         deadlines = [float(d) for d in args.deadlines.split(",")]
     else:

@@ -20,8 +20,9 @@ throughput here and made each slower (``python -m policies.bench_server`` measur
 requests queue FIFO for one worker thread (``policies.deadline_queue``): one that cannot meet
 its deadline given the queue is refused at once with 429 (plus ``x-should-retry: false``, as a
 retry cannot keep the original deadline, and ``Retry-After``); an admitted one gets what is
-left of its deadline, so it is never answered late.  A client that disconnects is dropped from
-the queue or has its branches aborted.
+left of its deadline, so it is never answered late, and is refused with 503 while it waits if
+the engine falls so far behind the queue's estimate that its deadline can no longer be met.
+A client that disconnects is dropped from the queue or has its branches aborted.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def create_app(
     max_queue: int = 64,
     min_service_s: float = 0.5,
     overrun_s: float = 0.3,
-    response_margin_s: float = 0.1,
+    response_margin_s: float = 0.2,
     max_deadline_s: float = MAX_DEADLINE_S,
     max_body_bytes: int = 1_000_000,
 ) -> FastAPI:
@@ -126,7 +127,8 @@ def create_app(
         to be admitted (else 429 deadline_unmeetable).
     :param overrun_s: per request ahead, least allowance for the engine step in flight when its
         call stops (a step cannot be interrupted); the queue raises it to what it measures.
-    :param response_margin_s: kept back from each deadline for building and sending the reply.
+    :param response_margin_s: least time kept back from each deadline for building and sending
+        the reply; the queue adds how late recent results reached the event loop.
     :param max_deadline_s: largest accepted ``deadline_s``.
     :param max_body_bytes: largest accepted request body (413 beyond).
     """
@@ -217,27 +219,33 @@ def create_app(
         finally:
             metrics.requests.labels(endpoint, status).inc()
 
+    def refusal_error(refusal: Refused, status: int) -> APIError:
+        metrics.refusals.labels(refusal.reason).inc()
+        retry_after = str(max(1, math.ceil(refusal.retry_after_s)))
+        headers = {"x-should-retry": "false", "retry-after": retry_after}
+        message = f"{refusal}; retry later or with a longer deadline"
+        param = None if refusal.reason == "queue_full" else "deadline_s"
+        return APIError(status, message, "overloaded_error", param, refusal.reason, headers)
+
     @contextlib.contextmanager
     def refused_as_429():
         try:
             yield
         except Refused as refusal:
-            metrics.refusals.labels(refusal.reason).inc()
-            retry_after = str(max(1, math.ceil(refusal.retry_after_s)))
-            headers = {"x-should-retry": "false", "retry-after": retry_after}
-            message = f"{refusal}; retry later or with a longer deadline"
-            param = "deadline_s" if refusal.reason == "deadline_unmeetable" else None
-            raise APIError(
-                429, message, "overloaded_error", param, refusal.reason, headers
-            ) from None
+            raise refusal_error(refusal, 429) from None
 
     async def wait_for(job: Job, request: Request) -> Answer:
         try:
             while not job.future.done():
                 await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
-                if not job.future.done() and await request.is_disconnected():
+                if job.future.done():
+                    break
+                if await request.is_disconnected():
                     metrics.cancellations.labels(queue.cancel(job)).inc()
                     raise _ClientGone
+                refusal = queue.drop_if_behind(job)
+                if refusal is not None:
+                    raise refusal_error(refusal, 503)
             return job.future.result()
         except DeadlineExpired as exc:
             metrics.refusals.labels("deadline_expired").inc()
@@ -286,7 +294,8 @@ class _ClientGone(Exception):
 
 
 def main() -> None:
-    """Command line: load the policy, start an engine sized for its grids, serve."""
+    """Command line: load the policy, start an engine sized for its grids and speculative
+    method, serve."""
     import uvicorn
 
     from engine.vllm_engine import EngineConfig, VLLMEngine
@@ -297,7 +306,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME)
-    parser.add_argument("--spec-method", default="draft_model", help="'none' for no drafts")
+    parser.add_argument(
+        "--spec-method",
+        help="engine speculation: ngram, draft_model or none (default: the policy's, else "
+        "draft_model)",
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="per branch")
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--min-service-s", type=float, default=0.5)
@@ -310,8 +323,9 @@ def main() -> None:
         )
     policy = load_policy(args.policy)
     n_grid, k_grid = policy.env_config.n_grid or (1,), policy.env_config.k_grid or (0,)
+    method = args.spec_method or policy.info.get("spec_method") or "draft_model"
     config = EngineConfig(
-        spec_method=None if args.spec_method == "none" else args.spec_method,
+        spec_method=None if method == "none" else method,
         max_n=max(n_grid),
         k_max=max(max(k_grid), 1),
         max_tokens=args.max_tokens,

@@ -85,3 +85,24 @@ def test_overrun_is_learned_and_an_expired_job_fails_fast():
 
     log = asyncio.run(scenario())
     assert all(name != "never" for name, _, _ in log)
+
+
+def test_waiting_job_is_refused_early_when_the_engine_falls_behind():
+    async def scenario():
+        queue = DeadlineQueue(4, min_service_s=0.2, overrun_s=0.05, response_margin_s=0.0)
+        log: list = []
+        now = time.monotonic()
+        slow = queue.submit(now + 0.3, _sleeper(log, "slow", late_s=1.0))  # overruns by 1 s
+        waiting = queue.submit(now + 1.0, _sleeper(log, "waiting"))  # admitted: start by 0.35
+        assert queue.drop_if_behind(waiting) is None
+        while (refusal := queue.drop_if_behind(waiting)) is None:
+            await asyncio.sleep(0.02)
+        refused_at = time.monotonic() - now
+        assert await slow.future == "slow"
+        queue.close()
+        return refusal, refused_at, log
+
+    refusal, refused_at, log = asyncio.run(scenario())
+    assert refusal.reason == "engine_behind" and "fell behind" in str(refusal)
+    assert 0.7 <= refused_at < 1.0  # as soon as 0.2 s of service could no longer fit
+    assert all(name != "waiting" for name, _, _ in log)

@@ -251,7 +251,8 @@ print(json.dumps(asyncio.run(main())))
 
 
 def test_load_every_request_answered_in_time_or_refused(server):
-    """50 concurrent requests with 1-4 s deadlines: 200 within the deadline or 429 at once.
+    """50 concurrent requests with 1-4 s deadlines: 200 within the deadline, or 429 at once, or
+    (if the engine falls behind the queue's estimate) 503 before the deadline.
 
     The clients run in their own process (one asyncio loop), as real clients would, so that
     their timing does not depend on this process's interpreter lock."""
@@ -273,14 +274,16 @@ def test_load_every_request_answered_in_time_or_refused(server):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout)
     statuses = [status for status, _, _ in results]
-    assert set(statuses) <= {200, 429}, statuses
+    assert set(statuses) <= {200, 429, 503}, statuses
     assert 200 in statuses and 429 in statuses
     for (status, elapsed, body), deadline in zip(results, deadlines, strict=True):
         if status == 200:
             assert body["tts"]["latency_s"] <= deadline
-            assert elapsed <= deadline + HTTP_SLACK_S, (elapsed, deadline)
-        else:
+        elif status == 429:  # refused at arrival
             assert body["error"]["code"] in ("deadline_unmeetable", "queue_full")
             assert elapsed < 1.0, elapsed
+        else:  # admitted, then refused while waiting when the engine fell behind
+            assert body["error"]["code"] == "engine_behind"
+        assert elapsed <= deadline + HTTP_SLACK_S, (status, elapsed, deadline)
     assert _healthy(server.url)["queue_length"] == 0
     assert not server.engine.has_unfinished_requests()
