@@ -58,6 +58,18 @@ SPEC_COLUMNS = {
 }
 
 
+def problem_fields(problem, split: str) -> dict:
+    """The per-problem columns every profile row starts with, from a ``MathProblem``."""
+    return {
+        "id": problem.id,
+        "split": split,
+        "problem": problem.problem,
+        "answer": problem.answer,
+        "level": problem.level,
+        "subject": problem.subject,
+    }
+
+
 def default_profiles_dir() -> Path:
     return (
         Path(os.environ.get("TTS_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")

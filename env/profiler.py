@@ -46,7 +46,7 @@ from env.latency_fit import (
     prompt_length_quantiles,
 )
 from env.math_data import MathProblem, build_user_message, load_math500, load_math_train
-from env.profile_store import save_profile
+from env.profile_store import problem_fields, save_profile
 
 JOURNAL = "journal.jsonl"
 NO_SPECULATION = "none"
@@ -153,12 +153,7 @@ def profile_problem(
     grades = [grade(problem.answer, b.text) for b in rollout.branches]
     answers = [g.answer for g in grades]
     row = {
-        "id": problem.id,
-        "split": split,
-        "problem": problem.problem,
-        "answer": problem.answer,
-        "level": problem.level,
-        "subject": problem.subject,
+        **problem_fields(problem, split),
         "prompt_tokens": rollout.prompt_tokens,
         "branch_text": [b.text for b in rollout.branches],
         "branch_answer": answers,

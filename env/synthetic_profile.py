@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from env.math_data import MathProblem, data_dir, load_math500, load_math_train
-from env.profile_store import default_profiles_dir, save_profile
+from env.profile_store import default_profiles_dir, problem_fields, save_profile
 from env.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
 from env.synthetic_answers import (
     CALIBRATION_EVALUATIONS,
@@ -181,12 +181,7 @@ def _rows(data: _Problems, answers: AnswerModel, seed: int, n_max: int, progress
     for i, problem in enumerate(tqdm(data.problems, desc="branches", disable=not progress)):
         rng = np.random.default_rng([seed, 10, i])
         row = {
-            "id": problem.id,
-            "split": "test" if i < data.n_test else "train",
-            "problem": problem.problem,
-            "answer": problem.answer,
-            "level": problem.level,
-            "subject": problem.subject,
+            **problem_fields(problem, "test" if i < data.n_test else "train"),
             "prompt_tokens": prompt_tokens(problem.problem),
             "branch_text": [""] * n_max,
         }

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from env.math_data import load_math500, load_math_train
-from env.profile_store import save_profile
+from env.profile_store import problem_fields, save_profile
 
 FAKE_METHODS = ("ngram", "draft_model")
 FAKE_K_GRID = (0, 1, 2, 4)
@@ -63,12 +63,7 @@ def _fake_row(problem, split: str, rng: np.random.Generator, n_branches: int) ->
         "draft_model": float(np.clip(rng.normal(0.6, 0.1), 0.05, 0.95)),
     }
     return {
-        "id": problem.id,
-        "split": split,
-        "problem": problem.problem,
-        "answer": problem.answer,
-        "level": problem.level,
-        "subject": problem.subject,
+        **problem_fields(problem, split),
         "prompt_tokens": int(40 + len(problem.problem) / 3.5),
         "branch_text": [""] * n_branches,
         "branch_answer": answers,
