@@ -27,11 +27,11 @@ from stable_baselines3.common.utils import set_random_seed
 from env.features import ProblemFeaturizer
 from env.profile_store import load_profile
 from env.replay_backend import ReplayBackend, choose_spec_method
-from env.tts_env import DEFAULT_PROFILE, EnvConfig, LatencyTTSEnv
-from policies.baselines import StaticBestAllocator
+from env.tts_env import DEFAULT_BUDGET_GRID, DEFAULT_PROFILE, EnvConfig, LatencyTTSEnv
 from policies.evaluate import (
     default_deadlines,
     evaluate_policy,
+    fit_statics,
     make_live_backend,
     print_report,
     write_report,
@@ -49,9 +49,25 @@ from policies.ppo_policy import (
 
 @dataclass
 class Args:
-    profile: str = field(default=DEFAULT_PROFILE, metadata={"help": "profile name or folder"})
+    profile: str | None = field(
+        default=None,
+        metadata={
+            "help": f"profile name or folder (default {DEFAULT_PROFILE}); with --profile-model, "
+            "the folder to record into"
+        },
+    )
     profile_model: str | None = field(
-        default=None, metadata={"help": "profile this model on the live engine first"}
+        default=None,
+        metadata={"help": "profile this model (id, folder or 'bundled') on the live engine first"},
+    )
+    profile_draft: str | None = field(
+        default=None, metadata={"help": "with --profile-model: draft model for draft_model"}
+    )
+    profile_train: int = field(default=24, metadata={"help": "with --profile-model: MATH train"})
+    profile_test: int = field(default=24, metadata={"help": "with --profile-model: MATH-500"})
+    profile_n_max: int = field(default=8, metadata={"help": "with --profile-model: branches"})
+    profile_max_tokens: int = field(
+        default=512, metadata={"help": "with --profile-model: tokens per branch"}
     )
     deadlines: str | None = field(
         default=None, metadata={"help": "comma-separated evaluation deadlines, seconds"}
@@ -68,6 +84,10 @@ class Args:
         default=None, metadata={"help": "speculative method (default: the profile's fastest)"}
     )
     latency_cost: float = field(default=0.01, metadata={"help": "reward per latency/deadline"})
+    budgets: str = field(
+        default=",".join(f"{b:g}" for b in DEFAULT_BUDGET_GRID),
+        metadata={"help": "shares of the deadline a call may use (must include 1; '1': none)"},
+    )
     n_envs: int = 8
     n_steps: int = 128
     batch_size: int = 256
@@ -81,7 +101,7 @@ class Args:
     )
     warm_start: str = field(
         default="static_best",
-        metadata={"help": "'static_best': imitate the static best before PPO; 'none'"},
+        metadata={"help": "'static_best': imitate the best static allocation first; 'none'"},
     )
     imitation_samples: int = field(default=30_000, metadata={"help": "warm-start episodes"})
     eval_every: int = field(default=50_000, metadata={"help": "validation every N steps"})
@@ -115,16 +135,22 @@ def main() -> None:
     torch.set_num_threads(1)
     set_random_seed(args.seed)
 
-    if args.profile_model:
-        try:
-            from env.profiler import profile_model
-        except ImportError as error:
-            raise SystemExit(
-                "--profile-model needs env.profiler.profile_model(model) -> profile folder, "
-                f"which is not available: {error}"
-            ) from error
-        args.profile = str(profile_model(args.profile_model))
-    profile = load_profile(args.profile)
+    if args.profile_model:  # record a real profile of the model first (resumable)
+        from env.profiler import profile_model, settings_for
+
+        args.profile = str(
+            profile_model(
+                args.profile_model,
+                args.profile,
+                draft=args.profile_draft,
+                train=args.profile_train,
+                test=args.profile_test,
+                settings=settings_for(n_max=args.profile_n_max, max_tokens=args.profile_max_tokens),
+                seed=args.seed,
+                command=f"train.py --profile-model {args.profile_model}",
+            )
+        )
+    profile = load_profile(args.profile or DEFAULT_PROFILE)
     method = args.spec_method or choose_spec_method(profile)
     out = Path(args.out or f"runs/{profile.name}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     say(f"profile: {profile.label}; speculative method: {method}; output: {out}")
@@ -150,6 +176,7 @@ def main() -> None:
             deadline_range_s=deadline_range,
             deadline_choices_s=deadlines if args.train_deadlines == "grid" else None,
             latency_cost=args.latency_cost,
+            budget_grid=tuple(sorted(float(b) for b in args.budgets.split(","))),
         )
     say("featurizer held-out R^2:", json.dumps(featurizer.meta.get("holdout_r2", {})))
 
@@ -167,9 +194,11 @@ def main() -> None:
     val_env = LatencyTTSEnv(ReplayBackend(profile, "train", method, ids=val_ids), featurizer,
                             val_config)  # fmt: skip
 
-    # The baseline to beat, chosen on the training problems; also the warm start's teacher.
-    static = StaticBestAllocator.fit(replay_env, deadlines, args.static_problems, args.seed)
-    say("static best (n, k) per deadline:", static.table)
+    # The baselines to beat, chosen on the training problems: the published static best
+    # (n, k) and the static best (n, k, budget), which also teaches the warm start.
+    statics = fit_statics(replay_env, deadlines, args.static_problems, args.seed)
+    for static in statics:
+        say(f"{static.name} (n, k, budget) per deadline:", static.table)
 
     run = init_wandb(args.wandb, args.wandb_project, out.name, dataclasses.asdict(args), out)
     if args.init_policy:
@@ -191,9 +220,9 @@ def main() -> None:
         )
         if args.warm_start == "static_best":
             agreement = imitate(
-                model, replay_env, static, deadlines, args.imitation_samples, seed=args.seed
+                model, replay_env, statics[-1], deadlines, args.imitation_samples, seed=args.seed
             )
-            say(f"warm start: the actor gives the static-best actions p = {agreement:.2f}")
+            say(f"warm start: the actor gives {statics[-1].name}'s actions p = {agreement:.2f}")
     model.save(out / "start_model.zip")  # before any PPO update, for the selection below
     eval_every = args.timesteps + 1 if args.live else args.eval_every  # live: no mid-run eval
     callbacks = make_callbacks(val_env, out, eval_every, args.eval_every, args.n_envs)
@@ -229,7 +258,7 @@ def main() -> None:
     live = make_live_backend(args.limit, "test") if args.live else None
     repeats = 1 if args.live else args.eval_repeats
     report = evaluate_policy(
-        load_policy(policy_dir), profile, deadlines, repeats, args.seed, live, static
+        load_policy(policy_dir), profile, deadlines, repeats, args.seed, live, statics
     )
     report["train_seconds"] = round(trained_s, 1)
     json_path, png_path = write_report(report, out)

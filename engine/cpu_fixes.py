@@ -71,3 +71,35 @@ def apply_cpu_fixes() -> bool:
         rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens_fixed
         log.info("patched vllm rejection_sampler.expand_batch_to_tokens (CPU defect #55005)")
     return True
+
+
+def guard_llvmlite_for_kernel_scan() -> bool:
+    """Let a second engine start after numba is loaded; return whether the guard is in place.
+
+    Every CPU engine start-up scans all loaded modules for Triton kernels to override
+    (``vllm.triton_utils.dispatcher._rebind_kernels``), asking each attribute for its
+    ``__dict__``.  ``llvmlite.binding.ffi.lib`` (loaded with numba, which vLLM's n-gram
+    proposer imports) wraps *any* missing attribute as a library function, ``__dict__``
+    included, and the scan then fails with "'_lib_fn_wrapper' object has no attribute 'get'":
+    no engine can start after an n-gram engine in the same process.  Dunder lookups on that
+    object now raise AttributeError, as they do on ordinary objects.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    wrapper = getattr(ffi, "_lib_wrapper", None)
+    if wrapper is None:  # not loaded yet: nothing to guard; called again before each start
+        return False
+    if getattr(wrapper, "_dunder_guard", False):
+        return True
+    lazy = wrapper.__getattr__
+
+    def guarded(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lazy(self, name)
+
+    wrapper.__getattr__ = guarded
+    wrapper._dunder_guard = True
+    log.info("guarded llvmlite's library wrapper against vLLM's kernel scan")
+    return True

@@ -15,7 +15,8 @@ k tokens (``None`` restores k_max).  That table is internal state, so the vLLM r
 pinned and ``tests/engine`` checks with vLLM's own counters that drafted tokens follow k.
 The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the scheduler is then
 a plain attribute, the CPU fix in ``engine.cpu_fixes`` reaches the sampler, and start-up is
-about three times faster on CPU.
+about three times faster on CPU.  All engine compute (start-up, steps, shutdown) runs on one
+process-wide thread (``engine.engine_thread``; on CPU another thread steps it far slower).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.cpu_fixes import apply_cpu_fixes
+from engine import engine_thread
+from engine.cpu_fixes import apply_cpu_fixes, guard_llvmlite_for_kernel_scan
 from engine.model_assets import DEFAULT_DRAFT_LAYERS, resolve_draft, resolve_model
 from engine.rollout import BranchResult, Rollout
 
@@ -109,8 +111,18 @@ class VLLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
+        engine_thread.call(self._start)
+        self._engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        self._ids = itertools.count()
+        self._k: int | None = None
+        self._lock = threading.Lock()  # held from a call's start until its abort is done
+
+    def _start(self) -> None:
+        """Build the vLLM engine (on the engine thread, which will also step it)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.cpu_fix_applied = apply_cpu_fixes()
+        guard_llvmlite_for_kernel_scan()
         from vllm import LLM
 
         cfg = self.config
@@ -129,11 +141,6 @@ class VLLMEngine:
             per_request_spec_decode_metrics="summary" if speculative else "none",
             enforce_eager=cfg.enforce_eager,
         )
-        self._engine = self.llm.llm_engine
-        self.tokenizer = self.llm.get_tokenizer()
-        self._ids = itertools.count()
-        self._k: int | None = None
-        self._lock = threading.Lock()  # held from a call's start until its abort is done
 
     def _speculative_config(self) -> dict | None:
         cfg = self.config
@@ -182,9 +189,9 @@ class VLLMEngine:
         import gc
 
         with self._lock:
-            self._engine.engine_core.shutdown()
+            engine_thread.call(self._engine.engine_core.shutdown)
             del self.llm, self._engine
-        gc.collect()
+        engine_thread.call(gc.collect)
 
     # ----------------------------------------------------------------------------- validation
     def _check_k(self, k: int) -> None:
@@ -241,8 +248,9 @@ class VLLMEngine:
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
-        The deadline counts from the moment ``run`` is called.  Engine steps run on a worker
-        thread because a step (a long prefill, say) cannot be interrupted: at the deadline
+        The deadline counts from the moment ``run`` is called.  Engine steps run on the engine
+        thread (``engine.engine_thread``) because a step (a long prefill, say) cannot be
+        interrupted: at the deadline
         ``run`` returns at once with the branches finished by then, and the worker aborts the
         rest as soon as the step in flight ends.  The engine lock is held until that abort is
         done, so the next call and ``has_unfinished_requests`` never see a leftover request.
@@ -287,9 +295,8 @@ class VLLMEngine:
             cancel=cancel,
         )
         self._lock.acquire()
-        worker = threading.Thread(target=self._drive, args=(call,), daemon=True)
         try:
-            worker.start()
+            engine_thread.submit(self._drive, call)  # releases the lock when done
         except BaseException:
             self._lock.release()
             raise
@@ -301,13 +308,13 @@ class VLLMEngine:
                 call.cancelled = True
                 result = call.snapshot(time.monotonic() - start)
             if not call.done.is_set() and sys.exc_info()[0] is not None:
-                worker.join()  # interrupted (e.g. Ctrl-C): leave a clean engine behind
+                call.done.wait()  # interrupted (e.g. Ctrl-C): leave a clean engine behind
         if call.error is not None:
             raise call.error
         return result
 
     def _drive(self, call: _Call) -> None:
-        """Worker thread: add the branches, step the engine, abort what is left, release."""
+        """Engine thread: add the branches, step the engine, abort what is left, release."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

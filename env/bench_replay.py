@@ -26,7 +26,9 @@ from env.tts_env import DEFAULT_PROFILE, EnvConfig
 def steps_per_second(environment: gym.Env, steps: int, seed: int = 0) -> float:
     """Episodes (reset + step) per second with random actions drawn in advance."""
     rng = np.random.default_rng(seed)
-    actions = rng.integers(0, environment.action_space.nvec, size=(steps, 2))
+    actions = rng.integers(
+        0, environment.action_space.nvec, size=(steps, len(environment.action_space.nvec))
+    )
     environment.reset(seed=seed)
     start = time.perf_counter()
     for action in actions:

@@ -11,13 +11,11 @@ engine once per profile and ``fit_latency_model`` turns the samples into the mod
   counters are reported.  The table keeps the median over
   repeats, so one slow moment on a shared machine does not move it.
 * prefill: one-token generations over a range of prompt lengths and branch counts, fitted by
-  least squares as ``base + per_token * prompt_tokens * n``.  Such a call also samples the first
-  token, which the model counts as a decode step, so one k = 0 step is taken off each sample.
+  non-negative least squares as ``base + per_token * computed tokens + per_branch * (n - 1)``.
   With vLLM's prefix cache the n branches of a call share the prompt's full KV blocks (128
-  tokens on CPU), so beyond one block the cost is not linear in n; ``LatencyModel``'s form is,
-  so the fit uses the prompts that fit in one block (most MATH prompts) when there are enough
-  of them.  Longer prompts at n > 1 are then over-predicted by about per_token * (n - 1) times
-  the shared tokens.
+  tokens on CPU), so the computed tokens are the prompt once plus its last partial block for
+  every further branch (``unshared_prompt_tokens``).  Such a call also samples the first
+  token, which the model counts as a decode step, so one k = 0 step is taken off each sample.
 
 The same bookkeeping defines a problem's acceptance: ``effective_acceptance`` is the per-token
 alpha for which the model's tokens per step equal the measured ones.  With a draft model every
@@ -36,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from env.latency_model import LatencyModel, StepTable, tokens_per_step
+from env.latency_model import LatencyModel, StepTable, tokens_per_step, unshared_prompt_tokens
 
 PREFILL_METHOD_KEY = "prefill_method"
 
@@ -215,26 +213,36 @@ def _step_tables(decode: list[dict]) -> dict[str, dict[int, StepTable]]:
     return dict(steps)
 
 
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best of the fits on column subsets whose
+    coefficients are all non-negative (exact, and cheap for the three prefill columns)."""
+    best, best_cost = np.zeros(x.shape[1]), float(np.sum(y**2))
+    columns = range(x.shape[1])
+    for mask in range(1, 2 ** x.shape[1]):
+        used = [c for c in columns if mask >> c & 1]
+        coef, *_ = np.linalg.lstsq(x[:, used], y, rcond=None)
+        if np.any(coef < 0):
+            continue
+        full = np.zeros(x.shape[1])
+        full[used] = coef
+        cost = float(np.sum((x @ full - y) ** 2))
+        if cost < best_cost - 1e-15:
+            best, best_cost = full, cost
+    return best
+
+
 def _prefill_fit(
     prefill: list[dict], one_step: StepTable, block: int | None
-) -> tuple[float, float, int]:
-    """Least-squares ``base + per_token * prompt_tokens * n`` on the prefill samples, each
-    less one decode step at its batch; both coefficients clipped at 0.  Only prompts within one
-    prefix block when at least two such lengths were timed.  Returns (base, per_token, used)."""
-    unshared = [s for s in prefill if block and s["prompt_tokens"] <= block]
-    if len({s["prompt_tokens"] * s["n"] for s in unshared}) >= 2:
-        prefill = unshared
-    x = np.array([s["prompt_tokens"] * s["n"] for s in prefill], dtype=float)
-    y = np.array([s["wall_s"] for s in prefill], dtype=float)
-    y -= one_step(np.array([s["n"] for s in prefill], dtype=float))
-    if len(set(x.tolist())) < 2:
-        return max(float(y.mean()), 0.0), 0.0, len(x)
-    per_token, base = np.polyfit(x, y, 1)
-    if per_token < 0:
-        per_token, base = 0.0, float(y.mean())
-    elif base < 0:
-        per_token, base = float(np.dot(x, y) / np.dot(x, x)), 0.0
-    return max(float(base), 0.0), max(float(per_token), 0.0), len(x)
+) -> tuple[float, float, float]:
+    """Non-negative least squares ``base + per_token * computed + per_branch * (n - 1)`` on the
+    prefill samples, each less one decode step at its batch.  Returns the three coefficients."""
+    n = np.array([s["n"] for s in prefill], dtype=float)
+    computed = [unshared_prompt_tokens(int(s["prompt_tokens"]), int(s["n"]), block)
+                for s in prefill]  # fmt: skip
+    x = np.column_stack([np.ones(len(prefill)), np.array(computed, dtype=float), n - 1])
+    y = np.array([s["wall_s"] for s in prefill], dtype=float) - one_step(n)
+    base, per_token, per_branch = _nonnegative_lstsq(x, y)
+    return float(base), float(per_token), float(per_branch)
 
 
 def fit_latency_model(calibration: dict) -> LatencyModel:
@@ -249,18 +257,18 @@ def fit_latency_model(calibration: dict) -> LatencyModel:
     if 0 not in steps.get(method, {}):
         raise ValueError(f"calibration has no k = 0 decode samples for method {method!r}")
     block = calibration.get("prefix_block_tokens")
-    base, per_token, used = _prefill_fit(samples, steps[method][0], block)
+    base, per_token, per_branch = _prefill_fit(samples, steps[method][0], block)
     return LatencyModel(
         steps=steps,
         prefill_base_s=base,
         prefill_per_token_s=per_token,
+        prefill_per_branch_s=per_branch,
+        prefix_block_tokens=block,
         call_overhead_s=0.0,
         source="calibration",
         meta={
             "prefill_method": method,
             "decode_samples": len(calibration["decode"]),
             "prefill_samples": len(samples),
-            "prefill_samples_fitted": used,
-            "prefix_block_tokens": block,
         },
     )

@@ -14,6 +14,10 @@ process (each with a small explicit KV cache).  The k = 0 branches run on the n-
 k = 0 it decodes like an engine without speculation, whereas a draft-model engine still runs
 the draft every step.  Without n-gram in ``--methods`` an engine without speculation is added.
 
+The calibration is the part most sensitive to a busy machine.  ``--recalibrate`` (with the
+profile's own arguments) times the engines again and keeps the newest calibration; the journal
+keeps every earlier one and the manifest lists them with the load average they ran at.
+
 Runs take hours on a CPU, so the profiler is resumable: every finished problem is appended to
 ``journal.jsonl`` in the output folder (flushed and fsynced), and a restart with the same
 arguments skips the problems found there, so a kill loses at most the problem in flight.  The
@@ -113,6 +117,18 @@ class Journal:
 
     def of_kind(self, kind: str) -> list[dict]:
         return [r for r in self.records if r["kind"] == kind]
+
+
+def _calibration_part(settings: dict) -> dict:
+    """The settings that only shape the timing calibration (may change on --recalibrate)."""
+    return {k: v for k, v in settings.items() if k.startswith("calib_")}
+
+
+def _recorded_part(value):
+    """Settings without the calibration ones (other values unchanged), for resume checks."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k not in _calibration_part(value)}
 
 
 def base_method(engines: dict) -> str:
@@ -250,16 +266,17 @@ def write_profile(
 ) -> Path:
     """(Re)write the profile folder from the journal; ``complete`` says whether all is done."""
     header = journal.of_kind("header")[0]
-    calibration = journal.of_kind("calibration")[0]
+    calibrations = journal.of_kind("calibration")
+    calibration = calibrations[-1]  # the newest; --recalibrate appends
     done = {r["row"]["id"]: r for r in journal.of_kind("problem")}
     order = [p.id for _, p in requested if p.id in done]
     rows = [done[i]["row"] for i in order]
     spec_rows = [s for i in order for s in done[i]["spec"]]
     sessions = journal.of_kind("session")
-    settings = header["settings"]
+    settings = {**header["settings"], **calibration.get("settings", {})}
     duration = (
         sum(s["startup_s"] for s in sessions)
-        + calibration["seconds"]
+        + sum(c["seconds"] for c in calibrations)
         + sum(done[i]["seconds"] for i in order)
     )
     manifest = {
@@ -279,6 +296,9 @@ def write_profile(
         "complete": len(rows) == len(requested),
         "latency_model": fit_latency_model(calibration["calibration"]).to_dict(),
         "calibration": calibration["calibration"],
+        "calibrations": [
+            {k: c.get(k) for k in ("started", "seconds", "load_average")} for c in calibrations
+        ],
         "accuracy": _accuracy(rows),
         "created": sessions[0]["started"],
         "command": sessions[-1]["command"],
@@ -298,6 +318,7 @@ def profile_problems(
     startup_s: float = 0.0,
     limit: int | None = None,
     progress: bool = True,
+    recalibrate: bool = False,
 ) -> Path:
     """Profile ``(split, problem)`` pairs into ``out_dir``, resuming from its journal.
 
@@ -305,6 +326,7 @@ def profile_problems(
     :param command: the command line of this session (recorded in the manifest).
     :param startup_s: seconds this session spent starting the engines (counted in duration).
     :param limit: profile at most this many new problems in this session, then stop.
+    :param recalibrate: time the engines again even if the journal has a calibration.
     """
     out_dir = Path(out_dir)
     journal = Journal(out_dir / JOURNAL)
@@ -318,7 +340,7 @@ def profile_problems(
     previous = journal.of_kind("header")
     if previous:
         for key in ("settings", "identity", "methods"):
-            if previous[0][key] != header[key]:
+            if _recorded_part(previous[0][key]) != _recorded_part(header[key]):
                 raise ValueError(
                     f"{out_dir} holds a profile recorded with other {key} "
                     f"({previous[0][key]} != {header[key]}); use another --out"
@@ -333,11 +355,19 @@ def profile_problems(
             "startup_s": round(startup_s, 2),
         }
     )
-    if not journal.of_kind("calibration"):
-        started = time.monotonic()
+    if recalibrate or not journal.of_kind("calibration"):
+        started, load, date = time.monotonic(), os.getloadavg(), datetime.now(UTC)
         calibration = _run_calibration(engines, problems, settings, progress)
-        seconds = round(time.monotonic() - started, 2)
-        journal.append({"kind": "calibration", "calibration": calibration, "seconds": seconds})
+        journal.append(
+            {
+                "kind": "calibration",
+                "calibration": calibration,
+                "seconds": round(time.monotonic() - started, 2),
+                "started": date.isoformat(timespec="seconds"),
+                "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],  # start, end
+                "settings": _calibration_part(asdict(settings)),
+            }
+        )
     done = {r["row"]["id"] for r in journal.of_kind("problem")}
     todo = [(s, p) for s, p in problems if p.id not in done][:limit]
     initial = sum(p.id in done for _, p in problems)
@@ -367,16 +397,28 @@ def select_problems(train: int, test: int, seed: int = 0) -> list[tuple[str, Mat
 
 
 def build_engines(
-    methods: Sequence[str], settings: ProfileSettings, kv_cache_gb: float = 1.0, seed: int = 0
+    methods: Sequence[str],
+    settings: ProfileSettings,
+    kv_cache_gb: float = 1.0,
+    seed: int = 0,
+    model: str | None = None,
+    draft: str | None = None,
 ) -> dict:
-    """One engine per method, plus one without speculation when n-gram is not among them."""
+    """One engine per method, plus one without speculation when n-gram is not among them.
+
+    :param model: target model id or folder; None = the bundled SmolLM2-135M-Instruct.
+    :param draft: draft model for ``draft_model``; None = the bundled self-draft (bundled
+        target only).
+    """
     from engine.vllm_engine import EngineConfig, VLLMEngine
 
     names = list(methods) + ([] if "ngram" in methods else [NO_SPECULATION])
     return {
         m: VLLMEngine(
             EngineConfig(
+                model=model,
                 spec_method=None if m == NO_SPECULATION else m,
+                draft_model=draft if m == "draft_model" else None,
                 k_max=max(max(settings.k_grid), 1),
                 max_n=settings.engine_max_n,
                 max_tokens=settings.engine_max_tokens,
@@ -388,47 +430,133 @@ def build_engines(
     }
 
 
+def default_methods(model: str | None, draft: str | None) -> list[str]:
+    """n-gram always; the draft model when there is one (the bundled self-draft only fits the
+    bundled target, so another target needs ``draft``)."""
+    bundled = model in (None, "", "bundled")
+    return ["draft_model", "ngram"] if bundled or draft else ["ngram"]
+
+
+def default_profile_dir(model: str | None, settings: ProfileSettings) -> Path:
+    """``data/profiles/<model>-<cpu|gpu>-n<N_max>-t<max tokens>``: one folder per recording
+    setup, so profiling with other settings never collides with an existing profile."""
+    import torch
+
+    name = "smollm2-135m" if model in (None, "", "bundled") else Path(str(model).rstrip("/")).name
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    return (
+        Path("data/profiles") / f"{name.lower()}-{device}-n{settings.n_max}-t{settings.max_tokens}"
+    )
+
+
+def profile_model(
+    model: str | None,
+    out: Path | str | None = None,
+    *,
+    draft: str | None = None,
+    methods: Sequence[str] | None = None,
+    train: int = 24,
+    test: int = 24,
+    settings: ProfileSettings | None = None,
+    kv_cache_gb: float = 1.0,
+    seed: int = 0,
+    recalibrate: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> Path:
+    """Profile ``model`` on the live engine and return the profile folder (resumable: the same
+    call again continues where a killed one stopped).
+
+    :param out: profile folder; default ``default_profile_dir(model, settings)``.
+    :param methods: speculative methods; default ``default_methods(model, draft)``.
+    :param train: MATH train problems; ``test``: MATH-500 problems.
+    """
+    settings = settings or ProfileSettings()
+    methods = list(methods or default_methods(model, draft))
+    out = Path(out) if out else default_profile_dir(model, settings)
+    problems = select_problems(train, test, seed)
+    started = time.monotonic()
+    engines = build_engines(methods, settings, kv_cache_gb, seed, model, draft)
+    startup_s = time.monotonic() - started
+    try:
+        return profile_problems(
+            engines,
+            problems,
+            out,
+            settings,
+            command or f"profile_model({model!r})",
+            startup_s,
+            progress=progress,
+            recalibrate=recalibrate,
+        )
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="profile folder")
+    parser.add_argument("--out", type=Path, help="profile folder (default: by model name)")
+    parser.add_argument("--model", help="target model id or folder (default: the bundled one)")
+    parser.add_argument("--draft", help="draft model for draft_model (default: bundled self-draft)")
     parser.add_argument("--train", type=int, default=24, help="MATH train problems")
     parser.add_argument("--test", type=int, default=24, help="MATH-500 problems")
     parser.add_argument("--n-max", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--k-grid", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--methods", nargs="+", default=["draft_model", "ngram"])
+    parser.add_argument("--methods", nargs="+", help="default: draft_model (when any) and ngram")
     parser.add_argument("--spec-branches", type=int, default=2)
     parser.add_argument("--spec-max-tokens", type=int, default=48)
     parser.add_argument("--calib-tokens", type=int, default=32)
     parser.add_argument("--calib-repeats", type=int, default=2)
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="time the engines again (same profile arguments; e.g. on a quieter machine)",
+    )
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     command = "python -m env.profiler " + " ".join(sys.argv[1:] if argv is None else argv)
-    settings = ProfileSettings(
-        n_max=args.n_max,
-        max_tokens=args.max_tokens,
-        k_grid=tuple(sorted(set(args.k_grid))),
-        spec_branches=args.spec_branches,
-        spec_max_tokens=args.spec_max_tokens,
-        calib_batches=tuple(
-            sorted({b for b in (1, 2, 4, 8, 16) if b <= args.n_max} | {args.n_max})
-        ),
-        calib_tokens=args.calib_tokens,
-        calib_repeats=args.calib_repeats,
-        calib_prefill_ns=tuple(n for n in (1, 4, 8) if n <= args.n_max),
-    )
-    problems = select_problems(args.train, args.test, args.seed)
-    started = time.monotonic()
-    engines = build_engines(args.methods, settings, args.kv_cache_gb, args.seed)
-    startup_s = time.monotonic() - started
-    try:
-        path = profile_problems(engines, problems, args.out, settings, command.strip(), startup_s)
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
+    path = profile_model(
+        args.model,
+        args.out,
+        draft=args.draft,
+        methods=args.methods,
+        train=args.train,
+        test=args.test,
+        settings=settings_for(args.n_max, args.max_tokens, args.k_grid, args.spec_branches,
+                              args.spec_max_tokens, args.calib_tokens, args.calib_repeats),
+        kv_cache_gb=args.kv_cache_gb,
+        seed=args.seed,
+        recalibrate=args.recalibrate,
+        command=command.strip(),
+    )  # fmt: skip
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"wrote {path}: {manifest['num_problems']} problems in {manifest['duration_s']:.0f} s")
+
+
+def settings_for(
+    n_max: int = 8,
+    max_tokens: int = 512,
+    k_grid: Sequence[int] = (0, 1, 2, 4),
+    spec_branches: int = 2,
+    spec_max_tokens: int = 48,
+    calib_tokens: int = 32,
+    calib_repeats: int = 2,
+) -> ProfileSettings:
+    """Profile settings with calibration batch sizes and prefill branch counts up to n_max."""
+    return ProfileSettings(
+        n_max=n_max,
+        max_tokens=max_tokens,
+        k_grid=tuple(sorted(set(k_grid))),
+        spec_branches=spec_branches,
+        spec_max_tokens=spec_max_tokens,
+        calib_batches=tuple(sorted({b for b in (1, 2, 4, 8, 16) if b <= n_max} | {n_max})),
+        calib_tokens=calib_tokens,
+        calib_repeats=calib_repeats,
+        calib_prefill_ns=tuple(n for n in (1, 4, 8) if n <= n_max),
+    )
 
 
 if __name__ == "__main__":

@@ -136,9 +136,9 @@ class ReplayBackend:
         self._num_k = len(timings)
         batch = np.arange(n_max + 1)
         self._step_s = np.stack([model.step_time(batch, k, m) for m, k in timings])
-        self._prefill_base = model.call_overhead_s + model.prefill_base_s
-        self._prefill_per_branch = [model.prefill_per_token_s * p.prompt_tokens
-                                    for p in self._problems]  # fmt: skip
+        # seconds before decoding starts, per problem and branch count 0..n_max
+        prompts = np.array([[p.prompt_tokens] for p in self._problems])
+        self._start_s = model.call_overhead_s + model.prefill_time(prompts, np.arange(n_max + 1))
 
     @property
     def name(self) -> str:
@@ -173,7 +173,7 @@ class ReplayBackend:
         increments = sorted_steps.copy()
         increments[1:] -= sorted_steps[:-1]
         step_s = self._step_s[ki, n:0:-1]  # step seconds while n, n-1, ..., 1 branches run
-        start = self._prefill_base + self._prefill_per_branch[p] * n
+        start = self._start_s[p, n]
         finish = (increments * step_s).cumsum()
         finish += start
         return order, sorted_steps, finish, step_s, start

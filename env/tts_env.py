@@ -1,7 +1,10 @@
 """The Gymnasium environment in which a policy learns to allocate test-time compute per problem.
 
 One episode is one decision: the controller sees a problem and its deadline and picks how many
-branches to sample (n) and how many draft tokens to verify per step (k).  The backend
+branches to sample (n), how many draft tokens to verify per step (k), and how much of the
+deadline to spend (the budget: the call stops at budget x deadline and answers with what has
+finished; waiting longer only lets slower branches vote, and on MATH the slow responses are the
+wrong ones more often).  The backend
 (``env.backend``; replay for training, live for validation) runs the call and the reward says
 whether the voted answer was right in time.  Keeping the backend behind an interface lets the
 same environment, policies and evaluation drive recorded profiles and the real engine.
@@ -14,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -27,6 +30,16 @@ from env.profile_store import load_profile
 ENV_ID = "LatencyTTS-v0"
 DEFAULT_PROFILE = "synthetic-llama32-1b-h100"
 DEFAULT_DEADLINE_RANGE_S = (1.0, 60.0)
+DEFAULT_BUDGET_GRID = (0.25, 0.35, 0.5, 0.7, 1.0)
+
+
+class Allocation(NamedTuple):
+    """What one call gets: n branches, k drafts per verification step, and the share of the
+    deadline it may use (1.0: until the deadline; the published static method always waits)."""
+
+    n: int
+    k: int
+    budget: float = 1.0
 
 
 @dataclass
@@ -36,6 +49,8 @@ class EnvConfig:
     :param n_grid: branch counts the first action component selects from; None: powers of two
         up to the backend's ``max_branches`` (1, 2, 4, ..., 64 for 64 recorded branches).
     :param k_grid: draft lengths the second component selects from; None: the backend's.
+    :param budget_grid: shares of the deadline the third component selects from, in (0, 1]
+        and including 1.0; the call stops at ``budget * deadline``.
     :param deadline_range_s: (low, high): deadlines are drawn log-uniformly from it; None: the
         featurizer's ``deadline_range_s``.
     :param deadline_choices_s: when set, deadlines are drawn uniformly from these values (e.g.
@@ -49,6 +64,7 @@ class EnvConfig:
 
     n_grid: tuple[int, ...] | None = None
     k_grid: tuple[int, ...] | None = None
+    budget_grid: tuple[float, ...] = DEFAULT_BUDGET_GRID
     deadline_range_s: tuple[float, float] | None = None
     deadline_choices_s: tuple[float, ...] | None = None
     latency_cost: float = 0.01
@@ -74,22 +90,24 @@ class _Episode:
 
 
 class LatencyTTSEnv(gym.Env):
-    """Latency-aware test-time scaling: choose (n, k) for one math problem under a deadline.
+    """Latency-aware test-time scaling: choose (n, k, budget) for one math problem and deadline.
 
     ## Description
 
     An episode is one problem and one deadline.  The agent picks n parallel sampling branches
-    and k speculative draft tokens per verification step.  The backend samples the branches,
-    aborts those still running at the deadline, majority-votes among the finished ones (ties
+    and k speculative draft tokens per verification step, and a budget: the share of the
+    deadline the call may use.  The backend samples the branches, aborts those still running
+    at budget x deadline, majority-votes among the finished ones (ties
     to the class that finished first) and stops as soon as the vote is decided.  Speculation
     does not change the answers, only their speed; more branches make the vote more reliable
     but each decoding step slower, and a branch that does not finish in time does not vote.
 
     ## Action Space
 
-    ``MultiDiscrete([len(n_grid), len(k_grid)])``: component 0 indexes ``n_grid`` (default
-    1, 2, 4, ... up to the backend's maximum, 64 on the default profile), component 1 indexes
-    ``k_grid`` (default the backend's, e.g. 0, 1, 2, 4; 0 means no speculation).
+    ``MultiDiscrete([len(n_grid), len(k_grid), len(budget_grid)])``: component 0 indexes
+    ``n_grid`` (default 1, 2, 4, ... up to the backend's maximum, 64 on the default profile),
+    component 1 indexes ``k_grid`` (default the backend's, e.g. 0, 1, 2, 4; 0 means no
+    speculation), component 2 indexes ``budget_grid`` (default 0.25, 0.35, 0.5, 0.7, 1.0).
 
     ## Observation Space
 
@@ -109,7 +127,7 @@ class LatencyTTSEnv(gym.Env):
     ## Rewards
 
     ``1{voted answer correct} - latency_cost * latency_s / deadline_s``.  Only branches that
-    finished by the deadline vote, so a correct answer is always in time; ``latency_s`` never
+    finished within the budget vote, so a correct answer is always in time; ``latency_s`` never
     exceeds the deadline, so the penalty is at most ``latency_cost`` (default 0.01).
 
     ## Starting State
@@ -130,11 +148,13 @@ class LatencyTTSEnv(gym.Env):
     Without a backend the environment replays ``profile`` (default the bundled
     ``synthetic-llama32-1b-h100``) on its ``split``; without a featurizer it fits one on the
     profile's training problems.  ``info`` after a step carries the ``env.backend.Outcome``
-    fields (correct, latency_s, n, k, branches_finished, ...) plus the deadline and problem.
+    fields (correct, latency_s, n, k, branches_finished, ...) plus the budget, the deadline
+    and the problem.
 
     ## Version History
 
-    * v0: initial version (observation schema ``FEATURE_SCHEMA_VERSION`` 1).
+    * v0: initial version (observation schema ``FEATURE_SCHEMA_VERSION`` 1; actions
+      (n, k, budget), read by policy format ``policies.ppo_policy.POLICY_FORMAT_VERSION`` 2).
 
     :param backend: what runs the calls (``env.replay_backend.ReplayBackend`` or the live one).
     :param featurizer: maps prompt and deadline to the observation.
@@ -172,6 +192,12 @@ class LatencyTTSEnv(gym.Env):
             raise ValueError(f"n_grid {self.n_grid} must lie in 1..{backend.max_branches}")
         if not set(self.k_grid) <= set(backend.k_grid):
             raise ValueError(f"k_grid {self.k_grid} not supported by backend {backend.k_grid}")
+        self.budget_grid = tuple(float(b) for b in config.budget_grid)
+        if not all(0 < b <= 1 for b in self.budget_grid) or 1.0 not in self.budget_grid:
+            raise ValueError(
+                f"budget_grid {self.budget_grid} must lie in (0, 1] and include 1.0 "
+                "(waiting until the deadline)"
+            )
         low, high = config.deadline_range_s or featurizer.deadline_range_s
         self._log_deadline_range = (math.log(low), math.log(high))
         problems = backend.problems
@@ -180,7 +206,9 @@ class LatencyTTSEnv(gym.Env):
         """Featurizer predictions per problem (rows) and ``featurizer.target_names`` (columns)."""
         table = featurizer.problem_features(texts, prompt_tokens, self.predictions)
         self._obs_table = np.insert(table, 1, 0.0, axis=1).astype(np.float32)
-        self.action_space = gym.spaces.MultiDiscrete([len(self.n_grid), len(self.k_grid)])
+        self.action_space = gym.spaces.MultiDiscrete(
+            [len(self.n_grid), len(self.k_grid), len(self.budget_grid)]
+        )
         self.observation_space = gym.spaces.Box(
             -OBS_BOUND, OBS_BOUND, (self._obs_table.shape[1],), np.float32
         )
@@ -212,15 +240,28 @@ class LatencyTTSEnv(gym.Env):
     @property
     def resolved_config(self) -> EnvConfig:
         """The configuration with the grids in use filled in (what a saved policy records)."""
-        return dataclasses.replace(self.config, n_grid=self.n_grid, k_grid=self.k_grid)
+        return dataclasses.replace(
+            self.config, n_grid=self.n_grid, k_grid=self.k_grid, budget_grid=self.budget_grid
+        )
 
-    def action_of(self, n: int, k: int) -> np.ndarray:
-        """The action selecting branch count ``n`` and draft length ``k``."""
-        return np.array([self.n_grid.index(n), self.k_grid.index(k)])
+    def action_of(self, n: int, k: int, budget: float = 1.0) -> np.ndarray:
+        """The action selecting branch count ``n``, draft length ``k`` and ``budget``."""
+        return np.array(
+            [self.n_grid.index(n), self.k_grid.index(k), self.budget_grid.index(budget)]
+        )
 
-    def nk_of(self, action: np.ndarray) -> tuple[int, int]:
-        """The (n, k) an action selects."""
-        return self.n_grid[int(action[0])], self.k_grid[int(action[1])]
+    def allocation_of(self, action: np.ndarray) -> Allocation:
+        """The (n, k, budget) an action selects."""
+        return Allocation(
+            self.n_grid[int(action[0])],
+            self.k_grid[int(action[1])],
+            self.budget_grid[int(action[2])],
+        )
+
+    def run(self, problem_index: int, allocation: Allocation, deadline_s: float, rng):
+        """Run one allocation on the backend: the call stops at ``budget * deadline_s``."""
+        n, k, budget = allocation
+        return self.backend.run(problem_index, n, k, budget * deadline_s, rng)
 
     def observation(self, problem_index: int, deadline_s: float) -> np.ndarray:
         """The observation of a problem under a deadline (what the policy sees)."""
@@ -263,12 +304,13 @@ class LatencyTTSEnv(gym.Env):
         if episode is None:
             raise RuntimeError("step() needs reset() first: every episode is a single step")
         self._episode = None
-        n, k = self.nk_of(action)
-        outcome = self.backend.run(episode.problem_index, n, k, episode.deadline_s, episode.rng)
+        allocation = self.allocation_of(action)
+        outcome = self.run(episode.problem_index, allocation, episode.deadline_s, episode.rng)
         reward = float(outcome.correct) - (
             self.config.latency_cost * outcome.latency_s / episode.deadline_s
         )
         info = outcome.to_info()
         info["deadline_s"] = episode.deadline_s
+        info["budget"] = allocation.budget
         info["problem_index"] = episode.problem_index
         return episode.obs.copy(), reward, True, False, info

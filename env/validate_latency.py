@@ -40,6 +40,19 @@ def profile_settings(profile: Profile) -> ProfileSettings:
     return ProfileSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
+def profile_models(profile: Profile) -> tuple[str | None, str | None]:
+    """(target, draft) a profile was recorded with; None where it used the bundled ones."""
+    from engine.model_assets import resolve_draft, resolve_model
+
+    model, draft = profile.manifest["model"], (profile.manifest.get("draft") or {})
+    layers = draft.get("layers")
+    bundled_draft = layers is not None and draft.get("path") == resolve_draft(None, layers)
+    return (
+        None if model == resolve_model(None) else model,
+        None if bundled_draft or not draft else draft.get("path"),
+    )
+
+
 def plan_calls(profile: Profile, methods: list[str], calls: int, seed: int) -> list[dict]:
     """Random (problem, method, n, k) on MATH-500 problems absent from the profile."""
     rng = np.random.default_rng(seed)
@@ -97,22 +110,6 @@ def summarize(records: list[dict]) -> dict:
         and summary["p90_rel_error"] <= TARGETS["p90"]
     )
     return summary
-
-
-def recorded_calls(profile: Profile) -> list[dict]:
-    """The profile's own k = 0 calls (N_max branches per problem), predicted the same way: live
-    calls too, timed during profiling but not used by the fit."""
-    model, method = profile.latency_model(), profile.manifest["base_method"]
-    return [
-        {
-            "id": row["id"],
-            "measured_s": float(np.max(row["branch_finish_s"])),
-            "predicted_s": model.predict_wall_time(
-                row["branch_tokens"], 0, method, 0.0, int(row["prompt_tokens"])
-            ),
-        }
-        for row in profile.rows
-    ]
 
 
 def format_table(records: list[dict], summary: dict) -> str:
@@ -177,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     if profile.synthetic:
         raise SystemExit(f"{profile.label} has no engine to validate against")
     methods = list(profile.manifest["spec_methods"])
-    engines = build_engines(methods, profile_settings(profile), args.kv_cache_gb, args.seed)
-    started = time.monotonic()
+    engines = build_engines(
+        methods, profile_settings(profile), args.kv_cache_gb, args.seed, *profile_models(profile)
+    )
+    started, load_at_start = time.monotonic(), os.getloadavg()
     try:
         result = validate(
             profile, engines, plan_calls(profile, list(engines), args.calls, args.seed)
@@ -187,19 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         for engine in engines.values():
             engine.shutdown()
     print(format_table(result["records"], result["summary"]))
-    recorded = summarize(recorded_calls(profile))
-    print(
-        f"the profile's own k = 0 calls (n = {profile.manifest['n_max']}, {recorded['calls']}):"
-        f" median {recorded['median_rel_error']:.1%}, p90 {recorded['p90_rel_error']:.1%}, "
-        f"mean signed {recorded['mean_signed_error']:+.1%}"
-    )
     result.update(
-        recorded_k0_calls=recorded,
         profile=profile.name,
         command=command.strip(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         duration_s=round(time.monotonic() - started, 1),
+        load_average_at_start=[round(x, 2) for x in load_at_start],
         load_average_at_end=[round(x, 2) for x in os.getloadavg()],
+        calibration_started=(profile.manifest.get("calibrations") or [{}])[-1].get("started"),
     )
     write_json(profile.path / "validation.json", result)
     print(f"wrote {profile.path / 'validation.json'}")

@@ -2,17 +2,22 @@
 
 - ``plain``: one branch, no speculation; what a caller gets without test-time scaling.
 - ``static_best``: one (n, k) per deadline, the most accurate on the training problems (ties:
-  the faster).  This is the published method (Wang et al. 2025 pick one configuration per
-  latency budget by search); the learned policy must match or beat it at every deadline.
+  the faster), waiting until the deadline.  This is the published method (Wang et al. 2025
+  pick one configuration per latency budget by search); the learned policy must match or beat
+  it at every deadline.
+- ``static_budget``: the same search over the policy's whole action space, (n, k, budget):
+  one allocation per deadline that may stop before the deadline.  Not published; it shows
+  how much of the policy's lead comes from per-problem choices rather than from the budget.
 - ``max_fit``: the largest n, with its fastest k, whose predicted latency fits the deadline,
   predicting latency from the latency model with the featurizer's predicted response length and
   acceptance.  A hand-written per-problem rule that needs no training beyond the featurizer.
-- ``oracle``: per problem and draw, the best action in hindsight (every action replayed on the
-  same branches).  Not deployable; an upper bound for the gap-closed figure.
+- ``oracle``: per problem and draw, the best (n, k, budget) in hindsight (every action
+  replayed on the same branches).  Not deployable; an upper bound for the gap-closed figure.
 
-An allocator maps problems and a deadline to one (n, k) per problem; ``run_allocation`` runs
-the chosen actions with per-(problem, repeat) seeded draws, so every method at every deadline
-sees the same recorded branches (common random numbers) and differences come from the actions.
+An allocator maps problems and a deadline to one ``Allocation`` (n, k, budget) per problem;
+``run_allocation`` runs the chosen actions with per-(problem, repeat) seeded draws, so every
+method at every deadline sees the same recorded branches (common random numbers) and
+differences come from the actions.
 """
 
 from __future__ import annotations
@@ -26,17 +31,17 @@ from tqdm import tqdm
 from env.backend import Outcome
 from env.latency_model import LatencyModel, tokens_per_step
 from env.replay_backend import ReplayBackend
-from env.tts_env import LatencyTTSEnv
+from env.tts_env import Allocation, LatencyTTSEnv
 
 
 class Allocator(Protocol):
-    """Chooses (n, k) per problem for one deadline."""
+    """Chooses an allocation (n, k, budget) per problem for one deadline."""
 
     name: str
 
     def choose(
         self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float
-    ) -> list[tuple[int, int]]: ...
+    ) -> list[Allocation]: ...
 
 
 def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
@@ -47,7 +52,7 @@ def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
 
 def run_allocation(
     env: LatencyTTSEnv,
-    actions: Sequence[tuple[int, int]],
+    actions: Sequence[Allocation],
     problems: Sequence[int],
     deadline_s: float,
     repeats: int,
@@ -55,10 +60,41 @@ def run_allocation(
 ) -> list[Outcome]:
     """Outcomes of running ``actions[i]`` on ``problems[i]``, ``repeats`` draws each."""
     return [
-        env.backend.run(p, n, k, deadline_s, draw_rng(seed, p, r))
-        for p, (n, k) in zip(problems, actions, strict=True)
+        env.run(p, action, deadline_s, draw_rng(seed, p, r))
+        for p, action in zip(problems, actions, strict=True)
         for r in range(repeats)
     ]
+
+
+def all_allocations(env: LatencyTTSEnv, budgets: Sequence[float] | None = None) -> list:
+    """Every (n, k, budget) of the environment's grids (``budgets`` restricts the budgets)."""
+    return [
+        Allocation(n, k, b)
+        for n in env.n_grid
+        for k in env.k_grid
+        for b in (env.budget_grid if budgets is None else budgets)
+    ]
+
+
+def replay_allocations(
+    backend: ReplayBackend,
+    problem: int,
+    allocations: Sequence[Allocation],
+    deadlines_s: Sequence[float],
+    draw: tuple[int, int, int],
+) -> list[list[Outcome]]:
+    """Outcomes per allocation per deadline on one problem; every (n, k) replays the draw
+    ``draw_rng(*draw)`` at all budgets and deadlines (common random numbers)."""
+    by_nk: dict[tuple[int, int], list[Allocation]] = {}
+    for allocation in allocations:
+        by_nk.setdefault((allocation.n, allocation.k), []).append(allocation)
+    outcomes: dict[Allocation, list[Outcome]] = {}
+    for (n, k), group in by_nk.items():
+        stops = [a.budget * d for a in group for d in deadlines_s]
+        flat = backend.run_deadlines(problem, n, k, stops, draw_rng(*draw))
+        for i, allocation in enumerate(group):
+            outcomes[allocation] = flat[i * len(deadlines_s) : (i + 1) * len(deadlines_s)]
+    return [outcomes[a] for a in allocations]
 
 
 def reward_of(outcome: Outcome, deadline_s: float, latency_cost: float) -> float:
@@ -72,20 +108,20 @@ class PlainAllocator:
     name = "plain"
 
     def choose(self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float):
-        return [(1, min(env.k_grid))] * len(problems)
+        return [Allocation(1, min(env.k_grid))] * len(problems)
 
 
 class StaticBestAllocator:
-    """One (n, k) per deadline, chosen on training problems (see module docstring).
+    """One allocation per deadline, chosen on training problems (see module docstring).
 
-    :param table: deadline seconds -> (n, k).  A deadline between table entries uses the entry
-        of the largest deadline below it (or the smallest entry).
+    :param table: deadline seconds -> allocation.  A deadline between table entries uses the
+        entry of the largest deadline below it (or the smallest entry).
+    :param name: ``static_best`` (budget 1 only, the published method) or ``static_budget``.
     """
 
-    name = "static_best"
-
-    def __init__(self, table: dict[float, tuple[int, int]]) -> None:
-        self.table = dict(sorted(table.items()))
+    def __init__(self, table: dict[float, Allocation], name: str = "static_best") -> None:
+        self.table = {d: Allocation(*a) for d, a in sorted(table.items())}
+        self.name = name
 
     @classmethod
     def fit(
@@ -94,8 +130,12 @@ class StaticBestAllocator:
         deadlines_s: Sequence[float],
         max_problems: int = 2000,
         seed: int = 0,
+        budgets: Sequence[float] | None = (1.0,),
     ) -> StaticBestAllocator:
-        """Pick, per deadline, the most accurate action on up to ``max_problems`` of env's.
+        """Pick, per deadline, the most accurate allocation on up to ``max_problems`` of env's.
+
+        :param budgets: budgets searched: ``(1.0,)`` is the published method; None searches
+            the environment's whole budget grid (``static_budget``).
 
         ``env`` must replay (``ReplayBackend``): every action runs on the same draw per problem.
         """
@@ -103,21 +143,22 @@ class StaticBestAllocator:
         rng = np.random.default_rng(seed)
         count = len(backend.problems)
         problems = np.sort(rng.permutation(count)[: min(max_problems, count)]).tolist()
-        actions = [(n, k) for n in env.n_grid for k in env.k_grid]
+        actions = all_allocations(env, budgets)
         correct = np.zeros((len(deadlines_s), len(actions)))
         latency = np.zeros_like(correct)
-        for p in tqdm(problems, desc="static best (training problems)", leave=False):
-            for j, (n, k) in enumerate(actions):
-                outcomes = backend.run_deadlines(p, n, k, deadlines_s, draw_rng(seed, p, 0))
+        name = "static_best" if budgets == (1.0,) else "static_budget"
+        for p in tqdm(problems, desc=f"{name} (training problems)", leave=False):
+            runs = replay_allocations(backend, p, actions, deadlines_s, (seed, p, 0))
+            for j, outcomes in enumerate(runs):
                 correct[:, j] += [o.correct for o in outcomes]
                 latency[:, j] += [o.latency_s for o in outcomes]
         table = {}
         for i, deadline in enumerate(deadlines_s):
             best = min(range(len(actions)), key=lambda j: (-correct[i, j], latency[i, j]))
             table[float(deadline)] = actions[best]
-        return cls(table)
+        return cls(table, name)
 
-    def action_for(self, deadline_s: float) -> tuple[int, int]:
+    def action_for(self, deadline_s: float) -> Allocation:
         below = [d for d in self.table if d <= deadline_s + 1e-9]
         return self.table[max(below) if below else min(self.table)]
 
@@ -173,7 +214,7 @@ class MaxFitAllocator:
         for row, ks in zip(best, fastest_k, strict=True):
             fitting = np.flatnonzero(row <= deadline_s)
             i = int(fitting.max()) if len(fitting) else int(np.argmin(env.n_grid))
-            actions.append((env.n_grid[i], env.k_grid[int(ks[i])]))
+            actions.append(Allocation(env.n_grid[i], env.k_grid[int(ks[i])]))
         return actions
 
 
@@ -184,18 +225,17 @@ def oracle_outcomes(
     repeats: int,
     seed: int,
 ) -> list[list[Outcome]]:
-    """Per deadline, per problem and draw, the outcome of the best action in hindsight.
+    """Per deadline, per problem and draw, the outcome of the best allocation in hindsight.
 
     Best by the environment's reward (correct first, then faster); ``env`` must replay.
     """
     backend: ReplayBackend = env.backend
-    actions = [(n, k) for n in env.n_grid for k in env.k_grid]
+    actions = all_allocations(env)
     cost = env.config.latency_cost
     best: list[list[Outcome]] = [[] for _ in deadlines_s]
     for p in tqdm(problems, desc="oracle", leave=False):
         for r in range(repeats):
-            runs = [backend.run_deadlines(p, n, k, deadlines_s, draw_rng(seed, p, r))
-                    for n, k in actions]  # fmt: skip
+            runs = replay_allocations(backend, p, actions, deadlines_s, (seed, p, r))
             for i, deadline in enumerate(deadlines_s):
                 candidates = [outcomes[i] for outcomes in runs]
                 best[i].append(max(candidates, key=lambda o: reward_of(o, deadline, cost)))

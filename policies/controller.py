@@ -2,8 +2,9 @@
 
 Training and evaluation score a policy on replayed or live *environments*; deployment needs
 the same decision without an environment: given a problem's text and a deadline, compute the
-observation from the prompt alone (``env.features``), let the policy pick (n, k) from the
-grids it was trained on, run that call on the engine with the vote's early stop, and return the
+observation from the prompt alone (``env.features``), let the policy pick (n, k, budget) from
+the grids it was trained on, run that call on the engine until budget x deadline with the
+vote's early stop, and return the
 voted answer with enough bookkeeping (allocation, timings, votes, branches) to explain it.
 ``policies.server`` serves this over HTTP.
 
@@ -21,10 +22,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from engine import engine_thread
 from engine.vllm_engine import VLLMEngine
 from env.features import FEATURE_SCHEMA_VERSION
 from env.live_backend import BranchVote
 from env.math_data import build_user_message
+from env.tts_env import Allocation
 from policies.ppo_policy import SavedPolicy, load_policy
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ class Answer:
         when no branch finished with an answer in time.
     :param n: branches sampled (the policy's choice).
     :param k: draft tokens verified per step (the policy's choice).
+    :param budget: share of the deadline the policy chose to spend (the call stops at
+        budget x deadline; 1.0 when there is no deadline).
     :param latency_s: seconds from the ``answer`` call to its return.
     :param deadline_s: the deadline the call honoured (None: none).
     :param stopped_by: ``"complete"``, ``"early_stop"`` (vote decided), ``"deadline"`` or
@@ -53,6 +58,7 @@ class Answer:
     answer: str | None
     n: int
     k: int
+    budget: float
     latency_s: float
     deadline_s: float | None
     stopped_by: str
@@ -66,7 +72,7 @@ class Answer:
 
 
 class DecodingController:
-    """Answers math problems under a deadline with a trained (n, k) policy on a live engine.
+    """Answers math problems under a deadline with a trained allocation policy on a live engine.
 
     :param policy: a loaded policy or its folder (``policies.ppo_policy.load_policy``).
     :param engine: the running engine; its ``max_n`` and ``k_max`` must cover the policy's
@@ -79,6 +85,7 @@ class DecodingController:
         self.policy = policy if isinstance(policy, SavedPolicy) else load_policy(policy)
         self.engine = engine
         self.n_grid, self.k_grid = check_policy_fits(self.policy, engine)
+        self.budget_grid = tuple(self.policy.env_config.budget_grid)
         self.deadline_range_s = self.policy.featurizer.deadline_range_s
         trained_for = self.policy.info.get("spec_method")
         if trained_for and trained_for != engine.config.method_name:
@@ -99,19 +106,20 @@ class DecodingController:
             raise ValueError("problem must be a non-empty string")
         return len(self.engine.prompt_token_ids(build_user_message(problem)))
 
-    def choose(self, problem: str, deadline_s: float | None) -> tuple[int, int]:
-        """The policy's (n, k) for this problem and deadline (deterministic)."""
+    def choose(self, problem: str, deadline_s: float | None) -> Allocation:
+        """The policy's (n, k, budget) for this problem and deadline (deterministic)."""
         deadline = self.engine.check_deadline(deadline_s)
-        return self._choose(problem, self.prompt_tokens(problem), deadline)
+        return engine_thread.call(self._choose, problem, self.prompt_tokens(problem), deadline)
 
-    def _choose(self, problem: str, prompt_tokens: int, deadline: float | None) -> tuple[int, int]:
+    def _choose(self, problem: str, prompt_tokens: int, deadline: float | None) -> Allocation:
         # The policy has only seen deadlines inside its training range: clip the deadline fed to
         # the features there (no deadline = the longest it knows) rather than extrapolate.
         low, high = self.deadline_range_s
         seen = high if deadline is None else min(max(deadline, low), high)
         obs = self.policy.featurizer.transform(problem, prompt_tokens, seen)
         action, _ = self.policy.model.predict(obs, deterministic=True)
-        return self.n_grid[int(action[0])], self.k_grid[int(action[1])]
+        budget = self.budget_grid[int(action[2])] if deadline is not None else 1.0
+        return Allocation(self.n_grid[int(action[0])], self.k_grid[int(action[1])], budget)
 
     def answer(
         self,
@@ -120,10 +128,12 @@ class DecodingController:
         cancel: threading.Event | None = None,
         max_tokens: int | None = None,
     ) -> Answer:
-        """Choose (n, k), run it live, and return the majority vote of the finished branches.
+        """Choose (n, k, budget), run it live, and return the majority vote of the finished
+        branches.
 
         The deadline counts from this call (choosing is included) with the engine's semantics:
-        the call returns by then with the branches finished in time; None or inf mean none.
+        the call returns by budget x deadline with the branches finished by then; None or inf
+        mean no deadline (and no budget).
         The engine is stopped as soon as the unfinished branches can no longer change the
         winner.  Setting ``cancel`` aborts the call after the current engine step.
         ``max_tokens`` caps each branch (at most the engine's ``max_tokens``).
@@ -133,11 +143,13 @@ class DecodingController:
         start = time.monotonic()
         deadline = self.engine.check_deadline(deadline_s)
         prompt_tokens = self.prompt_tokens(problem)
-        n, k = self._choose(problem, prompt_tokens, deadline)
+        # torch work on the engine's thread only (see engine.engine_thread)
+        n, k, budget = engine_thread.call(self._choose, problem, prompt_tokens, deadline)
         vote = BranchVote(n)
         # Whatever choosing cost comes out of the engine's share; it returns at once if none is
         # left (its deadline must be > 0).
-        remaining = None if deadline is None else max(deadline - (time.monotonic() - start), 1e-6)
+        elapsed = time.monotonic() - start
+        remaining = None if deadline is None else max(budget * deadline - elapsed, 1e-6)
         rollout = self.engine.run(
             build_user_message(problem),
             n=n,
@@ -162,6 +174,7 @@ class DecodingController:
             answer=vote.winner,
             n=n,
             k=k,
+            budget=budget,
             latency_s=time.monotonic() - start,
             deadline_s=deadline,
             stopped_by=rollout.stopped_by,
@@ -173,7 +186,8 @@ class DecodingController:
 
 
 def check_policy_fits(policy: SavedPolicy, engine: VLLMEngine) -> tuple[tuple[int, ...], ...]:
-    """The policy's (n_grid, k_grid) after checking it can be computed and run here.
+    """The policy's (n_grid, k_grid) after checking it can be computed and run here (its
+    budgets need nothing from the engine).
 
     :raises ValueError: naming what does not fit and what would.
     """

@@ -4,8 +4,8 @@ For each deadline of a grid, every method answers every test problem ``repeats``
 are seeded per (problem, repeat), so all methods vote over the same recorded branches and
 differences come from the actions, not the luck of the draw.  Reported per method and
 deadline: accuracy within the deadline, mean and p95 latency, deadline misses (no answer by the
-deadline), mean generated tokens and the mean n and k chosen.  Output: a table on the console,
-``report.json`` and ``report.png`` (accuracy and latency against deadline).  Numbers from a
+deadline), mean generated tokens and the mean n, k and budget chosen.  Output: a table on the
+console, ``report.json`` and ``report.png`` (accuracy and latency against deadline).  Numbers from a
 synthetic profile say "synthetic profile" wherever they appear.
 
 Runs on replay by default; ``--live`` runs the policy and the deployable baselines on the live
@@ -60,8 +60,14 @@ def default_deadlines(backend: ReplayBackend, count: int = 8) -> tuple[float, ..
     return tuple(float(f"{d:.2g}") for d in grid)
 
 
-def outcome_metrics(outcomes: Sequence[Outcome], deadline_s: float, latency_cost: float) -> dict:
-    """Accuracy, latency, misses, tokens and chosen n/k of one method at one deadline."""
+def outcome_metrics(
+    outcomes: Sequence[Outcome],
+    deadline_s: float,
+    latency_cost: float,
+    budgets: Sequence[float] | None = None,
+) -> dict:
+    """Accuracy, latency, misses, tokens and chosen n/k/budget of one method at one deadline
+    (``budgets``: the budget behind each outcome; None where unknown, as for the oracle)."""
     latency = np.array([o.latency_s for o in outcomes])
     return {
         "deadline_s": deadline_s,
@@ -72,6 +78,7 @@ def outcome_metrics(outcomes: Sequence[Outcome], deadline_s: float, latency_cost
         "mean_generated_tokens": float(np.mean([o.generated_tokens for o in outcomes])),
         "mean_n": float(np.mean([o.n for o in outcomes])),
         "mean_k": float(np.mean([o.k for o in outcomes])),
+        "mean_budget": float(np.mean(budgets)) if budgets is not None else None,
         "mean_branches_finished": float(np.mean([o.branches_finished for o in outcomes])),
         "mean_reward": float(np.mean([reward_of(o, deadline_s, latency_cost) for o in outcomes])),
     }
@@ -94,7 +101,8 @@ def evaluate_methods(
         for allocator in allocators:
             actions = allocator.choose(env, problems, deadline)
             outcomes = run_allocation(env, actions, problems, deadline, repeats, seed)
-            results[allocator.name].append(outcome_metrics(outcomes, deadline, cost))
+            budgets = [a.budget for a in actions for _ in range(repeats)]
+            results[allocator.name].append(outcome_metrics(outcomes, deadline, cost, budgets))
             progress.update()
     progress.close()
     if oracle:
@@ -104,8 +112,20 @@ def evaluate_methods(
     return results
 
 
+def compare(policy: list[dict], other: list[dict]) -> dict:
+    """Policy against another method per deadline: never below it, mean latency ratio."""
+    pairs = list(zip(policy, other, strict=True))
+    ratios = [p["mean_latency_s"] / max(o["mean_latency_s"], 1e-12) for p, o in pairs]
+    return {
+        "never_below": all(p["accuracy"] >= o["accuracy"] for p, o in pairs),
+        "accuracy_minus": [p["accuracy"] - o["accuracy"] for p, o in pairs],
+        "mean_latency_ratio": float(np.mean(ratios)),
+    }
+
+
 def summarize(methods: dict[str, list[dict]]) -> dict:
-    """Policy against static best: accuracy difference, latency ratio, share of gap closed."""
+    """Policy against static best: accuracy difference, latency ratio, share of gap closed;
+    and against the static budget baseline when there is one."""
     policy, static = methods["policy"], methods["static_best"]
     oracle = methods.get("oracle")
     per_deadline = []
@@ -133,6 +153,8 @@ def summarize(methods: dict[str, list[dict]]) -> dict:
         total_gap = sum(o["accuracy"] - s["accuracy"] for o, s in zip(oracle, static, strict=True))
         gained = sum(p["accuracy"] - s["accuracy"] for p, s in zip(policy, static, strict=True))
         summary["gap_closed"] = gained / total_gap if total_gap > 0 else None
+    if "static_budget" in methods:
+        summary["vs_static_budget"] = compare(policy, methods["static_budget"])
     return summary
 
 
@@ -143,26 +165,27 @@ def evaluate_policy(
     repeats: int = 4,
     seed: int = 0,
     live_backend: Backend | None = None,
-    static: StaticBestAllocator | None = None,
+    statics: Sequence[StaticBestAllocator] | None = None,
 ) -> dict:
     """Evaluate a saved policy and all baselines on MATH-500; returns the report dict.
 
-    The static best is chosen on the profile's training problems; max-fit predicts latency with
-    the profile's latency model.  With ``live_backend`` the methods run on it and the oracle
-    (which needs every action replayed) is left out.  ``static`` reuses a static best already
-    chosen for these deadlines.
+    The static baselines are chosen on the profile's training problems (``static_budget`` only
+    when the policy has budgets below 1); max-fit predicts latency with the profile's latency
+    model.  With ``live_backend`` the methods run on it and the oracle (which needs every
+    action replayed) is left out.  ``statics`` reuses static baselines already chosen for
+    these deadlines.
     """
     method = policy.info.get("spec_method")
-    if static is None:
-        train = ReplayBackend(profile, "train", method=method)
-        static = StaticBestAllocator.fit(
-            LatencyTTSEnv(train, policy.featurizer, policy.env_config), deadlines_s, seed=seed
+    if statics is None:
+        train = LatencyTTSEnv(
+            ReplayBackend(profile, "train", method=method), policy.featurizer, policy.env_config
         )
+        statics = fit_statics(train, deadlines_s, seed=seed)
     replay = ReplayBackend(profile, "test", method=method)
     backend = live_backend or replay
     env = LatencyTTSEnv(backend, policy.featurizer, policy.env_config)
     max_fit = MaxFitAllocator(replay.latency_model, replay.timing, replay.method)
-    allocators = [policy, static, PlainAllocator(), max_fit]
+    allocators = [policy, *statics, PlainAllocator(), max_fit]
     methods = evaluate_methods(env, allocators, deadlines_s, repeats, seed, live_backend is None)
     return {
         "profile": profile.name,
@@ -178,10 +201,21 @@ def evaluate_policy(
         "latency_cost": policy.env_config.latency_cost,
         "policy": {"folder": str(policy.folder), "algorithm": policy.info.get("algorithm")},
         "deadlines_s": [float(d) for d in deadlines_s],
-        "static_best_actions": {str(d): list(a) for d, a in static.table.items()},
+        **{f"{s.name}_actions": {str(d): list(a) for d, a in s.table.items()} for s in statics},
         "methods": methods,
         "summary": summarize(methods),
     }
+
+
+def fit_statics(
+    env: LatencyTTSEnv, deadlines_s: Sequence[float], max_problems: int = 2000, seed: int = 0
+) -> list[StaticBestAllocator]:
+    """The published static best (waits until the deadline) and, when ``env`` offers budgets
+    below 1, the static best over (n, k, budget); both chosen on ``env``'s (training) problems."""
+    statics = [StaticBestAllocator.fit(env, deadlines_s, max_problems, seed)]
+    if len(env.budget_grid) > 1:
+        statics.append(StaticBestAllocator.fit(env, deadlines_s, max_problems, seed, budgets=None))
+    return statics
 
 
 def _label(report: dict) -> str:
@@ -197,7 +231,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 100))
     table = Table(title=f"MATH-500 within deadline: {_label(report)}")
     for column in ("deadline s", "method", "accuracy", "mean lat s", "p95 lat s", "missed",
-                   "tokens", "mean n", "mean k"):  # fmt: skip
+                   "tokens", "mean n", "mean k", "budget"):  # fmt: skip
         table.add_column(column, justify="right" if column != "method" else "left")
     for i, deadline in enumerate(report["deadlines_s"]):
         for name, rows in report["methods"].items():
@@ -206,7 +240,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
                 f"{deadline:g}" if name == "policy" else "", name, f"{r['accuracy']:.3f}",
                 f"{r['mean_latency_s']:.2f}", f"{r['p95_latency_s']:.2f}",
                 f"{r['deadline_miss_rate']:.3f}", f"{r['mean_generated_tokens']:.0f}",
-                f"{r['mean_n']:.1f}", f"{r['mean_k']:.1f}",
+                f"{r['mean_n']:.1f}", f"{r['mean_k']:.1f}", _budget(r),
                 end_section=name == list(report["methods"])[-1],
             )  # fmt: skip
     console.print(table)
@@ -220,6 +254,17 @@ def print_report(report: dict, console: Console | None = None) -> None:
         + (f"; static-to-oracle gap closed {gap:.1%}" if gap is not None else "")
         + (f" ({SYNTHETIC_NOTE})" if report["synthetic"] else "")
     )
+    budget = s.get("vs_static_budget")
+    if budget:
+        console.print(
+            f"against static_budget (the static search over the policy's (n, k, budget)): "
+            f"never below {budget['never_below']}, mean latency ratio "
+            f"{budget['mean_latency_ratio']:.2f}"
+        )
+
+
+def _budget(row: dict) -> str:
+    return "" if row.get("mean_budget") is None else f"{row['mean_budget']:.2f}"
 
 
 def plot_report(report: dict, path: Path) -> Path:

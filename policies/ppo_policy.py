@@ -1,15 +1,16 @@
 """The learned allocation policy: Stable-Baselines3 PPO on ``LatencyTTS-v0``, saved as one folder.
 
-Choosing (n, k) per problem is a contextual bandit (one step per episode), which PPO on the
-``MultiDiscrete([n choices, k choices])`` action handles directly: with one-step episodes the
-advantage is the reward minus the value baseline, so ``gamma`` and GAE play no role.
+Choosing (n, k, budget) per problem is a contextual bandit (one step per episode), which PPO
+on the ``MultiDiscrete([n choices, k choices, budget choices])`` action handles directly: with
+one-step episodes the advantage is the reward minus the value baseline, so ``gamma`` and GAE
+play no role.
 
 The reward differences between the best few actions are a point or two of accuracy while a
 single episode's reward is 0 or 1, so PPO from scratch settles near, not on, the best action
-per deadline.  Training therefore starts from the static best (``imitate``: behaviour cloning of
-the baseline chosen on the training problems), fine-tunes with PPO, and keeps a fine-tuned
-model only when a paired comparison on validation problems shows it beats the start
-(``select_on_validation``).
+per deadline.  Training therefore starts from the best static allocation over the same action
+space (``imitate``: behaviour cloning of ``static_budget`` chosen on the training problems),
+fine-tunes with PPO, and keeps a fine-tuned model only when a paired comparison on validation
+problems shows it beats the start (``select_on_validation``).
 
 This module holds what train.py and evaluation share: the vectorised environments, the
 callbacks (SB3's ``EvalCallback``/``CheckpointCallback`` plus one that logs accuracy and
@@ -49,10 +50,10 @@ from stable_baselines3.common.callbacks import (
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from env.features import FEATURE_SCHEMA_VERSION, ProblemFeaturizer
-from env.tts_env import ENV_ID, EnvConfig, LatencyTTSEnv
+from env.tts_env import ENV_ID, Allocation, EnvConfig, LatencyTTSEnv
 from policies.baselines import Allocator, reward_of, run_allocation
 
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2  # 2: actions (n, k, budget); 1 had (n, k)
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"PPO": PPO}
 
 
@@ -80,7 +81,8 @@ class OutcomeLoggerCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         if not self._infos:
             return
-        for key in ("correct", "latency_s", "n", "k", "branches_finished", "deadline_missed"):
+        keys = ("correct", "latency_s", "n", "k", "budget", "branches_finished", "deadline_missed")
+        for key in keys:
             self.logger.record(f"tts/{key}", float(np.mean([i[key] for i in self._infos])))
         relative = [i["latency_s"] / i["deadline_s"] for i in self._infos]
         self.logger.record("tts/latency_over_deadline", float(np.mean(relative)))
@@ -140,11 +142,11 @@ def imitate(
     rng = np.random.default_rng(seed)
     problems = rng.integers(len(env.backend.problems), size=samples)
     deadlines = rng.choice(np.asarray(deadlines_s, dtype=float), size=samples)
-    actions = np.zeros((samples, 2), dtype=np.int64)
+    actions = np.zeros((samples, len(env.action_space.nvec)), dtype=np.int64)
     for deadline in np.unique(deadlines):
         chosen = np.flatnonzero(deadlines == deadline)
-        nk = allocator.choose(env, problems[chosen].tolist(), float(deadline))
-        actions[chosen] = [env.action_of(n, k) for n, k in nk]
+        allocations = allocator.choose(env, problems[chosen].tolist(), float(deadline))
+        actions[chosen] = [env.action_of(*a) for a in allocations]
     obs = np.zeros((samples, *env.observation_space.shape), dtype=np.float32)
     rewards = np.zeros(samples, dtype=np.float32)
     for i in range(samples):
@@ -199,6 +201,9 @@ def save_policy(
     folder = Path(folder)
     if env_config.n_grid is None or env_config.k_grid is None:
         raise ValueError("save_policy needs an env config with explicit n_grid and k_grid")
+    grids = (len(env_config.n_grid), len(env_config.k_grid), len(env_config.budget_grid))
+    if tuple(model.action_space.nvec) != grids:
+        raise ValueError(f"model actions {tuple(model.action_space.nvec)} != env grids {grids}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(env_config, sweep_deadlines_s=None)
     manifest = {
@@ -237,10 +242,10 @@ class ModelAllocator:
 
     def choose(
         self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float
-    ) -> list[tuple[int, int]]:
+    ) -> list[Allocation]:
         obs = np.stack([env.observation(p, deadline_s) for p in problems])
         actions, _ = self.model.predict(obs, deterministic=True)
-        return [env.nk_of(a) for a in actions]
+        return [env.allocation_of(a) for a in actions]
 
 
 def select_on_validation(
@@ -301,12 +306,14 @@ class SavedPolicy:
 
     def choose(
         self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float
-    ) -> list[tuple[int, int]]:
-        """The policy's (n, k) per problem (deterministic: the most likely action)."""
-        if env.n_grid != self.env_config.n_grid or env.k_grid != self.env_config.k_grid:
+    ) -> list[Allocation]:
+        """The policy's (n, k, budget) per problem (deterministic: the most likely action)."""
+        config = self.env_config
+        mine = (config.n_grid, config.k_grid, tuple(config.budget_grid))
+        if (env.n_grid, env.k_grid, env.budget_grid) != mine:
             raise ValueError(
-                f"environment grids n={env.n_grid} k={env.k_grid} differ from the policy's "
-                f"n={self.env_config.n_grid} k={self.env_config.k_grid}"
+                f"environment grids n={env.n_grid} k={env.k_grid} budget={env.budget_grid} "
+                f"differ from the policy's n={mine[0]} k={mine[1]} budget={mine[2]}"
             )
         return ModelAllocator(self.model, self.name).choose(env, problems, deadline_s)
 
@@ -321,7 +328,8 @@ def load_policy(folder: Path | str) -> SavedPolicy:
     if info.get("format_version") != POLICY_FORMAT_VERSION:
         raise ValueError(
             f"policy {folder} has format version {info.get('format_version')}; this code reads "
-            f"{POLICY_FORMAT_VERSION}"
+            f"{POLICY_FORMAT_VERSION} (version 2 added the budget action). Retrain the policy "
+            "(python train.py)."
         )
     schema = info.get("feature_schema_version")
     if schema != FEATURE_SCHEMA_VERSION:

@@ -9,7 +9,7 @@ seconds from the server receiving the request, in the body or else the ``X-Deadl
 header, finite, > 0 and at most ``max_deadline_s`` (600 s by default; an open-ended request
 could hold the single engine indefinitely).  The voted answer is the completion text (empty,
 with ``finish_reason == "length"``, when no branch answered in time); the ``tts`` field carries
-the allocation (n, k), timings, votes and branches.  ``GET /health``, ``GET /metrics``
+the allocation (n, k, budget), timings, votes and branches.  ``GET /health``, ``GET /metrics``
 (Prometheus) and ``GET /v1/models`` complete the API; request parsing and the error shape are in
 ``policies.openai_api``.
 
@@ -200,6 +200,7 @@ def create_app(
                 "answer": answer.answer,
                 "n": answer.n,
                 "k": answer.k,
+                "budget": answer.budget,
                 "latency_s": latency,
                 "engine_latency_s": answer.latency_s,
                 "deadline_s": deadline,

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from env.latency_fit import decode_steps, effective_acceptance, fit_latency_model
-from env.latency_model import LatencyModel, acceptance_from_counts, tokens_per_step
+from env.latency_model import (
+    LatencyModel,
+    acceptance_from_counts,
+    tokens_per_step,
+    unshared_prompt_tokens,
+)
 
 BATCHES = (1, 2, 4, 8)
 TRUE_BASE, TRUE_PER_TOKEN = 0.12, 0.004
@@ -78,26 +83,40 @@ def test_prefill_uses_only_the_named_method():
     assert model.meta["prefill_method"] == "ngram"
 
 
-def test_prefill_fit_uses_prompts_within_one_prefix_block():
-    """Branches share a prompt's full KV blocks: beyond one block the cost is not linear in n,
-    so with the block size known only prompts within one block are fitted."""
+def test_prefill_fit_counts_shared_prompt_blocks_once():
+    """With prefix caching, branches after the first compute only the prompt's last partial
+    block; the fit recovers base, per-token and per-branch costs from such calls."""
+    block, per_branch = 128, 0.03
     data = calibration()
-    block = 128
-    for tokens in (300, 600):
+    data["prefill"] = []
+    for tokens in (81, 138, 268, 700):
         for n in (1, 4, 8):
             shared = block * ((tokens - 1) // block)
             computed = tokens + (n - 1) * (tokens - shared)
-            wall = TRUE_BASE + TRUE_PER_TOKEN * computed + true_step("ngram", 0, n)
+            wall = (TRUE_BASE + TRUE_PER_TOKEN * computed + per_branch * (n - 1)
+                    + true_step("ngram", 0, n))  # fmt: skip
             data["prefill"].append(
                 {"method": "ngram", "prompt_tokens": tokens, "n": n, "wall_s": wall}
             )
     data["prefix_block_tokens"] = block
-    model = fit_latency_model(data)
+    model = LatencyModel.from_dict(fit_latency_model(data).to_dict())
+    assert model.prefix_block_tokens == block
     assert model.prefill_per_token_s == pytest.approx(TRUE_PER_TOKEN)
     assert model.prefill_base_s == pytest.approx(TRUE_BASE)
-    assert model.meta["prefill_samples_fitted"] == 3  # the 60-token prompt at n = 1, 4, 8
-    data["prefix_block_tokens"] = None  # no prefix cache: every sample counts
-    assert fit_latency_model(data).meta["prefill_samples_fitted"] == 18
+    assert model.prefill_per_branch_s == pytest.approx(per_branch)
+    # 8 branches of 138 tokens (one shared block) prefill faster than 8 of 81
+    assert model.prefill_time(138, 8) < model.prefill_time(81, 8)
+    assert model.prefill_time(138, 1) > model.prefill_time(81, 1)
+
+
+def test_unshared_prompt_tokens():
+    assert unshared_prompt_tokens(81, 8, None) == 648
+    assert unshared_prompt_tokens(81, 8, 128) == 648  # within one block: nothing shared
+    assert unshared_prompt_tokens(128, 3, 128) == 384  # the last token is always recomputed
+    assert unshared_prompt_tokens(138, 8, 128) == 138 + 7 * 10
+    assert unshared_prompt_tokens(256, 2, 128) == 256 + 128
+    got = unshared_prompt_tokens(np.array([[138], [81]]), np.arange(3), 128)
+    assert got.tolist() == [[0, 138, 148], [0, 81, 162]]
 
 
 def test_prefill_coefficients_are_clipped_at_zero():
@@ -173,7 +192,7 @@ def test_decode_steps_after_the_first_token():
 
 def test_validation_summary_and_plan_use_unprofiled_problems():
     from env.profile_store import Profile
-    from env.validate_latency import plan_calls, recorded_calls, summarize
+    from env.validate_latency import plan_calls, summarize
 
     records = [{"predicted_s": p, "measured_s": 10.0} for p in (9.0, 10.5, 11.5, 10.0, 13.0)]
     summary = summarize(records)
@@ -182,18 +201,11 @@ def test_validation_summary_and_plan_use_unprofiled_problems():
     assert summary["p90_rel_error"] == pytest.approx(0.24)
     assert summary["meets_targets"] is True
 
-    model = fit_latency_model(calibration())
-    row = {"id": "test/x/1.json", "prompt_tokens": 100, "branch_tokens": [40, 40]}
-    row["branch_finish_s"] = [0.0, model.predict_wall_time([40, 40], 0, "ngram", 0.0, 100)]
-    manifest = {"n_max": 8, "k_grid": [0, 1, 2, 4], "base_method": "ngram",
-                "latency_model": model.to_dict()}  # fmt: skip
-    profile = Profile(path=None, manifest=manifest, rows=[row])
-    assert summarize(recorded_calls(profile))["median_rel_error"] == pytest.approx(0.0)
-
     from env.math_data import load_math500
 
     first = load_math500(source="bundled")[0].id
-    profile.rows = [{"id": first}]
+    manifest = {"n_max": 8, "k_grid": [0, 1, 2, 4], "base_method": "ngram"}
+    profile = Profile(path=None, manifest=manifest, rows=[{"id": first}])
     plan = plan_calls(profile, ["draft_model", "ngram"], calls=40, seed=1)
     assert len(plan) == 40 and first not in {c["problem"].id for c in plan}
     assert {c["n"] for c in plan} <= {1, 2, 4, 8} and {c["k"] for c in plan} <= {0, 1, 2, 4}

@@ -10,14 +10,25 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engine.model_assets import resolve_model
 from env.latency_model import LatencyModel
 from env.math_data import build_user_message, load_math500, load_math_train
 from env.profile_store import PROBLEM_COLUMNS, SPEC_COLUMNS, load_profile, read_table
-from env.profiler import JOURNAL, Journal, ProfileSettings, profile_problems
+from env.profiler import (
+    JOURNAL,
+    Journal,
+    ProfileSettings,
+    default_methods,
+    default_profile_dir,
+    profile_model,
+    profile_problems,
+    settings_for,
+)
 from env.replay_backend import ReplayBackend
 
 SETTINGS = ProfileSettings(
@@ -200,6 +211,55 @@ def test_resuming_with_other_settings_is_refused(
         profile_problems(recording(draft_engine, ngram_engine, log), problems, tmp_path,
                          replace(SETTINGS, n_max=3), progress=False)  # fmt: skip
     assert not log
+
+
+@pytest.mark.engine
+def test_recalibrate_times_again_and_keeps_every_calibration(
+    profiled, problems, draft_engine, ngram_engine, tmp_path
+):
+    """--recalibrate reruns only the timing (calibration settings may change) and the
+    manifest's latency model comes from the newest calibration."""
+    shutil.copy(profiled["out"] / JOURNAL, tmp_path / JOURNAL)
+    log = []
+    settings = replace(SETTINGS, calib_repeats=2, calib_batches=(1,))
+    profile_problems(recording(draft_engine, ngram_engine, log), problems, tmp_path, settings,
+                     "recalibrate", progress=False, recalibrate=True)  # fmt: skip
+    assert log and all(kw.get("ignore_eos") for _, kw in log)  # calibration calls only
+    journal = Journal(tmp_path / JOURNAL)
+    old, new = journal.of_kind("calibration")
+    assert new["settings"]["calib_repeats"] == 2 and len(new["load_average"]) == 6
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["calibration"] == new["calibration"]
+    assert {d["batch"] for d in manifest["calibration"]["decode"]} == {1}
+    assert manifest["settings"]["calib_repeats"] == 2 and manifest["settings"]["n_max"] == 2
+    assert len(manifest["calibrations"]) == 2
+    assert manifest["duration_s"] >= old["seconds"] + new["seconds"]
+
+
+@pytest.mark.engine
+def test_profile_model_records_a_model_by_name(tmp_path):
+    """The entry point behind train.py --profile-model: starts its own engines for the named
+    model, profiles, shuts them down, returns a loadable profile."""
+    settings = replace(SETTINGS, k_grid=(0, 2), calib_batches=(1,), calib_prefill_ns=(1,))
+    path = profile_model("bundled", tmp_path / "p", methods=["ngram"], train=1, test=1,
+                         settings=settings, progress=False)  # fmt: skip
+    profile = load_profile(path)
+    assert path == tmp_path / "p" and profile.manifest["spec_methods"] == ["ngram"]
+    assert sorted(r["split"] for r in profile.rows) == ["test", "train"]
+    assert profile.manifest["model"] == resolve_model("bundled")
+    assert LatencyModel.from_dict(profile.manifest["latency_model"]).k_grid("ngram") == [0, 2]
+
+
+def test_profile_model_defaults():
+    assert default_methods(None, None) == ["draft_model", "ngram"]
+    assert default_methods("org/other-model", None) == ["ngram"]  # bundled draft won't fit it
+    assert default_methods("org/other-model", "org/its-draft") == ["draft_model", "ngram"]
+    folder = default_profile_dir("org/Other-Model", SETTINGS)
+    assert folder.parent == Path("data/profiles")
+    assert folder.name.startswith("other-model-") and folder.name.endswith("-n2-t24")
+    assert default_profile_dir(None, SETTINGS).name.startswith("smollm2-135m-")
+    assert settings_for(n_max=4).calib_batches == (1, 2, 4)
+    assert settings_for(n_max=6).calib_batches == (1, 2, 4, 6)
 
 
 def test_journal_drops_a_half_written_last_line(tmp_path):

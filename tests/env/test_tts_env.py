@@ -137,6 +137,12 @@ def test_n_beyond_recorded_branches_is_rejected(tmp_path):
         backend.run(0, 3, 0, 10.0, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("grid", [(0.5,), (0.0, 1.0), (0.5, 1.2, 1.0)])
+def test_budget_grid_must_lie_in_0_1_and_include_1(profile, featurizer, grid):
+    with pytest.raises(ValueError, match="budget_grid"):
+        LatencyTTSEnv(ReplayBackend(profile, "test"), featurizer, EnvConfig(budget_grid=grid))
+
+
 def _reference_vote(classes, n_started):
     """The rules spelled out with env.grading.decided, branch by branch."""
     counts: dict[int, int] = {}
@@ -172,7 +178,8 @@ def test_reward_and_info(train_env):
         expected = float(info["correct"]) - 0.05 * info["latency_s"] / info["deadline_s"]
         assert reward == pytest.approx(expected)
         rewards.append(reward)
-        assert {"correct", "n", "k", "branches_finished", "generated_tokens"} <= set(info)
+        assert {"correct", "n", "k", "budget", "branches_finished", "generated_tokens"} <= set(info)
+        assert info["latency_s"] <= info["budget"] * info["deadline_s"] + 1e-9
     assert 0 < np.mean([r > 0.5 for r in rewards]) < 1
 
 
@@ -196,7 +203,8 @@ def test_sweep_walks_every_problem_at_every_deadline(profile, featurizer):
 
 
 def test_replay_is_fast(train_env):
-    actions = np.random.default_rng(0).integers(0, train_env.action_space.nvec, (3000, 2))
+    nvec = train_env.action_space.nvec
+    actions = np.random.default_rng(0).integers(0, nvec, (3000, len(nvec)))
     train_env.reset(seed=0)
     start = time.perf_counter()
     for action in actions:

@@ -6,7 +6,7 @@ import pytest
 from env.features import ProblemFeaturizer
 from env.profile_store import load_profile
 from env.replay_backend import ReplayBackend
-from env.tts_env import EnvConfig, LatencyTTSEnv
+from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
 from policies.baselines import (
     MaxFitAllocator,
     PlainAllocator,
@@ -36,15 +36,31 @@ def test_static_best_is_the_most_accurate_action_on_training_problems(envs):
     train, _ = envs
     static = StaticBestAllocator.fit(train, DEADLINES, max_problems=60, seed=3)
     problems = np.sort(np.random.default_rng(3).permutation(150)[:60])
-    actions = [(n, k) for n in train.n_grid for k in train.k_grid]
-    for deadline in DEADLINES:
-        scores = []
-        for n, k in actions:
-            outcomes = [train.backend.run(p, n, k, deadline, draw_rng(3, p, 0)) for p in problems]
-            scores.append((-np.mean([o.correct for o in outcomes]),
-                           np.mean([o.latency_s for o in outcomes])))  # fmt: skip
-        assert static.table[deadline] == actions[min(range(len(actions)), key=scores.__getitem__)]
-        assert static.choose(train, [0, 1], deadline) == [static.table[deadline]] * 2
+    budgeted = StaticBestAllocator.fit(train, DEADLINES, max_problems=60, seed=3, budgets=None)
+    assert static.name == "static_best" and budgeted.name == "static_budget"
+    for allocator, budgets in ((static, (1.0,)), (budgeted, train.budget_grid)):
+        actions = [Allocation(n, k, b) for n in train.n_grid for k in train.k_grid for b in budgets]
+        for deadline in DEADLINES:
+            scores = []
+            for action in actions:
+                outcomes = [train.run(p, action, deadline, draw_rng(3, p, 0)) for p in problems]
+                scores.append((-np.mean([o.correct for o in outcomes]),
+                               np.mean([o.latency_s for o in outcomes])))  # fmt: skip
+            best = actions[min(range(len(actions)), key=scores.__getitem__)]
+            assert allocator.table[deadline] == best
+            assert allocator.choose(train, [0, 1], deadline) == [best] * 2
+    # the budget search includes the published one's actions, so it is at least as accurate
+    assert all(budgeted.table[d].budget <= 1.0 for d in DEADLINES)
+
+
+def test_budget_stops_the_call_at_its_share_of_the_deadline(envs):
+    train, _ = envs
+    for p in range(20):
+        full = train.run(p, Allocation(8, 0, 1.0), 4.0, draw_rng(0, p, 0))
+        quarter = train.run(p, Allocation(8, 0, 0.25), 4.0, draw_rng(0, p, 0))
+        same = train.run(p, Allocation(8, 0, 1.0), 1.0, draw_rng(0, p, 0))
+        assert quarter.latency_s <= 1.0 + 1e-9 and quarter == same
+        assert quarter.branches_finished <= full.branches_finished
 
 
 def test_oracle_is_an_upper_bound(envs):
@@ -65,12 +81,13 @@ def test_max_fit_takes_the_largest_n_predicted_to_fit(envs):
     problems = list(range(10))
     latency = max_fit.predicted_latency(test, problems).min(axis=2)  # (problem, n)
     deadline = float(np.median(latency))
-    for p, (n, k) in zip(problems, max_fit.choose(test, problems, deadline), strict=True):
+    for p, (n, k, budget) in zip(problems, max_fit.choose(test, problems, deadline), strict=True):
+        assert budget == 1.0
         i = test.n_grid.index(n)
         if latency[p, i] <= deadline:
             assert i == len(test.n_grid) - 1 or latency[p, i + 1] > deadline
         else:
             assert n == 1
         assert k in test.k_grid
-    assert {n for n, _ in max_fit.choose(test, problems, 1e6)} == {max(test.n_grid)}
-    assert {n for n, _ in max_fit.choose(test, problems, 1e-6)} == {1}
+    assert {a.n for a in max_fit.choose(test, problems, 1e6)} == {max(test.n_grid)}
+    assert {a.n for a in max_fit.choose(test, problems, 1e-6)} == {1}

@@ -20,7 +20,7 @@ from env.features import ProblemFeaturizer
 from env.grading import decided
 from env.profile_store import load_profile
 from env.replay_backend import ReplayBackend
-from env.tts_env import EnvConfig, LatencyTTSEnv
+from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
 from policies.controller import DecodingController
 from policies.ppo_policy import load_policy, save_policy
 from tests.fake_profile import make_fake_profile
@@ -104,8 +104,10 @@ def controller(policy_dir, draft_engine) -> DecodingController:
 @pytest.mark.engine
 def test_choose_maps_actions_to_grids_at_any_deadline(controller):
     for deadline in (0.01, 0.5, 3.0, 10.0, 1e6, None, float("inf")):
-        n, k = controller.choose(PROBLEM, deadline)
-        assert n in N_GRID and k in K_GRID
+        n, k, budget = controller.choose(PROBLEM, deadline)
+        assert n in N_GRID and k in K_GRID and budget in controller.budget_grid
+        if deadline is None or deadline == float("inf"):
+            assert budget == 1.0  # no deadline, no share of it
     assert controller.choose(PROBLEM, 1e6) == controller.choose(PROBLEM, 10.0)  # clipped
 
 
@@ -133,7 +135,8 @@ def test_answer_honours_the_deadline_and_reports_the_call(controller, deadline):
     elapsed = time.monotonic() - started
     assert elapsed <= deadline + 0.1 and answer.latency_s <= elapsed
     assert answer.deadline_s == deadline
-    assert (answer.n, answer.k) == controller.choose(PROBLEM, deadline)
+    assert (answer.n, answer.k, answer.budget) == controller.choose(PROBLEM, deadline)
+    assert answer.latency_s <= answer.budget * deadline + 0.1
     assert answer.stopped_by in ("complete", "early_stop", "deadline")
     assert [b["index"] for b in answer.branches] == list(range(answer.n))
     for branch in answer.branches:
@@ -156,7 +159,7 @@ def test_early_stop_once_the_vote_is_decided(controller, monkeypatch):
     The prompt draws replies of varied length and k = 2 spreads the steps at which branches
     reach max_tokens (with k = 0 those would all finish in the same step)."""
     monkeypatch.setattr("env.live_backend.extract_boxed_answer", lambda text: "5")
-    monkeypatch.setattr(controller, "_choose", lambda *args: (16, 2))
+    monkeypatch.setattr(controller, "_choose", lambda *args: Allocation(16, 2, 1.0))
     for _ in range(3):  # sampling is random: a few tries
         answer = controller.answer(SHORT_REPLY, 60.0, max_tokens=24)
         if answer.stopped_by == "early_stop":

@@ -13,7 +13,7 @@ from policies.ppo_policy import load_policy
 from tests.fake_profile import make_fake_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"policy", "static_best", "plain", "max_fit", "oracle"}
+METHODS = {"policy", "static_best", "static_budget", "plain", "max_fit", "oracle"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,13 @@ def test_train_writes_report_plot_and_policy(trained):
         for row in rows:
             assert 0 <= row["accuracy"] <= 1 and row["mean_latency_s"] <= row["deadline_s"]
             assert {"p95_latency_s", "deadline_miss_rate", "mean_generated_tokens"} <= set(row)
-    assert "gap_closed" in report["summary"]
+    assert "gap_closed" in report["summary"] and "vs_static_budget" in report["summary"]
+    for name in ("static_best", "static_budget"):
+        actions = report[f"{name}_actions"]
+        assert set(actions) == {str(d) for d in report["deadlines_s"]}
+        assert all(len(a) == 3 and 0 < a[2] <= 1 for a in actions.values())
+    assert all(a[2] == 1.0 for a in report["static_best_actions"].values())
+    assert all(0 < r["mean_budget"] <= 1 for r in report["methods"]["policy"])
 
 
 def test_saved_policy_reloads_and_refuses_another_feature_schema(trained, tmp_path):
