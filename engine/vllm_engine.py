@@ -109,9 +109,12 @@ class EngineConfig:
 class VLLMEngine:
     """A running vLLM engine that answers one problem per ``run`` call."""
 
+    _alive = 0  # engines started and not shut down, in this process
+
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         engine_thread.call(self._start)
+        VLLMEngine._alive += 1
         self._engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         self._ids = itertools.count()
@@ -185,11 +188,29 @@ class VLLMEngine:
             return self._engine.has_unfinished_requests()
 
     def shutdown(self) -> None:
-        """Stop the engine core and free its memory (the object is unusable afterwards)."""
+        """Stop the engine core and free its memory (the object is unusable afterwards).
+
+        vLLM's in-process engine core tears down the process-wide distributed state when it
+        shuts down (``cleanup_dist_env_and_memory``), which every other engine in the process
+        still uses: their next step fails with "pipeline model parallel group is not
+        initialized".  So that teardown only runs when this is the last live engine.
+        """
         import gc
 
+        from vllm.v1.engine import core
+
+        def stop(last: bool) -> None:
+            teardown = core.cleanup_dist_env_and_memory
+            if not last:
+                core.cleanup_dist_env_and_memory = gc.collect
+            try:
+                self._engine.engine_core.shutdown()
+            finally:
+                core.cleanup_dist_env_and_memory = teardown
+
         with self._lock:
-            engine_thread.call(self._engine.engine_core.shutdown)
+            engine_thread.call(stop, VLLMEngine._alive <= 1)
+            VLLMEngine._alive -= 1
             del self.llm, self._engine
         engine_thread.call(gc.collect)
 

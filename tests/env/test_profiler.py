@@ -237,9 +237,11 @@ def test_recalibrate_times_again_and_keeps_every_calibration(
 
 
 @pytest.mark.engine
-def test_profile_model_records_a_model_by_name(tmp_path):
+def test_profile_model_records_a_model_by_name(tmp_path, ngram_engine):
     """The entry point behind train.py --profile-model: starts its own engines for the named
-    model, profiles, shuts them down, returns a loadable profile."""
+    model, profiles, shuts them down, returns a loadable profile.  Its n-gram engine starts
+    after the session's n-gram engine (which used to fail at start-up), and shutting it down
+    must leave the session's engines working."""
     settings = replace(SETTINGS, k_grid=(0, 2), calib_batches=(1,), calib_prefill_ns=(1,))
     path = profile_model("bundled", tmp_path / "p", methods=["ngram"], train=1, test=1,
                          settings=settings, progress=False)  # fmt: skip
@@ -248,6 +250,8 @@ def test_profile_model_records_a_model_by_name(tmp_path):
     assert sorted(r["split"] for r in profile.rows) == ["test", "train"]
     assert profile.manifest["model"] == resolve_model("bundled")
     assert LatencyModel.from_dict(profile.manifest["latency_model"]).k_grid("ngram") == [0, 2]
+    rollout = ngram_engine.run("What is 2 + 3?", n=2, k=1, max_tokens=4)
+    assert rollout.stopped_by == "complete" and all(b.token_count >= 1 for b in rollout.branches)
 
 
 def test_profile_model_defaults():
