@@ -6,7 +6,8 @@
   pick one configuration per latency budget by search); the learned policy must match or beat
   it at every deadline.
 - ``static_budget``: the same search over the policy's whole action space, (n, k, budget):
-  one allocation per deadline that may stop before the deadline.  Not published; it shows
+  one allocation per deadline that may stop before the deadline (only where stopping early is
+  more accurate on the training problems by 2 standard errors).  Not published; it shows
   how much of the policy's lead comes from per-problem choices rather than from the budget.
 - ``max_fit``: the largest n, with its fastest k, whose predicted latency fits the deadline,
   predicting latency from the latency model with the featurizer's predicted response length and
@@ -131,11 +132,16 @@ class StaticBestAllocator:
         max_problems: int = 2000,
         seed: int = 0,
         budgets: Sequence[float] | None = (1.0,),
+        z: float = 2.0,
     ) -> StaticBestAllocator:
         """Pick, per deadline, the most accurate allocation on up to ``max_problems`` of env's.
 
         :param budgets: budgets searched: ``(1.0,)`` is the published method; None searches
             the environment's whole budget grid (``static_budget``).
+        :param z: with budgets below 1, an allocation that stops early replaces the best one
+            that waits only if it is more accurate by ``z`` standard errors of the paired
+            per-problem difference: stopping early must be clearly better, not luck of the
+            draw on the training problems.
 
         ``env`` must replay (``ReplayBackend``): every action runs on the same draw per problem.
         """
@@ -144,17 +150,29 @@ class StaticBestAllocator:
         count = len(backend.problems)
         problems = np.sort(rng.permutation(count)[: min(max_problems, count)]).tolist()
         actions = all_allocations(env, budgets)
-        correct = np.zeros((len(deadlines_s), len(actions)))
-        latency = np.zeros_like(correct)
+        correct = np.zeros((len(problems), len(deadlines_s), len(actions)), dtype=bool)
+        latency = np.zeros((len(deadlines_s), len(actions)))
         name = "static_best" if budgets == (1.0,) else "static_budget"
-        for p in tqdm(problems, desc=f"{name} (training problems)", leave=False):
+        for row, p in enumerate(tqdm(problems, desc=f"{name} (training problems)", leave=False)):
             runs = replay_allocations(backend, p, actions, deadlines_s, (seed, p, 0))
             for j, outcomes in enumerate(runs):
-                correct[:, j] += [o.correct for o in outcomes]
+                correct[row, :, j] = [o.correct for o in outcomes]
                 latency[:, j] += [o.latency_s for o in outcomes]
+        accuracy = correct.mean(axis=0)
+        waits = [j for j, a in enumerate(actions) if a.budget == 1.0]
         table = {}
         for i, deadline in enumerate(deadlines_s):
-            best = min(range(len(actions)), key=lambda j: (-correct[i, j], latency[i, j]))
+
+            def rank(j: int, i: int = i) -> tuple:
+                return -accuracy[i, j], latency[i, j]
+
+            best = min(range(len(actions)), key=rank)
+            if actions[best].budget < 1.0 and waits:
+                waiting = min(waits, key=rank)
+                diff = correct[:, i, best].astype(float) - correct[:, i, waiting]
+                se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+                if not (se > 0 and diff.mean() >= z * se):
+                    best = waiting
             table[float(deadline)] = actions[best]
         return cls(table, name)
 
