@@ -17,10 +17,7 @@ only pays when a step with 2n sequences costs much less than two steps with n; e
 requests finish at the merged time (the first one later than when served alone), and merged
 problems must share one k, which defeats choosing k per problem.
 
-Measured here (2 shared cores, SmolLM2-135M float32, n=4, 32 tokens, medians of 3): serial
-7.6 s / 14.1 s, threads 7.0 s / 12.3 s, merged 14.6 s for both.  Merging gained no throughput
-(decoding is compute-bound on CPU) and raised the mean latency from 10.9 s to 14.6 s, so the
-server runs one problem at a time.
+The README records the measured figures and the decision they support.
 """
 
 from __future__ import annotations

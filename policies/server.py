@@ -14,9 +14,9 @@ the allocation (n, k, budget), timings, votes and branches.  ``GET /health``, ``
 ``policies.openai_api``.
 
 One engine call runs at a time.  The engine's k is engine-wide, so problems batched together
-would have to share one k, and the policy chose each (n, k) from latencies measured with the
-engine to itself; on CPU, where decoding is compute-bound, batching problems gained no
-throughput here and made each slower (``python -m policies.bench_server`` measures it).  So
+would have to share one k, and the policy chose each (n, k, budget) from latencies measured
+with the engine to itself; batching two problems here raised throughput but not mean latency
+and delayed the first one (``python -m policies.bench_server`` measures it; README).  So
 requests queue FIFO for one worker thread (``policies.deadline_queue``): one that cannot meet
 its deadline given the queue is refused at once with 429 (plus ``x-should-retry: false``, as a
 retry cannot keep the original deadline, and ``Retry-After``); an admitted one gets what is
