@@ -41,6 +41,11 @@ class Allocation(NamedTuple):
     k: int
     budget: float = 1.0
 
+    @classmethod
+    def from_action(cls, action, n_grid: tuple, k_grid: tuple, budget_grid: tuple) -> Allocation:
+        """The allocation a ``MultiDiscrete`` action selects from the grids it indexes."""
+        return cls(n_grid[int(action[0])], k_grid[int(action[1])], budget_grid[int(action[2])])
+
 
 @dataclass
 class EnvConfig:
@@ -252,11 +257,7 @@ class LatencyTTSEnv(gym.Env):
 
     def allocation_of(self, action: np.ndarray) -> Allocation:
         """The (n, k, budget) an action selects."""
-        return Allocation(
-            self.n_grid[int(action[0])],
-            self.k_grid[int(action[1])],
-            self.budget_grid[int(action[2])],
-        )
+        return Allocation.from_action(action, self.n_grid, self.k_grid, self.budget_grid)
 
     def run(self, problem_index: int, allocation: Allocation, deadline_s: float, rng):
         """Run one allocation on the backend: the call stops at ``budget * deadline_s``."""

@@ -145,36 +145,41 @@ class StaticBestAllocator:
 
         ``env`` must replay (``ReplayBackend``): every action runs on the same draw per problem.
         """
+        return cls.fit_many(env, deadlines_s, [budgets], max_problems, seed, z)[0]
+
+    @classmethod
+    def fit_many(
+        cls,
+        env: LatencyTTSEnv,
+        deadlines_s: Sequence[float],
+        budget_sets: Sequence[Sequence[float] | None],
+        max_problems: int = 2000,
+        seed: int = 0,
+        z: float = 2.0,
+    ) -> list[StaticBestAllocator]:
+        """``fit`` for several budget sets from one replay of the training problems."""
         backend: ReplayBackend = env.backend
         rng = np.random.default_rng(seed)
         count = len(backend.problems)
         problems = np.sort(rng.permutation(count)[: min(max_problems, count)]).tolist()
-        actions = all_allocations(env, budgets)
+        searched = [tuple(env.budget_grid if b is None else b) for b in budget_sets]
+        actions = all_allocations(env, sorted(set().union(*searched)))
         correct = np.zeros((len(problems), len(deadlines_s), len(actions)), dtype=bool)
         latency = np.zeros((len(deadlines_s), len(actions)))
-        name = "static_best" if budgets == (1.0,) else "static_budget"
-        for row, p in enumerate(tqdm(problems, desc=f"{name} (training problems)", leave=False)):
+        for row, p in enumerate(tqdm(problems, desc="static baselines", leave=False)):
             runs = replay_allocations(backend, p, actions, deadlines_s, (seed, p, 0))
             for j, outcomes in enumerate(runs):
                 correct[row, :, j] = [o.correct for o in outcomes]
                 latency[:, j] += [o.latency_s for o in outcomes]
-        accuracy = correct.mean(axis=0)
-        waits = [j for j, a in enumerate(actions) if a.budget == 1.0]
-        table = {}
-        for i, deadline in enumerate(deadlines_s):
-
-            def rank(j: int, i: int = i) -> tuple:
-                return -accuracy[i, j], latency[i, j]
-
-            best = min(range(len(actions)), key=rank)
-            if actions[best].budget < 1.0 and waits:
-                waiting = min(waits, key=rank)
-                diff = correct[:, i, best].astype(float) - correct[:, i, waiting]
-                se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-                if not (se > 0 and diff.mean() >= z * se):
-                    best = waiting
-            table[float(deadline)] = actions[best]
-        return cls(table, name)
+        fitted = []
+        for budgets in searched:
+            columns = [j for j, a in enumerate(actions) if a.budget in budgets]
+            table = {
+                float(d): actions[_static_choice(correct[:, i], latency[i], columns, actions, z)]
+                for i, d in enumerate(deadlines_s)
+            }
+            fitted.append(cls(table, "static_best" if budgets == (1.0,) else "static_budget"))
+        return fitted
 
     def action_for(self, deadline_s: float) -> Allocation:
         below = [d for d in self.table if d <= deadline_s + 1e-9]
@@ -182,6 +187,35 @@ class StaticBestAllocator:
 
     def choose(self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float):
         return [self.action_for(deadline_s)] * len(problems)
+
+
+def _static_choice(
+    correct: np.ndarray,
+    latency: np.ndarray,
+    columns: Sequence[int],
+    actions: Sequence[Allocation],
+    z: float,
+) -> int:
+    """Column of the most accurate allocation (ties: the faster) among ``columns``, where one
+    that stops early must beat the best one that waits by ``z`` paired standard errors.
+
+    :param correct: (problems, allocations) correctness at one deadline.
+    :param latency: summed latency per allocation at that deadline.
+    """
+    accuracy = correct.mean(axis=0)
+
+    def rank(j: int) -> tuple:
+        return -accuracy[j], latency[j]
+
+    best = min(columns, key=rank)
+    waits = [j for j in columns if actions[j].budget == 1.0]
+    if actions[best].budget < 1.0 and waits:
+        waiting = min(waits, key=rank)
+        diff = correct[:, best].astype(float) - correct[:, waiting]
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if not (se > 0 and diff.mean() >= z * se):
+            best = waiting
+    return best
 
 
 class MaxFitAllocator:

@@ -118,8 +118,8 @@ class DecodingController:
         seen = high if deadline is None else min(max(deadline, low), high)
         obs = self.policy.featurizer.transform(problem, prompt_tokens, seen)
         action, _ = self.policy.model.predict(obs, deterministic=True)
-        budget = self.budget_grid[int(action[2])] if deadline is not None else 1.0
-        return Allocation(self.n_grid[int(action[0])], self.k_grid[int(action[1])], budget)
+        allocation = Allocation.from_action(action, self.n_grid, self.k_grid, self.budget_grid)
+        return allocation if deadline is not None else allocation._replace(budget=1.0)
 
     def answer(
         self,

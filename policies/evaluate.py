@@ -113,12 +113,15 @@ def evaluate_methods(
 
 
 def compare(policy: list[dict], other: list[dict]) -> dict:
-    """Policy against another method per deadline: never below it, mean latency ratio."""
+    """Policy against another method per deadline: accuracy difference, latency ratio, and
+    whether it is never below."""
     pairs = list(zip(policy, other, strict=True))
+    minus = [p["accuracy"] - o["accuracy"] for p, o in pairs]
     ratios = [p["mean_latency_s"] / max(o["mean_latency_s"], 1e-12) for p, o in pairs]
     return {
-        "never_below": all(p["accuracy"] >= o["accuracy"] for p, o in pairs),
-        "accuracy_minus": [p["accuracy"] - o["accuracy"] for p, o in pairs],
+        "never_below": all(d >= 0 for d in minus),
+        "accuracy_minus": minus,
+        "latency_ratio": ratios,
         "mean_latency_ratio": float(np.mean(ratios)),
     }
 
@@ -128,30 +131,29 @@ def summarize(methods: dict[str, list[dict]]) -> dict:
     and against the static budget baseline when there is one."""
     policy, static = methods["policy"], methods["static_best"]
     oracle = methods.get("oracle")
+    vs_static = compare(policy, static)
     per_deadline = []
-    for i, (p, s) in enumerate(zip(policy, static, strict=True)):
+    for i, p in enumerate(policy):
         row = {
             "deadline_s": p["deadline_s"],
-            "accuracy_minus_static": p["accuracy"] - s["accuracy"],
-            "latency_ratio_to_static": p["mean_latency_s"] / max(s["mean_latency_s"], 1e-12),
+            "accuracy_minus_static": vs_static["accuracy_minus"][i],
+            "latency_ratio_to_static": vs_static["latency_ratio"][i],
         }
         if oracle:
-            gap = oracle[i]["accuracy"] - s["accuracy"]
-            row["gap_closed"] = (p["accuracy"] - s["accuracy"]) / gap if gap > 0 else None
+            gap = oracle[i]["accuracy"] - static[i]["accuracy"]
+            row["gap_closed"] = vs_static["accuracy_minus"][i] / gap if gap > 0 else None
         per_deadline.append(row)
     summary = {
-        "policy_never_below_static": all(r["accuracy_minus_static"] >= 0 for r in per_deadline),
+        "policy_never_below_static": vs_static["never_below"],
         "mean_accuracy": {
             m: float(np.mean([r["accuracy"] for r in rows])) for m, rows in methods.items()
         },
-        "mean_latency_ratio_to_static": float(
-            np.mean([r["latency_ratio_to_static"] for r in per_deadline])
-        ),
+        "mean_latency_ratio_to_static": vs_static["mean_latency_ratio"],
         "per_deadline": per_deadline,
     }
     if oracle:
         total_gap = sum(o["accuracy"] - s["accuracy"] for o, s in zip(oracle, static, strict=True))
-        gained = sum(p["accuracy"] - s["accuracy"] for p, s in zip(policy, static, strict=True))
+        gained = sum(vs_static["accuracy_minus"])
         summary["gap_closed"] = gained / total_gap if total_gap > 0 else None
     if "static_budget" in methods:
         summary["vs_static_budget"] = compare(policy, methods["static_budget"])
@@ -212,10 +214,8 @@ def fit_statics(
 ) -> list[StaticBestAllocator]:
     """The published static best (waits until the deadline) and, when ``env`` offers budgets
     below 1, the static best over (n, k, budget); both chosen on ``env``'s (training) problems."""
-    statics = [StaticBestAllocator.fit(env, deadlines_s, max_problems, seed)]
-    if len(env.budget_grid) > 1:
-        statics.append(StaticBestAllocator.fit(env, deadlines_s, max_problems, seed, budgets=None))
-    return statics
+    budget_sets = [(1.0,)] + ([None] if len(env.budget_grid) > 1 else [])
+    return StaticBestAllocator.fit_many(env, deadlines_s, budget_sets, max_problems, seed)
 
 
 def _label(report: dict) -> str:
