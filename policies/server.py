@@ -49,6 +49,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from env.paths import policies_dir
 from policies.controller import Answer, DecodingController
 from policies.deadline_queue import DeadlineExpired, DeadlineQueue, Job, Refused
 from policies.openai_api import (
@@ -63,7 +64,6 @@ from policies.openai_api import (
 )
 
 SERVED_MODEL_NAME = "latency-tts-smollm2"
-DEFAULT_POLICY_DIR = Path(__file__).resolve().parent.parent / "data" / "policies" / "default"
 MAX_DEADLINE_S = 600.0
 DISCONNECT_POLL_S = 0.1
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
@@ -303,7 +303,7 @@ def main() -> None:
     from policies.ppo_policy import load_policy
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", default=str(DEFAULT_POLICY_DIR), help="policy folder")
+    parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME)

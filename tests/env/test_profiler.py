@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.model_assets import resolve_model
+from engine.model_assets import TARGET_NAME, cache_dir
 from env.latency_model import LatencyModel
 from env.math_data import build_user_message, load_math500, load_math_train
+from env.paths import profiles_dir
 from env.profile_store import PROBLEM_COLUMNS, SPEC_COLUMNS, load_profile, read_table
 from env.profiler import (
     JOURNAL,
@@ -248,7 +248,9 @@ def test_profile_model_records_a_model_by_name(tmp_path, ngram_engine):
     profile = load_profile(path)
     assert path == tmp_path / "p" and profile.manifest["spec_methods"] == ["ngram"]
     assert sorted(r["split"] for r in profile.rows) == ["test", "train"]
-    assert profile.manifest["model"] == resolve_model("bundled")
+    model = profile.manifest["model"]
+    assert model["bundled"] and model["name"] == TARGET_NAME and len(model["sha256"]) == 64
+    assert "/" not in json.dumps(model["name"]) and str(cache_dir()) not in json.dumps(model)
     assert LatencyModel.from_dict(profile.manifest["latency_model"]).k_grid("ngram") == [0, 2]
     rollout = ngram_engine.run("What is 2 + 3?", n=2, k=1, max_tokens=4)
     assert rollout.stopped_by == "complete" and all(b.token_count >= 1 for b in rollout.branches)
@@ -259,7 +261,7 @@ def test_profile_model_defaults():
     assert default_methods("org/other-model", None) == ["ngram"]  # bundled draft won't fit it
     assert default_methods("org/other-model", "org/its-draft") == ["draft_model", "ngram"]
     folder = default_profile_dir("org/Other-Model", SETTINGS)
-    assert folder.parent == Path("data/profiles")
+    assert folder.parent == profiles_dir()  # the repository's data/, whatever the cwd
     assert folder.name.startswith("other-model-") and folder.name.endswith("-n2-t24")
     assert default_profile_dir(None, SETTINGS).name.startswith("smollm2-135m-")
     assert settings_for(n_max=4).calib_batches == (1, 2, 4)
