@@ -24,9 +24,9 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import set_random_seed
 
+from env.backends.replay import ReplayBackend, choose_spec_method
 from env.features import ProblemFeaturizer
-from env.profile_store import load_profile
-from env.replay_backend import ReplayBackend, choose_spec_method
+from env.profiles.store import load_profile
 from env.tts_env import DEFAULT_BUDGET_GRID, DEFAULT_PROFILE, EnvConfig, LatencyTTSEnv
 from policies.evaluate import (
     default_deadlines,
@@ -136,7 +136,7 @@ def main() -> None:
     set_random_seed(args.seed)
 
     if args.profile_model:  # record a real profile of the model first (resumable)
-        from env.profiler import profile_model, settings_for
+        from env.profiles.record import profile_model, settings_for
 
         args.profile = str(
             profile_model(

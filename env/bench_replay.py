@@ -17,9 +17,9 @@ import gymnasium as gym
 import numpy as np
 
 import env  # noqa: F401 - registers LatencyTTS-v0
+from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
-from env.profile_store import load_profile
-from env.replay_backend import ReplayBackend
+from env.profiles.store import load_profile
 from env.tts_env import DEFAULT_PROFILE, EnvConfig
 
 

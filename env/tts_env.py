@@ -5,7 +5,8 @@ branches to sample (n), how many draft tokens to verify per step (k), and how mu
 deadline to spend (the budget: the call stops at budget x deadline and answers with what has
 finished; waiting longer only lets slower branches vote, and on MATH the slow responses are the
 wrong ones more often).  The backend
-(``env.backend``; replay for training, live for validation) runs the call and the reward says
+(``env.backends.protocol``; replay for training, live for validation) runs the call and the
+reward says
 whether the voted answer was right in time.  Keeping the backend behind an interface lets the
 same environment, policies and evaluation drive recorded profiles and the real engine.
 """
@@ -23,9 +24,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec
 
-from env.backend import Backend
+from env.backends.protocol import Backend
 from env.features import OBS_BOUND, ProblemFeaturizer
-from env.profile_store import load_profile
+from env.profiles.store import load_profile
 
 ENV_ID = "LatencyTTS-v0"
 DEFAULT_PROFILE = "synthetic-llama32-1b-h100"
@@ -152,7 +153,8 @@ class LatencyTTSEnv(gym.Env):
     ``gymnasium.make("LatencyTTS-v0", backend=..., featurizer=..., config=EnvConfig(...))``.
     Without a backend the environment replays ``profile`` (default the bundled
     ``synthetic-llama32-1b-h100``) on its ``split``; without a featurizer it fits one on the
-    profile's training problems.  ``info`` after a step carries the ``env.backend.Outcome``
+    profile's training problems.  ``info`` after a step carries the
+    ``env.backends.protocol.Outcome``
     fields (correct, latency_s, n, k, branches_finished, ...) plus the budget, the deadline
     and the problem.
 
@@ -161,7 +163,7 @@ class LatencyTTSEnv(gym.Env):
     * v0: initial version (observation schema ``FEATURE_SCHEMA_VERSION`` 1; actions
       (n, k, budget), read by policy format ``policies.ppo_policy.POLICY_FORMAT_VERSION`` 2).
 
-    :param backend: what runs the calls (``env.replay_backend.ReplayBackend`` or the live one).
+    :param backend: what runs the calls (``env.backends.replay.ReplayBackend`` or the live one).
     :param featurizer: maps prompt and deadline to the observation.
     :param config: action grids, deadline range, reward and sweep settings.
     :param profile: profile name or folder replayed when ``backend`` is None.
@@ -180,7 +182,7 @@ class LatencyTTSEnv(gym.Env):
     ) -> None:
         config = config or EnvConfig()
         if backend is None or featurizer is None:
-            from env.replay_backend import ReplayBackend
+            from env.backends.replay import ReplayBackend
 
             backend = backend or ReplayBackend(profile, split=split)
             source = backend.profile if isinstance(backend, ReplayBackend) else None

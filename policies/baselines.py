@@ -29,9 +29,9 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from env.backend import Outcome
+from env.backends.protocol import Outcome
+from env.backends.replay import ReplayBackend
 from env.latency_model import LatencyModel, tokens_per_step
-from env.replay_backend import ReplayBackend
 from env.tts_env import Allocation, LatencyTTSEnv
 
 
@@ -246,7 +246,9 @@ class MaxFitAllocator:
         tokens = np.exp(pred[:, names.index("log_mean_tokens")])
         column = f"accept_{self.accept_method}"
         alpha = pred[:, names.index(column)] if column in names else np.zeros(len(problems))
-        prompt = np.array([env.backend.problems[p].prompt_tokens for p in problems], float)
+        prompt = np.array(
+            [env.backend.problems[p].prompt_tokens for p in problems], float
+        )
         model = self.latency_model
         out = np.empty((len(problems), len(env.n_grid), len(env.k_grid)))
         for j, k in enumerate(env.k_grid):

@@ -28,7 +28,8 @@ import threading
 import time
 
 from engine.vllm_engine import EngineConfig, VLLMEngine
-from env.math_data import build_user_message, load_math500
+from env.task.problems import load_math500
+from env.task.prompt import build_user_message
 
 
 def _serial(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from engine import engine_thread
 from engine.vllm_engine import VLLMEngine
+from env.backends.live import BranchVote
 from env.features import FEATURE_SCHEMA_VERSION
-from env.live_backend import BranchVote
-from env.math_data import build_user_message
+from env.task.prompt import build_user_message
 from env.tts_env import Allocation
 from policies.ppo_policy import SavedPolicy, load_policy
 

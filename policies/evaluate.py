@@ -9,7 +9,7 @@ console, ``report.json`` and ``report.png`` (accuracy and latency against deadli
 synthetic profile say "synthetic profile" wherever they appear.
 
 Runs on replay by default; ``--live`` runs the policy and the deployable baselines on the live
-engine (``env.live_backend.LiveBackend``) for the first ``--limit`` problems.
+engine (``env.backends.live.LiveBackend``) for the first ``--limit`` problems.
 
     python -m policies.evaluate --policy runs/<name>/policy [--profile P] [--deadlines 2,4,8]
 """
@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from env.backend import Backend, Outcome
-from env.profile_store import Profile, load_profile, write_json
-from env.replay_backend import ReplayBackend
+from env.backends.protocol import Backend, Outcome
+from env.backends.replay import ReplayBackend
+from env.profiles.store import Profile, load_profile, write_json
 from env.tts_env import LatencyTTSEnv
 from policies.baselines import (
     Allocator,
@@ -305,10 +305,10 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
 def make_live_backend(limit: int | None, split: str = "test") -> Backend:
     """The live engine backend on the first ``limit`` problems of ``split`` (test: MATH-500)."""
     try:
-        from env.live_backend import LiveBackend
+        from env.backends.live import LiveBackend
     except ImportError as error:
         raise RuntimeError(
-            "--live needs env.live_backend.LiveBackend (the vLLM engine backend), which could "
+            "--live needs env.backends.live.LiveBackend (the vLLM engine backend), which could "
             f"not be imported: {error}"
         ) from error
     return LiveBackend(split=split, limit=limit)

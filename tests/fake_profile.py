@@ -1,7 +1,7 @@
 """A FAKE profile for tests: tiny, fast to build, and not calibrated against anything.
 
 Tests of the environment, baselines and training need a profile with the real on-disk layout
-(``env.profile_store.save_profile``) but must not wait for the calibrated synthetic profile or
+(``env.profiles.store.save_profile``) but must not wait for the calibrated synthetic profile or
 for an engine run.  This generator writes one from real MATH problem texts (so text features
 have something to learn) with made-up branch outcomes: harder levels are less often right and
 answer at greater length, wrong answers split over a few classes, and a toy roofline latency
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from env.math_data import load_math500, load_math_train
-from env.profile_store import problem_fields, save_profile
+from env.profiles.store import problem_fields, save_profile
+from env.task.problems import load_math500, load_math_train
 
 FAKE_METHODS = ("ngram", "draft_model")
 FAKE_K_GRID = (0, 1, 2, 4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from env.features import FEATURE_SCHEMA_VERSION, OBS_BOUND, ProblemFeaturizer
-from env.profile_store import load_profile
+from env.profiles.store import load_profile
 from tests.fake_profile import make_fake_profile
 
 

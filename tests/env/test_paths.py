@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from env.paths import REPO_DATA_DIR, data_dir, policies_dir, profiles_dir
-from env.profile_store import Profile
-from env.validate_latency import profile_models
+from env.profiles.store import Profile
+from env.profiles.validate import profile_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +30,8 @@ def test_override_moves_every_folder(tmp_path, monkeypatch):
 def test_a_profile_loads_by_name_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("TTS_DATA_DIR", raising=False)
     code = (
-        "from env.profile_store import load_profile\n"
-        "from env.profiler import default_profile_dir, settings_for\n"
+        "from env.profiles.store import load_profile\n"
+        "from env.profiles.record import default_profile_dir, settings_for\n"
         "p = load_profile('synthetic-llama32-1b-h100')\n"
         "print(p.name, len(p.rows), default_profile_dir(None, settings_for(n_max=2)).parent)\n"
     )

@@ -9,13 +9,13 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import env  # noqa: F401 - registers LatencyTTS-v0
-from env.backend import Backend
+from env.backends.protocol import Backend
+from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
-from env.grading import decided
-from env.profile_store import load_profile, save_profile
-from env.replay_backend import ReplayBackend
+from env.profiles.store import load_profile, save_profile
+from env.task.grading import decided
+from env.task.voting import vote_in_finish_order
 from env.tts_env import EnvConfig, LatencyTTSEnv
-from env.voting import vote_in_finish_order
 from tests.fake_profile import make_fake_profile
 
 
@@ -144,7 +144,7 @@ def test_budget_grid_must_lie_in_0_1_and_include_1(profile, featurizer, grid):
 
 
 def _reference_vote(classes, n_started):
-    """The rules spelled out with env.grading.decided, branch by branch."""
+    """The rules spelled out with env.task.grading.decided, branch by branch."""
     counts: dict[int, int] = {}
     for used, c in enumerate(classes, start=1):
         if c >= 0:

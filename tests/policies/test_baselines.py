@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
-from env.profile_store import load_profile
-from env.replay_backend import ReplayBackend
+from env.profiles.store import load_profile
 from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
 from policies.baselines import (
     MaxFitAllocator,

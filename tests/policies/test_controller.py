@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 
 from engine.vllm_engine import EngineConfig
+from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
-from env.grading import decided
-from env.profile_store import load_profile
-from env.replay_backend import ReplayBackend
+from env.profiles.store import load_profile
+from env.task.grading import decided
 from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
 from policies.controller import DecodingController
 from policies.ppo_policy import load_policy, save_policy
@@ -158,7 +158,7 @@ def test_early_stop_once_the_vote_is_decided(controller, monkeypatch):
     finished branch answers "5"); the engine, the finish times and the stop decision are real.
     The prompt draws replies of varied length and k = 2 spreads the steps at which branches
     reach max_tokens (with k = 0 those would all finish in the same step)."""
-    monkeypatch.setattr("env.live_backend.extract_boxed_answer", lambda text: "5")
+    monkeypatch.setattr("env.backends.live.extract_boxed_answer", lambda text: "5")
     monkeypatch.setattr(controller, "_choose", lambda *args: Allocation(16, 2, 1.0))
     for _ in range(3):  # sampling is random: a few tries
         answer = controller.answer(SHORT_REPLY, 60.0, max_tokens=24)

@@ -87,6 +87,6 @@ def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
 
 def test_live_evaluation_without_live_backend_is_a_clear_error(trained, monkeypatch):
     out, _ = trained
-    monkeypatch.setitem(sys.modules, "env.live_backend", None)  # as if it were missing
+    monkeypatch.setitem(sys.modules, "env.backends.live", None)  # as if it were missing
     with pytest.raises(RuntimeError, match="LiveBackend"):
         evaluate_main(["--policy", str(out / "policy"), "--live", "--limit", "2"])

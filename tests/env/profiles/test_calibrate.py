@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from env.latency_fit import decode_steps, effective_acceptance, fit_latency_model
 from env.latency_model import (
     LatencyModel,
     acceptance_from_counts,
     tokens_per_step,
     unshared_prompt_tokens,
 )
+from env.profiles.calibrate import decode_steps, effective_acceptance, fit_latency_model
 
 BATCHES = (1, 2, 4, 8)
 TRUE_BASE, TRUE_PER_TOKEN = 0.12, 0.004
@@ -191,8 +191,8 @@ def test_decode_steps_after_the_first_token():
 
 
 def test_validation_summary_and_plan_use_unprofiled_problems():
-    from env.profile_store import Profile
-    from env.validate_latency import plan_calls, summarize
+    from env.profiles.store import Profile
+    from env.profiles.validate import plan_calls, summarize
 
     records = [{"predicted_s": p, "measured_s": 10.0} for p in (9.0, 10.5, 11.5, 10.0, 13.0)]
     summary = summarize(records)
@@ -201,7 +201,7 @@ def test_validation_summary_and_plan_use_unprofiled_problems():
     assert summary["p90_rel_error"] == pytest.approx(0.24)
     assert summary["meets_targets"] is True
 
-    from env.math_data import load_math500
+    from env.task.problems import load_math500
 
     first = load_math500(source="bundled")[0].id
     manifest = {"n_max": 8, "k_grid": [0, 1, 2, 4], "base_method": "ngram"}

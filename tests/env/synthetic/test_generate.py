@@ -14,19 +14,19 @@ import numpy as np
 import pytest
 
 from env.latency_model import tokens_per_step
-from env.math_data import load_math500, load_math_train
-from env.profile_store import PROBLEM_COLUMNS, load_profile
-from env.roofline import K_GRID, SPEC_METHODS, RooflineModel, published_checks
-from env.synthetic_answers import simulate_votes, stored_vote_curve
-from env.synthetic_branches import PARAMETERS, SAMPLING
-from env.synthetic_profile import (
+from env.profiles.store import PROBLEM_COLUMNS, load_profile
+from env.synthetic.answers import simulate_votes, stored_vote_curve
+from env.synthetic.branches import PARAMETERS, SAMPLING
+from env.synthetic.generate import (
     MAJORITY_FILE,
     TARGET_MODEL,
     generate,
     load_published,
     train_success_rates,
 )
-from env.synthetic_report import format_summary, length_statistics
+from env.synthetic.report import format_summary, length_statistics
+from env.synthetic.roofline import K_GRID, SPEC_METHODS, RooflineModel, published_checks
+from env.task.problems import load_math500, load_math_train
 
 SEED = 0
 TRAIN_PROBLEMS = 120

@@ -2,7 +2,8 @@
 
 The replay backend votes with answer classes recorded in a profile; here the classes are built
 as branches finish, by grading each new answer against the representatives seen so far
-(``env.grading.is_equiv_pair``), so the same rules hold (see ``env.backend``): only finished
+(``env.task.grading.is_equiv_pair``), so the same rules hold (see
+``env.backends.protocol``): only finished
 branches vote, ties go to the class that finished first, and the call is stopped as soon as the
 remaining branches can no longer change the winner.  ``BranchVote`` is that incremental vote;
 the deployable controller (``policies.controller``) reuses it.
@@ -16,9 +17,10 @@ import numpy as np
 
 from engine.rollout import BranchResult, Rollout
 from engine.vllm_engine import EngineConfig, VLLMEngine
-from env.backend import Outcome, ProblemInfo
-from env.grading import decided, extract_boxed_answer, is_equiv_pair, is_equivalent
-from env.math_data import build_user_message, load_problems
+from env.backends.protocol import Outcome, ProblemInfo
+from env.task.grading import decided, extract_boxed_answer, is_equiv_pair, is_equivalent
+from env.task.problems import load_problems
+from env.task.prompt import build_user_message
 
 
 class BranchVote:
@@ -80,7 +82,7 @@ def vote_rollout(rollout: Rollout) -> BranchVote:
 
 
 class LiveBackend:
-    """``env.backend.Backend`` on the live engine over MATH problems.
+    """``env.backends.protocol.Backend`` on the live engine over MATH problems.
 
     :param split: ``"test"`` (MATH-500) or ``"train"``.
     :param limit: use only the first ``limit`` problems.

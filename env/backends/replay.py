@@ -4,7 +4,7 @@ RL needs 10^5+ episodes and a live call takes seconds, so training replays: a ca
 of the problem's recorded branches, times them for the chosen ``k`` with the profile's latency
 model (the live batch shrinks as branches finish, so every branch's finish time depends on the
 others), and votes among those finished by the deadline, stopping once the vote is decided (the
-rules are in ``env.backend``).
+rules are in ``env.backends.protocol``).
 
 Everything that does not depend on the draw is precomputed per problem into numpy arrays:
 decode steps per branch for every ``k`` (from the problem's draft acceptance), step seconds per
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from env.backend import Outcome, ProblemInfo
+from env.backends.protocol import Outcome, ProblemInfo
 from env.latency_model import LatencyModel, tokens_per_step
-from env.profile_store import Profile, load_profile
-from env.voting import vote_in_finish_order
+from env.profiles.store import Profile, load_profile
+from env.task.voting import vote_in_finish_order
 
 NO_SPECULATION = "none"
 

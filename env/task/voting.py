@@ -1,10 +1,10 @@
 """Majority vote over integer answer classes in finish order, stopping once it is decided.
 
-``env.grading`` votes over answer *texts* for the live engine and the controller; replay has
+``env.task.grading`` votes over answer *texts* for the live engine and the controller; replay has
 the classes precomputed in the profile and must vote thousands of times per second, so it
 votes here over integers with the same rules: ties go to the class whose first member finished
 earliest, answerless branches (class -1) do not vote, and the vote stops at the first finished
-branch after which ``env.grading.decided`` holds.  Instead of re-sorting the counts after every
+branch after which ``env.task.grading.decided`` holds.  Instead of re-sorting the counts after every
 branch as ``decided`` does, the loop keeps the leader's and the runner-up's counts as it goes;
 tests check both agree.
 """

@@ -5,15 +5,9 @@ import time
 import datasets
 import pytest
 
-from env import math_data
-from env.math_data import (
-    MATH_INSTRUCTION,
-    MathProblem,
-    build_user_message,
-    load_math500,
-    load_math_train,
-    load_problems,
-)
+from env.task import problems as math_data
+from env.task.problems import MathProblem, load_math500, load_math_train, load_problems
+from env.task.prompt import MATH_INSTRUCTION, build_user_message
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from engine.model_assets import TARGET_NAME, cache_dir
+from env.backends.replay import ReplayBackend
 from env.latency_model import LatencyModel
-from env.math_data import build_user_message, load_math500, load_math_train
 from env.paths import profiles_dir
-from env.profile_store import PROBLEM_COLUMNS, SPEC_COLUMNS, load_profile, read_table
-from env.profiler import (
+from env.profiles.record import (
     JOURNAL,
     Journal,
     ProfileSettings,
@@ -29,7 +28,9 @@ from env.profiler import (
     profile_problems,
     settings_for,
 )
-from env.replay_backend import ReplayBackend
+from env.profiles.store import PROBLEM_COLUMNS, SPEC_COLUMNS, load_profile, read_table
+from env.task.problems import load_math500, load_math_train
+from env.task.prompt import build_user_message
 
 SETTINGS = ProfileSettings(
     n_max=2,

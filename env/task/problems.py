@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 import datasets
 
-from env.grading import extract_boxed_answer
 from env.paths import data_dir
+from env.task.grading import extract_boxed_answer
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ MATH_TRAIN_FILE = "math_train.jsonl.gz"
 MATH500_SOURCES = ("auto", "hub", "bundled")
 SPLITS = ("train", "test")
 HUB_CHECK_TIMEOUT_S = 2.0
-
-MATH_INSTRUCTION = (
-    "Solve the problem step by step, then give only the final answer inside \\boxed{}."
-)
 
 
 @dataclass(frozen=True)
@@ -52,11 +48,6 @@ class MathProblem:
     answer: str
     level: int
     subject: str
-
-
-def build_user_message(problem: str) -> str:
-    """The user turn for a problem: the statement followed by ``MATH_INSTRUCTION``."""
-    return f"{problem}\n\n{MATH_INSTRUCTION}"
 
 
 def _parse_level(level: int | str | None) -> int:

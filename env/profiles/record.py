@@ -1,13 +1,13 @@
 """Profiler: records the live engine on MATH problems as a profile that training replays.
 
-    python -m env.profiler --out data/profiles/<name> --train 24 --test 24 --n-max 8 \\
+    python -m env.profiles.record --out data/profiles/<name> --train 24 --test 24 --n-max 8 \\
         --max-tokens 256 --k-grid 0 1 2 4 --methods draft_model ngram \\
         --spec-branches 2 --spec-max-tokens 48
 
 Per problem it runs N_max sampled branches at k = 0 (text, graded answer, answer class, token
 count, finish time) and, per speculative method and k > 0, a few short branches whose drafted
 and accepted tokens give the problem's acceptance.  Once per profile it times the engines
-(``env.latency_fit.calibrate``); the fitted latency model goes into the manifest.
+(``env.profiles.calibrate.calibrate``); the fitted latency model goes into the manifest.
 
 vLLM fixes the speculative method at start, so there is one engine per method, all in this
 process (each with a small explicit KV cache).  The k = 0 branches run on the n-gram engine: at
@@ -42,16 +42,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from env.grading import answer_classes, grade
-from env.latency_fit import (
+from env.paths import profiles_dir
+from env.profiles.calibrate import (
     calibrate,
     effective_acceptance,
     fit_latency_model,
     prompt_length_quantiles,
 )
-from env.math_data import MathProblem, build_user_message, load_math500, load_math_train
-from env.paths import profiles_dir
-from env.profile_store import problem_fields, save_profile
+from env.profiles.store import problem_fields, save_profile
+from env.task.grading import answer_classes, grade
+from env.task.problems import MathProblem, load_math500, load_math_train
+from env.task.prompt import build_user_message
 
 JOURNAL = "journal.jsonl"
 NO_SPECULATION = "none"
@@ -519,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    command = "python -m env.profiler " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m env.profiles.record " + " ".join(sys.argv[1:] if argv is None else argv)
     path = profile_model(
         args.model,
         args.out,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.rollout import BranchResult
-from env.live_backend import BranchVote, LiveBackend
+from env.backends.live import BranchVote, LiveBackend
 
 
 def _branch(index: int, text: str, finish_s: float) -> BranchResult:

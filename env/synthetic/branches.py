@@ -1,6 +1,6 @@
 """What one synthetic problem's branches look like: lengths, acceptance, answers.
 
-Split from the generator (`env.synthetic_profile`) so that the per-problem model and every
+Split from the generator (`env.synthetic.generate`) so that the per-problem model and every
 parameter behind it, each with its source, can be read in one place. Lengths are log-normal
 per problem, with a median that grows with the MATH reference solution's length and with
 difficulty, longer for wrong answers, and cut at the source run's max_tokens (such a branch has
@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from env.math_data import build_user_message
-from env.synthetic_answers import N_STICKS, draw_categories
+from env.synthetic.answers import N_STICKS, draw_categories
+from env.task.prompt import build_user_message
 
 SOURCE_RUN = (
     "HuggingFaceH4/Llama-3.2-1B-Instruct-best-of-N-completions (MATH-500, T=0.8, top_p=1.0, "

@@ -1,6 +1,6 @@
 """Validation of a real profile's latency model against live calls it was not fitted on.
 
-    python -m env.validate_latency --profile smollm2-135m-cpu --calls 16 [--seed 0]
+    python -m env.profiles.validate --profile smollm2-135m-cpu --calls 16 [--seed 0]
 
 Replay trusts the latency model for every wall time, so it has to predict calls it has not
 seen.  This starts the profile's engines with the profile's settings and runs calls on
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from env.latency_fit import effective_acceptance
 from env.latency_model import LatencyModel, relative_errors
-from env.math_data import build_user_message, load_math500
-from env.profile_store import Profile, load_profile, write_json
-from env.profiler import NO_SPECULATION, ProfileSettings, build_engines
+from env.profiles.calibrate import effective_acceptance
+from env.profiles.record import NO_SPECULATION, ProfileSettings, build_engines
+from env.profiles.store import Profile, load_profile, write_json
+from env.task.problems import load_math500
+from env.task.prompt import build_user_message
 
 TARGETS = {"median": 0.10, "p90": 0.25}
 WARMUP_PROMPT = "What is 2 + 2? Put the final answer in \\boxed{}."
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     args = parser.parse_args(argv)
-    command = "python -m env.validate_latency " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m env.profiles.validate " + " ".join(sys.argv[1:] if argv is None else argv)
     profile = load_profile(args.profile)
     if profile.synthetic:
         raise SystemExit(f"{profile.label} has no engine to validate against")

@@ -2,7 +2,7 @@
 
 Why: the bundled real model is too weak at math (pass@1 ~3 %) for allocation to matter, and no
 GPU or larger model is available here. This generator writes a profile in the format of real
-profiles (`env.profile_store`) whose behaviour follows public per-problem results, so the whole
+profiles (`env.profiles.store`) whose behaviour follows public per-problem results, so the whole
 pipeline (replay, training, evaluation) can be studied on a CPU. It is marked synthetic in its
 manifest, and everything shown from it says "synthetic profile".
 
@@ -10,14 +10,15 @@ What is drawn, per problem (MATH-500 test problems, and MATH train problems):
 - correctness: MATH-500 success rates of Llama-3.2-1B-Instruct over 1,280 samples
   (data/llama32_1b_math500_counts.json); a train problem takes the rate of a random MATH-500
   problem of the same subject and level;
-- wrong answers: `env.synthetic_answers`, concentration calibrated to the published
+- wrong answers: `env.synthetic.answers`, concentration calibrated to the published
   majority-vote curve and effective number of answers (data/llama32_1b_math500_majority.json);
 - response lengths: log-normal per problem, scaled by the MATH reference solution's length and
   by difficulty, longer when wrong, cut at the source run's max_tokens (no answer);
 - per-token draft acceptance for ngram and a draft model;
-- finish times of all N_max branches of a k = 0 call from the H100 roofline (`env.roofline`).
+- finish times of all N_max branches of a k = 0 call from the H100 roofline
+  (`env.synthetic.roofline`).
 
-Run ``python -m env.synthetic_profile`` (see ``--help``); it prints every calibration check.
+Run ``python -m env.synthetic.generate`` (see ``--help``); it prints every calibration check.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from env.math_data import MathProblem, load_math500, load_math_train
 from env.paths import data_dir, profiles_dir
-from env.profile_store import problem_fields, save_profile
-from env.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
-from env.synthetic_answers import (
+from env.profiles.store import problem_fields, save_profile
+from env.synthetic.answers import (
     CALIBRATION_EVALUATIONS,
     N_STICKS,
     AnswerModel,
@@ -49,7 +48,7 @@ from env.synthetic_answers import (
     simulate_votes,
     stored_vote_curve,
 )
-from env.synthetic_branches import (
+from env.synthetic.branches import (
     PARAMETERS,
     SAMPLING,
     SOURCE_RUN,
@@ -60,7 +59,9 @@ from env.synthetic_branches import (
     truncation_rate,
     value,
 )
-from env.synthetic_report import format_summary, length_statistics
+from env.synthetic.report import format_summary, length_statistics
+from env.synthetic.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
+from env.task.problems import MathProblem, load_math500, load_math_train
 
 PROFILE_NAME = "synthetic-llama32-1b-h100"
 TARGET_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
@@ -290,7 +291,7 @@ def generate(
             },
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command or f"python -m env.synthetic_profile --out {out} --seed {seed}",
+        "command": command or f"python -m env.synthetic.generate --out {out} --seed {seed}",
     }
     manifest["duration_s"] = round(time.monotonic() - started, 2)
     save_profile(out, manifest, rows)
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-max", type=int, default=64, help="branches recorded per problem")
     parser.add_argument("--train-problems", type=int, default=7500, help="MATH train problems")
     args = parser.parse_args(argv)
-    command = "python -m env.synthetic_profile " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m env.synthetic.generate " + " ".join(sys.argv[1:] if argv is None else argv)
     profile = generate(args.out, args.seed, args.n_max, args.train_problems, True, command.strip())
     print(format_summary(profile.manifest))
     print(f"wrote {profile.path} in {profile.manifest['duration_s']:.1f} s")

@@ -2,8 +2,8 @@
 
 An episode asks a backend to answer one problem with ``n`` sampled branches, ``k`` draft tokens
 per verification step and a wall-clock deadline, aggregating by majority vote.  The replay
-backend (``env.replay_backend``) answers from a recorded profile in microseconds; the live
-backend (``env.live_backend``) runs the vLLM engine.  Both return the same ``Outcome`` and list
+backend (``env.backends.replay``) answers from a recorded profile in microseconds; the live
+backend (``env.backends.live``) runs the vLLM engine.  Both return the same ``Outcome`` and list
 their problems the same way, so the environment, the policies and the evaluation never know
 which one they drive.
 
@@ -12,7 +12,7 @@ Rules every backend follows (the replay backend is the reference implementation)
 - branches still running at the deadline are aborted and do not vote;
 - finished branches vote by answer class; a tie goes to the class whose first member finished
   earliest; branches without an answer do not vote;
-- the call stops as soon as the vote is decided (``env.grading.decided``: the remaining
+- the call stops as soon as the vote is decided (``env.task.grading.decided``: the remaining
   unfinished branches can no longer change the winner);
 - ``latency_s`` is the time from the call's start until the answer is fixed: the decision, the
   last branch's finish, or the deadline, whichever comes first.
@@ -86,7 +86,7 @@ class Outcome:
 class Backend(Protocol):
     """Runs majority-vote test-time scaling on a fixed list of problems.
 
-    ``LiveBackend`` in ``env.live_backend`` is constructed as
+    ``LiveBackend`` in ``env.backends.live`` is constructed as
     ``LiveBackend(split: str = "test", limit: int | None = None, **engine_options)`` and
     implements this protocol; nothing else about it is assumed.
 

@@ -5,7 +5,7 @@ from multiprocessing import get_context
 
 import pytest
 
-from env.grading import (
+from env.task.grading import (
     MAX_ANSWER_CHARS,
     GradeResult,
     answer_classes,
