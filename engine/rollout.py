@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+NO_SPECULATION = "none"
+"""The method name of plain decoding (no drafts): ``Rollout.method`` and
+``EngineConfig.method_name`` of an engine without speculation; its step tables are stored
+under it in a latency model (``env.latency_model``), beside those of each speculative method."""
+
 
 @dataclass
 class BranchResult:

@@ -16,12 +16,12 @@ pinned and ``tests/engine`` checks with vLLM's own counters that drafted tokens 
 The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the scheduler is then
 a plain attribute, the CPU fix in ``engine.cpu_fixes`` reaches the sampler, and start-up is
 about three times faster on CPU.  All engine compute (start-up, steps, shutdown) runs on one
-process-wide thread (``engine.engine_thread``; on CPU another thread steps it far slower).
+process-wide thread (``engine.engine_thread``; on CPU another thread steps it far slower); the
+state a call shares between that thread and the caller's is ``engine.call_state``.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -29,13 +29,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from engine import engine_thread
+from engine.call_state import CallState
 from engine.cpu_fixes import apply_cpu_fixes, guard_llvmlite_for_kernel_scan
 from engine.model_assets import DEFAULT_DRAFT_LAYERS, resolve_draft, resolve_model
-from engine.rollout import BranchResult, Rollout
+from engine.rollout import NO_SPECULATION, BranchResult, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class EngineConfig:
 
     @property
     def method_name(self) -> str:
-        return self.spec_method or "none"
+        """The speculative method, ``NO_SPECULATION`` (``"none"``) without one."""
+        return self.spec_method or NO_SPECULATION
 
 
 class VLLMEngine:
@@ -216,15 +218,8 @@ class VLLMEngine:
 
     # ----------------------------------------------------------------------------- validation
     def _check_k(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.config.k_max:
-            hint = "speculation is off in this engine" if self.config.k_max == 0 else ""
-            raise ValueError(
-                f"k must be an int in 0..{self.config.k_max}, got {k!r} {hint}".strip()
-            )
-
-    def _check_n(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.config.max_n:
-            raise ValueError(f"n must be an int in 1..{self.config.max_n}, got {n!r}")
+        hint = " speculation is off in this engine" if self.config.k_max == 0 else ""
+        _require_int("k", k, 0, self.config.k_max, hint)
 
     @staticmethod
     def check_deadline(deadline_s: float | None) -> float | None:
@@ -238,14 +233,20 @@ class VLLMEngine:
         return None if math.isinf(deadline_s) else float(deadline_s)
 
     def prompt_token_ids(self, prompt: str) -> list[int]:
-        """Chat-format a user message and tokenize it; rejects empty and over-long prompts."""
+        """Chat-format a user message and tokenize it; rejects empty and over-long prompts.
+
+        ``run`` accepts the result in place of the message, so a prompt that is measured
+        before it runs (the controller's features) is tokenized once.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         messages = [{"role": "user", "content": prompt}]
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._check_prompt_length(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _check_prompt_length(self, ids: list[int]) -> list[int]:
         limit = self.config.max_model_len - 1
         if len(ids) > limit:
             raise ValueError(
@@ -257,7 +258,7 @@ class VLLMEngine:
     # ----------------------------------------------------------------------------- the call
     def run(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         n: int,
         k: int,
         deadline_s: float | None = None,
@@ -269,184 +270,147 @@ class VLLMEngine:
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
-        The deadline counts from the moment ``run`` is called.  Engine steps run on the engine
+        ``prompt`` is the user message, or its token ids from ``prompt_token_ids``.  The
+        deadline counts from the moment ``run`` is called.  Engine steps run on the engine
         thread (``engine.engine_thread``) because a step (a long prefill, say) cannot be
-        interrupted: at the deadline
-        ``run`` returns at once with the branches finished by then, and the worker aborts the
-        rest as soon as the step in flight ends.  The engine lock is held until that abort is
-        done, so the next call and ``has_unfinished_requests`` never see a leftover request.
+        interrupted: at the deadline ``run`` returns at once with the branches finished by
+        then, and the worker aborts the rest as soon as the step in flight ends.  The engine
+        lock is held until that abort is done, so the next call and
+        ``has_unfinished_requests`` never see a leftover request.
         ``should_stop(finished_branches)`` is called whenever a branch finishes; returning
         True aborts the remaining branches (early stop once a vote is decided).
         ``temperature`` and ``max_tokens`` override the configured values for this call (0 =
         greedy); ``ignore_eos`` makes every branch generate exactly max_tokens (timing runs).
         Setting ``cancel`` (e.g. when a client disconnects) aborts the call after the current
         step; it then returns what finished, with ``stopped_by == "cancelled"``.
+
+        :raises ValueError: for a bad argument, before the engine runs.
         """
         start = time.monotonic()
-        self._check_n(n)
-        self._check_k(k)
-        deadline = self.check_deadline(deadline_s)
-        if temperature is not None and not (
-            isinstance(temperature, int | float) and 0 <= temperature <= 2
-        ):
-            raise ValueError(f"temperature must be a number in 0..2, got {temperature!r}")
-        limit = self.config.max_tokens
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool)
-            or not isinstance(max_tokens, int)
-            or not 1 <= max_tokens <= limit
-        ):
-            raise ValueError(f"max_tokens must be an int in 1..{limit}, got {max_tokens!r}")
-        ids = self.prompt_token_ids(prompt)
-        call = _Call(
-            rollout=Rollout(
-                n=n,
-                k=k,
-                method=self.config.method_name,
-                prompt_tokens=len(ids),
-                deadline_s=deadline,
-                branches=[BranchResult(index=i) for i in range(n)],
-            ),
-            prompt_ids=ids,
-            start=start,
-            temperature=self.config.temperature if temperature is None else float(temperature),
-            max_tokens=max_tokens or self.config.max_tokens,
-            ignore_eos=ignore_eos,
-            should_stop=should_stop,
-            cancel=cancel,
-        )
+        call = self._new_call(prompt, n, k, deadline_s, temperature, max_tokens, start)
+        call.ignore_eos, call.should_stop, call.cancel = ignore_eos, should_stop, cancel
         self._lock.acquire()
         try:
             engine_thread.submit(self._drive, call)  # releases the lock when done
         except BaseException:
             self._lock.release()
             raise
+        return self._wait_for(call)
+
+    def _new_call(
+        self,
+        prompt: str | Sequence[int],
+        n: int,
+        k: int,
+        deadline_s: float | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        start: float,
+    ) -> CallState:
+        """Check a call's arguments and set up its state (caller thread)."""
+        _require_int("n", n, 1, self.config.max_n)
+        self._check_k(k)
+        deadline = self.check_deadline(deadline_s)
+        if temperature is not None and not (
+            isinstance(temperature, int | float) and 0 <= temperature <= 2
+        ):
+            raise ValueError(f"temperature must be a number in 0..2, got {temperature!r}")
+        if max_tokens is not None:
+            _require_int("max_tokens", max_tokens, 1, self.config.max_tokens)
+        if isinstance(prompt, str):
+            ids = self.prompt_token_ids(prompt)
+        elif prompt:
+            ids = self._check_prompt_length(list(prompt))
+        else:
+            raise ValueError("prompt must be a non-empty string or its token ids")
+        rollout = Rollout(
+            n=n,
+            k=k,
+            method=self.config.method_name,
+            prompt_tokens=len(ids),
+            deadline_s=deadline,
+            branches=[BranchResult(index=i) for i in range(n)],
+        )
+        request_ids = [f"c{next(self._ids)}-b{i}" for i in range(n)]
+        return CallState(
+            rollout=rollout,
+            prompt_ids=ids,
+            start=start,
+            temperature=self.config.temperature if temperature is None else float(temperature),
+            max_tokens=max_tokens or self.config.max_tokens,
+            branch_of=dict(zip(request_ids, rollout.branches, strict=True)),
+        )
+
+    def _wait_for(self, call: CallState) -> Rollout:
+        """Caller thread: wait until the call ends or its deadline, and return what finished."""
+        deadline = call.rollout.deadline_s
         try:
-            remaining = None if deadline is None else max(0.0, start + deadline - time.monotonic())
+            remaining = (
+                None if deadline is None else max(0.0, call.start + deadline - time.monotonic())
+            )
             call.done.wait(remaining)
         finally:
             with call.mutex:
                 call.cancelled = True
-                result = call.snapshot(time.monotonic() - start)
+                result = call.snapshot(time.monotonic() - call.start)
             if not call.done.is_set() and sys.exc_info()[0] is not None:
                 call.done.wait()  # interrupted (e.g. Ctrl-C): leave a clean engine behind
         if call.error is not None:
             raise call.error
         return result
 
-    def _drive(self, call: _Call) -> None:
+    def _drive(self, call: CallState) -> None:
         """Engine thread: add the branches, step the engine, abort what is left, release."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        rollout = call.rollout
-        request_ids = [f"c{next(self._ids)}-b{i}" for i in range(rollout.n)]
-        branch_of = dict(zip(request_ids, rollout.branches, strict=True))
-        pieces: dict[str, list[str]] = {rid: [] for rid in request_ids}
-        live = set(request_ids)
-        counters_before: dict[str, float] = {}
         try:
-            self.set_k(rollout.k)
-            counters_before = self.spec_counters() if self.config.k_max else {}
-            params = SamplingParams(
-                n=1,
-                temperature=call.temperature,
-                top_p=self.config.top_p if call.temperature > 0 else 1.0,
-                max_tokens=min(call.max_tokens, self.config.max_model_len - len(call.prompt_ids)),
-                output_kind=RequestOutputKind.DELTA,
-                ignore_eos=call.ignore_eos,
-            )
-            for rid in request_ids:
-                self._engine.add_request(rid, {"prompt_token_ids": call.prompt_ids}, params)
-            deadline = rollout.deadline_s
-            while live and not call.cancelled:
+            self._add_branches(call)
+            while call.live and not call.cancelled:
                 step_start = time.monotonic()
                 outputs = self._engine.step()
                 now = time.monotonic()
-                elapsed = now - call.start
-                newly_finished = False
                 with call.mutex:
-                    for out in outputs:
-                        rid = out.request_id
-                        if rid not in branch_of:
-                            continue
-                        branch = branch_of[rid]
-                        for completion in out.outputs:
-                            pieces[rid].append(completion.text)
-                            branch.token_count += len(completion.token_ids)
-                            if rollout.ttft_s is None and completion.token_ids:
-                                rollout.ttft_s = elapsed
-                            if out.finished:
-                                _record_finish(branch, completion, elapsed, "".join(pieces[rid]))
-                        if out.finished:
-                            live.discard(rid)
-                            newly_finished = True
-                    if not live or call.cancelled:
-                        break
-                    if call.cancel is not None and call.cancel.is_set():
-                        rollout.stopped_by = "cancelled"
-                        break
-                    if newly_finished and call.should_stop and call.should_stop(rollout.finished):
-                        rollout.stopped_by = "early_stop"
-                        break
-                    # A step cannot be interrupted: if the next one would end past the deadline
-                    # its tokens could not be used, so stop now instead of computing them.
-                    if deadline is not None and elapsed + (now - step_start) > deadline:
-                        rollout.stopped_by = "deadline"
+                    newly_finished = call.record_outputs(outputs, now - call.start)
+                    if call.stops_after_step(newly_finished, now - call.start, now - step_start):
                         break
         except BaseException as exc:  # re-raised by run() in the caller's thread
             call.error = exc
         finally:
             try:
-                if live:
-                    self._engine.abort_request(sorted(live))
-                after = self.spec_counters() if counters_before else {}
-                with call.mutex:
-                    rollout.spec_counters = {
-                        key: after[key] - counters_before[key] for key in after
-                    }
-                    for rid in live:
-                        branch_of[rid].text = "".join(pieces[rid])
+                self._end_call(call)
             finally:
                 call.done.set()
                 self._lock.release()
 
+    def _add_branches(self, call: CallState) -> None:
+        """Engine thread: set k, note the counters and add one request per branch."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-@dataclass
-class _Call:
-    """State shared between ``run`` (caller thread) and ``_drive`` (engine worker thread)."""
+        self.set_k(call.rollout.k)
+        call.counters_before = self.spec_counters() if self.config.k_max else {}
+        params = SamplingParams(
+            n=1,
+            temperature=call.temperature,
+            top_p=self.config.top_p if call.temperature > 0 else 1.0,
+            max_tokens=min(call.max_tokens, self.config.max_model_len - len(call.prompt_ids)),
+            output_kind=RequestOutputKind.DELTA,
+            ignore_eos=call.ignore_eos,
+        )
+        for request_id in call.branch_of:
+            self._engine.add_request(request_id, {"prompt_token_ids": call.prompt_ids}, params)
 
-    rollout: Rollout
-    prompt_ids: list[int]
-    start: float
-    temperature: float
-    max_tokens: int
-    ignore_eos: bool
-    should_stop: Callable[[list[BranchResult]], bool] | None
-    cancel: threading.Event | None = None
-    cancelled: bool = False
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    mutex: threading.Lock = field(default_factory=threading.Lock)
-
-    def snapshot(self, elapsed: float) -> Rollout:
-        """Copy of the rollout as of now: branches not finished yet count as aborted."""
-        result = copy.deepcopy(self.rollout)
-        result.wall_s = elapsed
-        for branch in result.branches:
-            if not branch.finished:
-                branch.finish_reason = "aborted"
-        if result.stopped_by == "complete" and any(not b.finished for b in result.branches):
-            result.stopped_by = "deadline" if self.error is None else "error"
-        return result
+    def _end_call(self, call: CallState) -> None:
+        """Engine thread: abort the branches still running and record the call's counters."""
+        if call.live:
+            self._engine.abort_request(sorted(call.live))
+        before = call.counters_before
+        after = self.spec_counters() if before else {}
+        with call.mutex:
+            call.rollout.spec_counters = {key: after[key] - before[key] for key in after}
+            for request_id in call.live:
+                call.branch_of[request_id].text = "".join(call.pieces[request_id])
 
 
-def _record_finish(branch: BranchResult, completion, elapsed: float, text: str) -> None:
-    branch.finish_s = elapsed
-    branch.text = text
-    branch.finish_reason = completion.finish_reason or "stop"
-    metrics = getattr(completion, "spec_decode_metrics", None)
-    if metrics is not None and metrics.histogram:
-        branch.verify_steps = int(sum(metrics.histogram))
-        branch.accepted_tokens = int(sum(j * c for j, c in enumerate(metrics.histogram)))
-        branch.drafted_tokens = int(metrics.num_draft_tokens)
+def _require_int(name: str, value: int, low: int, high: int, hint: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) in ``low..high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}{hint}")

@@ -1,9 +1,9 @@
 """Benchmark: replay environment steps per second in one process (target >= 5,000).
 
 Training's budget depends on it: PPO needs a few hundred thousand episodes within minutes.
-One step here is a full episode, ``reset()`` plus ``step()`` with a uniformly random (n, k),
-through ``gymnasium.make("LatencyTTS-v0")`` (so Gymnasium's wrappers are included) and on the
-bare environment.
+One step here is a full episode, ``reset()`` plus ``step()`` with a uniformly random
+(n, k, budget), through ``gymnasium.make("LatencyTTS-v0")`` (so Gymnasium's wrappers are
+included) and on the bare environment.
 
     python -m env.bench_replay [--profile NAME_OR_DIR] [--steps 50000]
 """
@@ -16,11 +16,11 @@ import time
 import gymnasium as gym
 import numpy as np
 
-import env  # noqa: F401 - registers LatencyTTS-v0
 from env.backends.replay import ReplayBackend
+from env.config import ENV_ID, EnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import load_profile
-from env.tts_env import DEFAULT_PROFILE, EnvConfig
+from env.tts_env import DEFAULT_PROFILE  # importing env.tts_env registers LatencyTTS-v0
 
 
 def steps_per_second(environment: gym.Env, steps: int, seed: int = 0) -> float:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     profile = load_profile(args.profile)
     backend = ReplayBackend(profile, "train")
     featurizer = ProblemFeaturizer.fit(profile.split("train")[:1000], (1.0, 60.0))
-    made = gym.make("LatencyTTS-v0", backend=backend, featurizer=featurizer, config=EnvConfig())
+    made = gym.make(ENV_ID, backend=backend, featurizer=featurizer, config=EnvConfig())
     results = {
         "gymnasium.make": steps_per_second(made, args.steps),
         "bare env": steps_per_second(made.unwrapped, args.steps),

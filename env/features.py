@@ -10,7 +10,8 @@ unigrams and bigrams of words, numbers and LaTeX commands (no vocabulary to down
 plus a few counts.  Everything is numpy; a fitted featurizer is a JSON file and an npz file.
 
 ``FEATURE_SCHEMA_VERSION`` is bumped whenever the meaning or order of the features changes; a
-saved policy records it and refuses to load against a different one.
+saved featurizer and a saved policy record it, and ``check_feature_schema`` refuses to read them
+against a different one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ HASH_DIM = 1024
 RIDGE_PENALTIES = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 OBS_BOUND = 5.0
 """Every observation feature is clipped to [-OBS_BOUND, OBS_BOUND]."""
+
+
+def check_feature_schema(version: object, where: str, remedy: str) -> None:
+    """Refuse features computed under another ``FEATURE_SCHEMA_VERSION`` (their observations
+    would mean something else); ``where`` names the file's owner, ``remedy`` what to do.
+
+    :raises ValueError: when ``version`` is not this code's.
+    """
+    if version != FEATURE_SCHEMA_VERSION:
+        raise ValueError(
+            f"{where} was trained on feature schema version {version}, but this code computes "
+            f"version {FEATURE_SCHEMA_VERSION}: its observations would mean something else. "
+            f"{remedy}"
+        )
+
 
 _TOKEN = re.compile(r"\\[A-Za-z]+|[A-Za-z]+|\d+|[^\sA-Za-z\d]")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -247,12 +263,12 @@ class ProblemFeaturizer:
     def load(cls, folder: Path) -> ProblemFeaturizer:
         """Load a saved featurizer; a different feature schema version is an error."""
         info = json.loads((Path(folder) / "featurizer.json").read_text())
-        version = info.get("feature_schema_version")
-        if version != FEATURE_SCHEMA_VERSION or info.get("hash_dim") != HASH_DIM:
+        remedy = "Retrain the policy with this code."
+        check_feature_schema(info.get("feature_schema_version"), f"featurizer in {folder}", remedy)
+        if info.get("hash_dim") != HASH_DIM:
             raise ValueError(
-                f"featurizer in {folder} has feature schema version {version} (hash_dim "
-                f"{info.get('hash_dim')}); this code computes version {FEATURE_SCHEMA_VERSION} "
-                f"(hash_dim {HASH_DIM}). Retrain the policy with this code."
+                f"featurizer in {folder} hashes text into {info.get('hash_dim')} buckets; this "
+                f"code uses {HASH_DIM}. {remedy}"
             )
         arrays = np.load(Path(folder) / "featurizer.npz")
         return cls(arrays["weights"], arrays["x_mean"], arrays["y_mean"], info["target_names"],

@@ -27,9 +27,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+# re-exported: the method key under which the step tables of plain decoding are stored
+from engine.rollout import NO_SPECULATION as NO_SPECULATION
+
+SPEC_METHODS = ("ngram", "draft_model")
+"""Speculative methods that profiles record and latency models time: vLLM's n-gram prompt lookup
+and a separate draft model (the engine accepts more; these are the ones profiled)."""
+
+
+class StepTableKey(NamedTuple):
+    """Which of a latency model's step tables times a decode step: ``steps[method][k]``."""
+
+    method: str
+    k: int
 
 
 def tokens_per_step(alpha: float, k: int) -> float:

@@ -4,11 +4,15 @@ One episode is one decision: the controller sees a problem and its deadline and 
 branches to sample (n), how many draft tokens to verify per step (k), and how much of the
 deadline to spend (the budget: the call stops at budget x deadline and answers with what has
 finished; waiting longer only lets slower branches vote, and on MATH the slow responses are the
-wrong ones more often).  The backend
-(``env.backends.protocol``; replay for training, live for validation) runs the call and the
-reward says
-whether the voted answer was right in time.  Keeping the backend behind an interface lets the
-same environment, policies and evaluation drive recorded profiles and the real engine.
+wrong ones more often).  The backend (``env.backends.protocol``; replay for training, live for
+validation) runs the call and the reward says whether the voted answer was right in time.
+Keeping the backend behind an interface lets the same environment, policies and evaluation
+drive recorded profiles and the real engine.
+
+``LatencyTTSEnv.run_episode`` is the episode's transition without the action indices: it stops
+the call at the allocation's budget (``Allocation.stop_s``) and scores it (``EnvConfig.reward``).
+``step`` runs it on the agent's action; evaluation and the baselines run it on theirs, so every
+method is scored by the same code.
 """
 
 from __future__ import annotations
@@ -16,75 +20,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.envs.registration import EnvSpec
+from gymnasium.envs.registration import register
 
-from env.backends.protocol import Backend
+from env.allocation import ActionGrids, Allocation, AllocationRequest
+from env.backends.protocol import Backend, Outcome, ProblemInfo
+from env.config import ENV_ID, LIVE_ENV_ID, EnvConfig
 from env.features import OBS_BOUND, ProblemFeaturizer
-from env.profiles.store import load_profile
+from env.profiles.store import Profile, load_profile
 
-ENV_ID = "LatencyTTS-v0"
 DEFAULT_PROFILE = "synthetic-llama32-1b-h100"
 DEFAULT_DEADLINE_RANGE_S = (1.0, 60.0)
-DEFAULT_BUDGET_GRID = (0.25, 0.35, 0.5, 0.7, 1.0)
-
-
-class Allocation(NamedTuple):
-    """What one call gets: n branches, k drafts per verification step, and the share of the
-    deadline it may use (1.0: until the deadline; the published static method always waits)."""
-
-    n: int
-    k: int
-    budget: float = 1.0
-
-    @classmethod
-    def from_action(cls, action, n_grid: tuple, k_grid: tuple, budget_grid: tuple) -> Allocation:
-        """The allocation a ``MultiDiscrete`` action selects from the grids it indexes."""
-        return cls(n_grid[int(action[0])], k_grid[int(action[1])], budget_grid[int(action[2])])
-
-
-@dataclass
-class EnvConfig:
-    """Settings of ``LatencyTTSEnv`` that a saved policy depends on (stored beside it).
-
-    :param n_grid: branch counts the first action component selects from; None: powers of two
-        up to the backend's ``max_branches`` (1, 2, 4, ..., 64 for 64 recorded branches).
-    :param k_grid: draft lengths the second component selects from; None: the backend's.
-    :param budget_grid: shares of the deadline the third component selects from, in (0, 1]
-        and including 1.0; the call stops at ``budget * deadline``.
-    :param deadline_range_s: (low, high): deadlines are drawn log-uniformly from it; None: the
-        featurizer's ``deadline_range_s``.
-    :param deadline_choices_s: when set, deadlines are drawn uniformly from these values (e.g.
-        the evaluation grid) instead of from the range; the range still scales the feature.
-    :param latency_cost: reward penalty per unit of ``latency_s / deadline_s``.
-    :param sweep_deadlines_s: when set, ``reset()`` without options walks every problem at each
-        of these deadlines in a fixed order with fixed draws instead of sampling, so repeated
-        evaluations (e.g. SB3's ``EvalCallback``) score the same episodes.
-    :param sweep_seed: seed of the sweep's draws.
-    """
-
-    n_grid: tuple[int, ...] | None = None
-    k_grid: tuple[int, ...] | None = None
-    budget_grid: tuple[float, ...] = DEFAULT_BUDGET_GRID
-    deadline_range_s: tuple[float, float] | None = None
-    deadline_choices_s: tuple[float, ...] | None = None
-    latency_cost: float = 0.01
-    sweep_deadlines_s: tuple[float, ...] | None = None
-    sweep_seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EnvConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        return cls(**values)
 
 
 @dataclass
@@ -103,10 +55,11 @@ class LatencyTTSEnv(gym.Env):
     An episode is one problem and one deadline.  The agent picks n parallel sampling branches
     and k speculative draft tokens per verification step, and a budget: the share of the
     deadline the call may use.  The backend samples the branches, aborts those still running
-    at budget x deadline, majority-votes among the finished ones (ties
-    to the class that finished first) and stops as soon as the vote is decided.  Speculation
-    does not change the answers, only their speed; more branches make the vote more reliable
-    but each decoding step slower, and a branch that does not finish in time does not vote.
+    at budget x deadline, majority-votes among the finished ones (the rules of
+    ``env.task.voting``: ties to the class that finished first) and stops as soon as the vote is
+    decided.  Speculation does not change the answers, only their speed; more branches make the
+    vote more reliable but each decoding step slower, and a branch that does not finish in time
+    does not vote.
 
     ## Action Space
 
@@ -114,6 +67,7 @@ class LatencyTTSEnv(gym.Env):
     ``n_grid`` (default 1, 2, 4, ... up to the backend's maximum, 64 on the default profile),
     component 1 indexes ``k_grid`` (default the backend's, e.g. 0, 1, 2, 4; 0 means no
     speculation), component 2 indexes ``budget_grid`` (default 0.25, 0.35, 0.5, 0.7, 1.0).
+    ``grids`` (an ``env.allocation.ActionGrids``) maps actions to allocations and back.
 
     ## Observation Space
 
@@ -132,9 +86,10 @@ class LatencyTTSEnv(gym.Env):
 
     ## Rewards
 
-    ``1{voted answer correct} - latency_cost * latency_s / deadline_s``.  Only branches that
-    finished within the budget vote, so a correct answer is always in time; ``latency_s`` never
-    exceeds the deadline, so the penalty is at most ``latency_cost`` (default 0.01).
+    ``1{voted answer correct} - latency_cost * latency_s / deadline_s`` (``EnvConfig.reward``).
+    Only branches that finished within the budget vote, so a correct answer is always in time;
+    ``latency_s`` never exceeds the deadline, so the penalty is at most ``latency_cost``
+    (default 0.01).
 
     ## Starting State
 
@@ -150,61 +105,54 @@ class LatencyTTSEnv(gym.Env):
 
     ## Arguments
 
-    ``gymnasium.make("LatencyTTS-v0", backend=..., featurizer=..., config=EnvConfig(...))``.
-    Without a backend the environment replays ``profile`` (default the bundled
-    ``synthetic-llama32-1b-h100``) on its ``split``; without a featurizer it fits one on the
-    profile's training problems.  ``info`` after a step carries the
-    ``env.backends.protocol.Outcome``
-    fields (correct, latency_s, n, k, branches_finished, ...) plus the budget, the deadline
-    and the problem.
+    ``LatencyTTSEnv(backend, featurizer, config)``: both the backend and the featurizer are
+    required (fit one with ``ProblemFeaturizer.fit`` on a profile's training problems, or load
+    the one saved with a policy).  The ids that importing ``env.tts_env`` registers build
+    them for you:
+
+    - ``gymnasium.make("LatencyTTS-v0")`` replays the bundled profile
+      ``synthetic-llama32-1b-h100`` on its training problems; keyword arguments ``profile``,
+      ``split``, ``backend`` (a deterministic one), ``featurizer`` and ``config`` override the
+      defaults; without ``featurizer`` one is fitted on the profile's training problems over
+      ``config.deadline_range_s`` (default 1-60 s), see ``make_replay_env``.
+    - ``gymnasium.make("LatencyTTSLive-v0", backend=..., featurizer=..., config=...)`` runs the
+      live engine (default ``env.backends.live.LiveBackend`` on the MATH train problems) and is
+      registered ``nondeterministic``, see ``make_live_env``.
+
+    ``info`` after a step carries the ``env.backends.protocol.Outcome`` fields (correct,
+    latency_s, n, k, branches_finished, ...) plus the budget, the deadline and the problem.
 
     ## Version History
 
     * v0: initial version (observation schema ``FEATURE_SCHEMA_VERSION`` 1; actions
-      (n, k, budget), read by policy format ``policies.ppo_policy.POLICY_FORMAT_VERSION`` 2).
+      (n, k, budget), read by policy format ``policies.saved_policy.POLICY_FORMAT_VERSION`` 2).
 
     :param backend: what runs the calls (``env.backends.replay.ReplayBackend`` or the live one).
     :param featurizer: maps prompt and deadline to the observation.
     :param config: action grids, deadline range, reward and sweep settings.
-    :param profile: profile name or folder replayed when ``backend`` is None.
-    :param split: that profile's problems to serve (``"train"`` or ``"test"``).
     """
 
     metadata: ClassVar[dict] = {"render_modes": []}
 
     def __init__(
-        self,
-        backend: Backend | None = None,
-        featurizer: ProblemFeaturizer | None = None,
-        config: EnvConfig | None = None,
-        profile: str | Path = DEFAULT_PROFILE,
-        split: str = "train",
+        self, backend: Backend, featurizer: ProblemFeaturizer, config: EnvConfig | None = None
     ) -> None:
-        config = config or EnvConfig()
         if backend is None or featurizer is None:
-            from env.backends.replay import ReplayBackend
-
-            backend = backend or ReplayBackend(profile, split=split)
-            source = backend.profile if isinstance(backend, ReplayBackend) else None
-            featurizer = featurizer or ProblemFeaturizer.fit(
-                (source or load_profile(profile)).split("train"),
-                config.deadline_range_s or DEFAULT_DEADLINE_RANGE_S,
+            raise TypeError(
+                "LatencyTTSEnv needs a backend and a featurizer (ProblemFeaturizer.fit on a "
+                f"profile's training problems); gymnasium.make({ENV_ID!r}) builds both for the "
+                "bundled profile"
             )
-        self.backend, self.featurizer = backend, featurizer
-        self.config = config
+        config = config or EnvConfig()
+        self.backend, self.featurizer, self.config = backend, featurizer, config
         powers = tuple(2**i for i in range(backend.max_branches.bit_length()))
-        self.n_grid = tuple(config.n_grid or powers)
-        self.k_grid = tuple(config.k_grid or backend.k_grid)
-        if max(self.n_grid) > backend.max_branches or min(self.n_grid) < 1:
-            raise ValueError(f"n_grid {self.n_grid} must lie in 1..{backend.max_branches}")
-        if not set(self.k_grid) <= set(backend.k_grid):
-            raise ValueError(f"k_grid {self.k_grid} not supported by backend {backend.k_grid}")
-        self.budget_grid = tuple(float(b) for b in config.budget_grid)
-        if not all(0 < b <= 1 for b in self.budget_grid) or 1.0 not in self.budget_grid:
-            raise ValueError(
-                f"budget_grid {self.budget_grid} must lie in (0, 1] and include 1.0 "
-                "(waiting until the deadline)"
-            )
+        self.grids = ActionGrids(
+            tuple(config.n_grid or powers),
+            tuple(config.k_grid or backend.k_grid),
+            tuple(float(b) for b in config.budget_grid),
+        )
+        self.n_grid, self.k_grid, self.budget_grid = self.grids
+        self._check_grids()
         low, high = config.deadline_range_s or featurizer.deadline_range_s
         self._log_deadline_range = (math.log(low), math.log(high))
         problems = backend.problems
@@ -221,20 +169,18 @@ class LatencyTTSEnv(gym.Env):
         )
         self._sweep_position = 0
         self._episode: _Episode | None = None
-        self._deterministic = bool(getattr(backend, "deterministic", False))
-        self.spec = EnvSpec(ENV_ID, entry_point="env.tts_env:LatencyTTSEnv")
 
-    @property
-    def spec(self) -> EnvSpec | None:
-        """Gymnasium's spec; ``nondeterministic`` unless the backend promises determinism
-        (replay does; the live engine's wall times and samples differ run to run)."""
-        return self._spec
-
-    @spec.setter
-    def spec(self, value: EnvSpec | None) -> None:  # gymnasium.make assigns one too
-        if value is not None and not self._deterministic:
-            value = dataclasses.replace(value, nondeterministic=True)
-        self._spec = value
+    def _check_grids(self) -> None:
+        max_branches, supported_k = self.backend.max_branches, self.backend.k_grid
+        if max(self.n_grid) > max_branches or min(self.n_grid) < 1:
+            raise ValueError(f"n_grid {self.n_grid} must lie in 1..{max_branches}")
+        if not set(self.k_grid) <= set(supported_k):
+            raise ValueError(f"k_grid {self.k_grid} not supported by backend {supported_k}")
+        if not all(0 < b <= 1 for b in self.budget_grid) or 1.0 not in self.budget_grid:
+            raise ValueError(
+                f"budget_grid {self.budget_grid} must lie in (0, 1] and include 1.0 "
+                "(waiting until the deadline)"
+            )
 
     def clone(self) -> LatencyTTSEnv:
         """Another environment on the same backend and precomputed features, with its own
@@ -245,6 +191,11 @@ class LatencyTTSEnv(gym.Env):
         return other
 
     @property
+    def problems(self) -> Sequence[ProblemInfo]:
+        """The problems episodes are drawn from, indexed by ``ProblemInfo.index``."""
+        return self.backend.problems
+
+    @property
     def resolved_config(self) -> EnvConfig:
         """The configuration with the grids in use filled in (what a saved policy records)."""
         return dataclasses.replace(
@@ -253,24 +204,46 @@ class LatencyTTSEnv(gym.Env):
 
     def action_of(self, n: int, k: int, budget: float = 1.0) -> np.ndarray:
         """The action selecting branch count ``n``, draft length ``k`` and ``budget``."""
-        return np.array(
-            [self.n_grid.index(n), self.k_grid.index(k), self.budget_grid.index(budget)]
-        )
+        return self.grids.action(Allocation(n, k, budget))
 
     def allocation_of(self, action: np.ndarray) -> Allocation:
         """The (n, k, budget) an action selects."""
-        return Allocation.from_action(action, self.n_grid, self.k_grid, self.budget_grid)
-
-    def run(self, problem_index: int, allocation: Allocation, deadline_s: float, rng):
-        """Run one allocation on the backend: the call stops at ``budget * deadline_s``."""
-        n, k, budget = allocation
-        return self.backend.run(problem_index, n, k, budget * deadline_s, rng)
+        return self.grids.allocation(action)
 
     def observation(self, problem_index: int, deadline_s: float) -> np.ndarray:
         """The observation of a problem under a deadline (what the policy sees)."""
         obs = self._obs_table[problem_index].copy()
         obs[1] = self.featurizer.deadline_feature(deadline_s)
         return obs
+
+    def allocation_request(
+        self, problem_indices: Sequence[int], deadline_s: float
+    ) -> AllocationRequest:
+        """What an allocator is shown for these problems under ``deadline_s``: the problems,
+        their observations (as ``observation`` gives them) and the featurizer's predictions."""
+        rows = list(problem_indices)
+        observations = self._obs_table[rows]  # a copy: fancy indexing
+        observations[:, 1] = self.featurizer.deadline_feature(deadline_s)
+        return AllocationRequest(
+            deadline_s=deadline_s,
+            problems=tuple(self.backend.problems[p] for p in rows),
+            observations=observations,
+            predictions=self.predictions[rows],
+            prediction_names=tuple(self.featurizer.target_names),
+        )
+
+    def run_episode(
+        self,
+        problem_index: int,
+        allocation: Allocation,
+        deadline_s: float,
+        rng: np.random.Generator,
+    ) -> tuple[Outcome, float]:
+        """One episode's transition: run ``allocation`` on the backend until its budget's share
+        of ``deadline_s``, and score the outcome.  Returns (outcome, reward)."""
+        n, k, _ = allocation
+        outcome = self.backend.run(problem_index, n, k, allocation.stop_s(deadline_s), rng)
+        return outcome, self.config.reward(outcome, deadline_s)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -283,15 +256,16 @@ class LatencyTTSEnv(gym.Env):
 
     def _next_episode(self, options: dict) -> tuple[int, float, int | list | None]:
         sweep = self.config.sweep_deadlines_s
+        count = len(self.backend.problems)
         if sweep and not options:
             position = self._sweep_position
-            self._sweep_position = (position + 1) % (len(self.backend.problems) * len(sweep))
+            self._sweep_position = (position + 1) % (count * len(sweep))
             problem, d_index = divmod(position, len(sweep))
             return problem, float(sweep[d_index]), [self.config.sweep_seed, problem, d_index]
         if "problem_index" in options:
             problem = int(options["problem_index"])
         else:
-            problem = int(self.np_random.random() * len(self.backend.problems))
+            problem = int(self.np_random.random() * count)
         choices = self.config.deadline_choices_s
         if "deadline_s" in options:
             deadline = float(options["deadline_s"])
@@ -308,12 +282,72 @@ class LatencyTTSEnv(gym.Env):
             raise RuntimeError("step() needs reset() first: every episode is a single step")
         self._episode = None
         allocation = self.allocation_of(action)
-        outcome = self.run(episode.problem_index, allocation, episode.deadline_s, episode.rng)
-        reward = float(outcome.correct) - (
-            self.config.latency_cost * outcome.latency_s / episode.deadline_s
+        outcome, reward = self.run_episode(
+            episode.problem_index, allocation, episode.deadline_s, episode.rng
         )
         info = outcome.to_info()
         info["deadline_s"] = episode.deadline_s
         info["budget"] = allocation.budget
         info["problem_index"] = episode.problem_index
         return episode.obs.copy(), reward, True, False, info
+
+
+def default_featurizer(profile: Profile, config: EnvConfig | None = None) -> ProblemFeaturizer:
+    """The featurizer the registered environments fit when given none: on ``profile``'s training
+    problems, scaling deadlines over ``config.deadline_range_s`` (default 1-60 s)."""
+    deadline_range = (config.deadline_range_s if config else None) or DEFAULT_DEADLINE_RANGE_S
+    return ProblemFeaturizer.fit(profile.split("train"), deadline_range)
+
+
+def make_replay_env(
+    backend: Backend | None = None,
+    featurizer: ProblemFeaturizer | None = None,
+    config: EnvConfig | None = None,
+    profile: str | Path = DEFAULT_PROFILE,
+    split: str = "train",
+) -> LatencyTTSEnv:
+    """Entry point of ``LatencyTTS-v0`` (registered deterministic): replay ``profile``'s
+    ``split``, or run ``backend`` when given (it must promise ``deterministic = True``);
+    without ``featurizer``, fit one with ``default_featurizer`` on the profile's training
+    problems (the backend's own profile when it replays one).
+
+    :raises ValueError: for a backend without the determinism promise (make
+        ``LatencyTTSLive-v0`` for it instead).
+    """
+    from env.backends.replay import ReplayBackend
+
+    backend = backend if backend is not None else ReplayBackend(profile, split=split)
+    if not getattr(backend, "deterministic", False):
+        raise ValueError(
+            f"{ENV_ID} is registered deterministic, but backend {backend.name!r} does not promise "
+            f"equal outcomes for equal seeds (deterministic = True): make {LIVE_ENV_ID} for it"
+        )
+    if featurizer is None:
+        source = backend.profile if isinstance(backend, ReplayBackend) else load_profile(profile)
+        featurizer = default_featurizer(source, config)
+    return LatencyTTSEnv(backend, featurizer, config)
+
+
+def make_live_env(
+    backend: Backend | None = None,
+    featurizer: ProblemFeaturizer | None = None,
+    config: EnvConfig | None = None,
+    profile: str | Path = DEFAULT_PROFILE,
+    split: str = "train",
+    limit: int | None = None,
+) -> LatencyTTSEnv:
+    """Entry point of ``LatencyTTSLive-v0`` (registered nondeterministic): ``backend``, or the
+    live engine (``LiveBackend(split=split, limit=limit)``); without ``featurizer``, fit one with
+    ``default_featurizer`` on ``profile``'s training problems."""
+    if backend is None:
+        from env.backends.live import LiveBackend
+
+        backend = LiveBackend(split=split, limit=limit)
+    featurizer = featurizer or default_featurizer(load_profile(profile), config)
+    return LatencyTTSEnv(backend, featurizer, config)
+
+
+# Registered here, with the class, so that ``import env`` stays free of Gymnasium.  Each id
+# declares whether equal seeds give equal episodes (Gymnasium's checker tests it when they do).
+register(id=ENV_ID, entry_point="env.tts_env:make_replay_env", nondeterministic=False)
+register(id=LIVE_ENV_ID, entry_point="env.tts_env:make_live_env", nondeterministic=True)

@@ -15,66 +15,42 @@
 - ``oracle``: per problem and draw, the best (n, k, budget) in hindsight (every action
   replayed on the same branches).  Not deployable; an upper bound for the gap-closed figure.
 
-An allocator maps problems and a deadline to one ``Allocation`` (n, k, budget) per problem;
-``run_allocation`` runs the chosen actions with per-(problem, repeat) seeded draws, so every
-method at every deadline sees the same recorded branches (common random numbers) and
-differences come from the actions.
+Each baseline is a ``policies.allocator.Allocator``.  Those chosen in hindsight (the static
+tables, the oracle) search by replaying every action on the same draw of branches, so they take
+the ``ReplayBackend`` to search on explicitly.  This module also owns the deadline grid the
+baselines and the policy are compared on (``default_deadlines``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from env.allocation import ActionGrids, Allocation, AllocationRequest
 from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
-from env.latency_model import LatencyModel, tokens_per_step
-from env.tts_env import Allocation, LatencyTTSEnv
+from env.latency_model import LatencyModel, StepTableKey, tokens_per_step
+from policies.allocator import draw_rng
 
 
-class Allocator(Protocol):
-    """Chooses an allocation (n, k, budget) per problem for one deadline."""
+def default_deadlines(backend: ReplayBackend, count: int = 8) -> tuple[float, ...]:
+    """A geometric deadline grid spanning where (n, k) matters on this profile.
 
-    name: str
-
-    def choose(
-        self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float
-    ) -> list[Allocation]: ...
-
-
-def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
-    """The generator of one evaluation draw; equal keys give equal branches for every action
-    (and every deadline)."""
-    return np.random.default_rng([seed, problem, repeat])
-
-
-def run_allocation(
-    env: LatencyTTSEnv,
-    actions: Sequence[Allocation],
-    problems: Sequence[int],
-    deadline_s: float,
-    repeats: int,
-    seed: int,
-) -> list[Outcome]:
-    """Outcomes of running ``actions[i]`` on ``problems[i]``, ``repeats`` draws each."""
-    return [
-        env.run(p, action, deadline_s, draw_rng(seed, p, r))
-        for p, action in zip(problems, actions, strict=True)
-        for r in range(repeats)
-    ]
-
-
-def all_allocations(env: LatencyTTSEnv, budgets: Sequence[float] | None = None) -> list:
-    """Every (n, k, budget) of the environment's grids (``budgets`` restricts the budgets)."""
-    return [
-        Allocation(n, k, b)
-        for n in env.n_grid
-        for k in env.k_grid
-        for b in (env.budget_grid if budgets is None else budgets)
-    ]
+    From the 20th percentile of the fastest single-branch latency (below it nearly nothing can
+    answer) to the 90th percentile of the fastest all-branch latency (above it everything fits),
+    over up to 300 problems; rounded to two significant digits.
+    """
+    problems = range(min(len(backend.problems), 300))
+    everything = np.arange(backend.max_branches)
+    single = [min(backend.finish_times(p, everything[:1], k)[0] for k in backend.k_grid)
+              for p in problems]  # fmt: skip
+    full = [min(backend.finish_times(p, everything, k).max() for k in backend.k_grid)
+            for p in problems]  # fmt: skip
+    grid = np.geomspace(np.quantile(single, 0.2), np.quantile(full, 0.9), count)
+    return tuple(float(f"{d:.2g}") for d in grid)
 
 
 def replay_allocations(
@@ -85,31 +61,32 @@ def replay_allocations(
     draw: tuple[int, int, int],
 ) -> list[list[Outcome]]:
     """Outcomes per allocation per deadline on one problem; every (n, k) replays the draw
-    ``draw_rng(*draw)`` at all budgets and deadlines (common random numbers)."""
+    ``draw_rng(*draw)`` once, stopped at every budget and deadline (common random numbers)."""
     by_nk: dict[tuple[int, int], list[Allocation]] = {}
     for allocation in allocations:
         by_nk.setdefault((allocation.n, allocation.k), []).append(allocation)
     outcomes: dict[Allocation, list[Outcome]] = {}
     for (n, k), group in by_nk.items():
-        stops = [a.budget * d for a in group for d in deadlines_s]
-        flat = backend.run_deadlines(problem, n, k, stops, draw_rng(*draw))
+        stops = [a.stop_s(d) for a in group for d in deadlines_s]
+        flat = backend.run_one_draw(problem, n, k, stops, draw_rng(*draw))
         for i, allocation in enumerate(group):
             outcomes[allocation] = flat[i * len(deadlines_s) : (i + 1) * len(deadlines_s)]
     return [outcomes[a] for a in allocations]
 
 
-def reward_of(outcome: Outcome, deadline_s: float, latency_cost: float) -> float:
-    """The environment's reward for an outcome."""
-    return float(outcome.correct) - latency_cost * outcome.latency_s / deadline_s
-
-
 class PlainAllocator:
-    """One branch without speculation (the smallest k when 0 is not offered)."""
+    """One branch without speculation (the smallest k when 0 is not offered).
+
+    :param grids: the action grids (only the k grid matters).
+    """
 
     name = "plain"
 
-    def choose(self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float):
-        return [Allocation(1, min(env.k_grid))] * len(problems)
+    def __init__(self, grids: ActionGrids) -> None:
+        self.allocation = Allocation(1, min(grids.k))
+
+    def allocate(self, request: AllocationRequest) -> list[Allocation]:
+        return [self.allocation] * len(request.problems)
 
 
 class StaticBestAllocator:
@@ -127,30 +104,32 @@ class StaticBestAllocator:
     @classmethod
     def fit(
         cls,
-        env: LatencyTTSEnv,
+        backend: ReplayBackend,
+        grids: ActionGrids,
         deadlines_s: Sequence[float],
         max_problems: int = 2000,
         seed: int = 0,
         budgets: Sequence[float] | None = (1.0,),
         z: float = 2.0,
     ) -> StaticBestAllocator:
-        """Pick, per deadline, the most accurate allocation on up to ``max_problems`` of env's.
+        """Pick, per deadline, the most accurate allocation on up to ``max_problems`` of the
+        backend's problems; every action runs on the same draw per problem.
 
+        :param grids: the action space searched (the environment's ``grids``).
         :param budgets: budgets searched: ``(1.0,)`` is the published method; None searches
-            the environment's whole budget grid (``static_budget``).
+            the whole budget grid (``static_budget``).
         :param z: with budgets below 1, an allocation that stops early replaces the best one
             that waits only if it is more accurate by ``z`` standard errors of the paired
             per-problem difference: stopping early must be clearly better, not luck of the
             draw on the training problems.
-
-        ``env`` must replay (``ReplayBackend``): every action runs on the same draw per problem.
         """
-        return cls.fit_many(env, deadlines_s, [budgets], max_problems, seed, z)[0]
+        return cls.fit_many(backend, grids, deadlines_s, [budgets], max_problems, seed, z)[0]
 
     @classmethod
     def fit_many(
         cls,
-        env: LatencyTTSEnv,
+        backend: ReplayBackend,
+        grids: ActionGrids,
         deadlines_s: Sequence[float],
         budget_sets: Sequence[Sequence[float] | None],
         max_problems: int = 2000,
@@ -158,12 +137,11 @@ class StaticBestAllocator:
         z: float = 2.0,
     ) -> list[StaticBestAllocator]:
         """``fit`` for several budget sets from one replay of the training problems."""
-        backend: ReplayBackend = env.backend
         rng = np.random.default_rng(seed)
         count = len(backend.problems)
         problems = np.sort(rng.permutation(count)[: min(max_problems, count)]).tolist()
-        searched = [tuple(env.budget_grid if b is None else b) for b in budget_sets]
-        actions = all_allocations(env, sorted(set().union(*searched)))
+        searched = [tuple(grids.budget if b is None else b) for b in budget_sets]
+        actions = grids.allocations(sorted(set().union(*searched)))
         correct = np.zeros((len(problems), len(deadlines_s), len(actions)), dtype=bool)
         latency = np.zeros((len(deadlines_s), len(actions)))
         for row, p in enumerate(tqdm(problems, desc="static baselines", leave=False)):
@@ -185,8 +163,8 @@ class StaticBestAllocator:
         below = [d for d in self.table if d <= deadline_s + 1e-9]
         return self.table[max(below) if below else min(self.table)]
 
-    def choose(self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float):
-        return [self.action_for(deadline_s)] * len(problems)
+    def allocate(self, request: AllocationRequest) -> list[Allocation]:
+        return [self.action_for(request.deadline_s)] * len(request.problems)
 
 
 def _static_choice(
@@ -218,6 +196,45 @@ def _static_choice(
     return best
 
 
+@dataclass(frozen=True)
+class StaticBaselines:
+    """The static tables a policy is compared with, chosen on the same training problems.
+
+    :param best: ``static_best``, the published method (waits until the deadline).
+    :param budgeted: ``static_budget``, the search over (n, k, budget); None when the action
+        space has no budget below 1.
+    """
+
+    best: StaticBestAllocator
+    budgeted: StaticBestAllocator | None = None
+
+    @property
+    def allocators(self) -> list[StaticBestAllocator]:
+        """The tables to evaluate, ``static_best`` first."""
+        return [self.best] + ([self.budgeted] if self.budgeted else [])
+
+    @property
+    def best_over_all_actions(self) -> StaticBestAllocator:
+        """The table searched over the whole action space (what the warm start imitates)."""
+        return self.budgeted or self.best
+
+
+def fit_statics(
+    backend: ReplayBackend,
+    grids: ActionGrids,
+    deadlines_s: Sequence[float],
+    max_problems: int = 2000,
+    seed: int = 0,
+) -> StaticBaselines:
+    """The published static best and, when ``grids`` offer budgets below 1, the static best
+    over (n, k, budget); both chosen on ``backend``'s (training) problems from one replay."""
+    budget_sets = [(1.0,)] + ([None] if len(grids.budget) > 1 else [])
+    fitted = StaticBestAllocator.fit_many(
+        backend, grids, deadlines_s, budget_sets, max_problems, seed
+    )
+    return StaticBaselines(*fitted)
+
+
 class MaxFitAllocator:
     """Largest n (with its fastest k) whose predicted latency fits the deadline.
 
@@ -225,8 +242,9 @@ class MaxFitAllocator:
     the predicted acceptance; when nothing fits, one branch at its fastest k.
 
     :param latency_model: the engine's latency model (the profile's).
-    :param timing: maps k to the (method, k) table timing it (``ReplayBackend.timing``).
+    :param step_table_key: maps k to the step table timing it (``ReplayBackend.step_table_key``).
     :param accept_method: speculative method whose predicted acceptance applies.
+    :param grids: the action grids it chooses n and k from (budget is always 1).
     """
 
     name = "max_fit"
@@ -234,46 +252,48 @@ class MaxFitAllocator:
     def __init__(
         self,
         latency_model: LatencyModel,
-        timing: Callable[[int], tuple[str, int]],
+        step_table_key: Callable[[int], StepTableKey],
         accept_method: str,
+        grids: ActionGrids,
     ) -> None:
-        self.latency_model, self.timing, self.accept_method = latency_model, timing, accept_method
+        self.latency_model, self.step_table_key = latency_model, step_table_key
+        self.accept_method, self.grids = accept_method, grids
 
-    def predicted_latency(self, env: LatencyTTSEnv, problems: Sequence[int]) -> np.ndarray:
-        """Predicted seconds per problem, n and k: shape (problems, len(n_grid), len(k_grid))."""
-        names = env.featurizer.target_names
-        pred = env.predictions[list(problems)]
-        tokens = np.exp(pred[:, names.index("log_mean_tokens")])
-        column = f"accept_{self.accept_method}"
-        alpha = pred[:, names.index(column)] if column in names else np.zeros(len(problems))
-        prompt = np.array(
-            [env.backend.problems[p].prompt_tokens for p in problems], float
-        )
-        model = self.latency_model
-        out = np.empty((len(problems), len(env.n_grid), len(env.k_grid)))
-        for j, k in enumerate(env.k_grid):
-            method, table_k = self.timing(k)
+    def predicted_latency(self, request: AllocationRequest) -> np.ndarray:
+        """Predicted seconds per problem, n and k: shape (problems, len(n grid), len(k grid))."""
+        tokens = np.exp(request.prediction("log_mean_tokens"))
+        alpha = request.prediction(f"accept_{self.accept_method}")
+        if alpha is None:
+            alpha = np.zeros(len(request.problems))
+        prompt = np.array([p.prompt_tokens for p in request.problems], float)
+        model, n_grid, k_grid = self.latency_model, self.grids.n, self.grids.k
+        out = np.empty((len(request.problems), len(n_grid), len(k_grid)))
+        for j, k in enumerate(k_grid):
+            method, table_k = self.step_table_key(k)
             steps = np.ceil(tokens / np.array([tokens_per_step(a, table_k) for a in alpha]))
-            for i, n in enumerate(env.n_grid):
+            for i, n in enumerate(n_grid):
                 step_s = float(model.step_time(n, table_k, method))
                 prefill = np.array([model.prefill_time(p, n) for p in prompt])
                 out[:, i, j] = model.call_overhead_s + prefill + steps * step_s
         return out
 
-    def choose(self, env: LatencyTTSEnv, problems: Sequence[int], deadline_s: float):
-        latency = self.predicted_latency(env, problems)
+    def allocate(self, request: AllocationRequest) -> list[Allocation]:
+        latency = self.predicted_latency(request)
         fastest_k = latency.argmin(axis=2)  # (problems, n)
         best = latency.min(axis=2)
+        n_grid, k_grid = self.grids.n, self.grids.k
         actions = []
         for row, ks in zip(best, fastest_k, strict=True):
-            fitting = np.flatnonzero(row <= deadline_s)
-            i = int(fitting.max()) if len(fitting) else int(np.argmin(env.n_grid))
-            actions.append(Allocation(env.n_grid[i], env.k_grid[int(ks[i])]))
+            fitting = np.flatnonzero(row <= request.deadline_s)
+            i = int(fitting.max()) if len(fitting) else int(np.argmin(n_grid))
+            actions.append(Allocation(n_grid[i], k_grid[int(ks[i])]))
         return actions
 
 
 def oracle_outcomes(
-    env: LatencyTTSEnv,
+    backend: ReplayBackend,
+    grids: ActionGrids,
+    reward: Callable[[Outcome, float], float],
     problems: Sequence[int],
     deadlines_s: Sequence[float],
     repeats: int,
@@ -281,16 +301,15 @@ def oracle_outcomes(
 ) -> list[list[Outcome]]:
     """Per deadline, per problem and draw, the outcome of the best allocation in hindsight.
 
-    Best by the environment's reward (correct first, then faster); ``env`` must replay.
+    Best by ``reward`` (the environment's ``EnvConfig.reward``: correct first, then faster),
+    over every allocation of ``grids`` replayed on the draw ``draw_rng(seed, problem, repeat)``.
     """
-    backend: ReplayBackend = env.backend
-    actions = all_allocations(env)
-    cost = env.config.latency_cost
+    actions = grids.allocations()
     best: list[list[Outcome]] = [[] for _ in deadlines_s]
     for p in tqdm(problems, desc="oracle", leave=False):
         for r in range(repeats):
             runs = replay_allocations(backend, p, actions, deadlines_s, (seed, p, r))
             for i, deadline in enumerate(deadlines_s):
                 candidates = [outcomes[i] for outcomes in runs]
-                best[i].append(max(candidates, key=lambda o: reward_of(o, deadline, cost)))
+                best[i].append(max(candidates, key=lambda o: reward(o, deadline)))
     return best

@@ -32,10 +32,15 @@ from env.task.problems import load_math500
 from env.task.prompt import build_user_message
 
 
+def _fixed_work(engine: VLLMEngine, prompt: str, n: int, tokens: int) -> None:
+    """One call of exactly ``tokens`` tokens per branch, without speculation."""
+    engine.run(prompt, n=n, k=0, max_tokens=tokens, ignore_eos=True)
+
+
 def _serial(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:
     start, done = time.monotonic(), []
     for prompt in prompts:
-        engine.run(prompt, n=n, k=0, max_tokens=tokens, ignore_eos=True)
+        _fixed_work(engine, prompt, n, tokens)
         done.append(time.monotonic() - start)
     return done
 
@@ -44,7 +49,7 @@ def _threads(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> lis
     start, done = time.monotonic(), [0.0] * len(prompts)
 
     def call(i: int) -> None:
-        engine.run(prompts[i], n=n, k=0, max_tokens=tokens, ignore_eos=True)
+        _fixed_work(engine, prompts[i], n, tokens)
         done[i] = time.monotonic() - start
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
@@ -57,7 +62,7 @@ def _threads(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> lis
 
 def _merged(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:
     start = time.monotonic()
-    engine.run(prompts[0], n=n * len(prompts), k=0, max_tokens=tokens, ignore_eos=True)
+    _fixed_work(engine, prompts[0], n * len(prompts), tokens)
     return [time.monotonic() - start] * len(prompts)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from policies.controller import Answer
+if TYPE_CHECKING:
+    from policies.controller import Solution
 
 PROBLEM_FIELD = {"chat": "messages", "completions": "prompt"}
 
@@ -172,14 +173,14 @@ def max_tokens_of(body: dict, limit: int) -> int | None:
     return value
 
 
-def completion_body(endpoint: str, model: str, answer: Answer, tts: dict) -> dict:
+def completion_body(endpoint: str, model: str, solution: Solution, tts: dict) -> dict:
     """An OpenAI chat.completion or text_completion whose text is the voted answer.
 
     No answer in time gives empty text with ``finish_reason == "length"``.  ``usage`` counts
     the prompt once and the tokens of every branch.  ``tts`` is the extension field.
     """
-    text = answer.answer or ""
-    finish = "stop" if answer.answer is not None else "length"
+    text = solution.answer or ""
+    finish = "stop" if solution.answer is not None else "length"
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if endpoint == "chat":
         choice["message"] = {"role": "assistant", "content": text}
@@ -189,9 +190,9 @@ def completion_body(endpoint: str, model: str, answer: Answer, tts: dict) -> dic
         ("chatcmpl", "chat.completion") if endpoint == "chat" else ("cmpl", "text_completion")
     )
     usage = {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        "prompt_tokens": solution.prompt_tokens,
+        "completion_tokens": solution.completion_tokens,
+        "total_tokens": solution.prompt_tokens + solution.completion_tokens,
     }
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",

@@ -33,6 +33,7 @@ import contextlib
 import functools
 import math
 import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,8 +50,9 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from engine.rollout import NO_SPECULATION
 from env.paths import policies_dir
-from policies.controller import Answer, DecodingController
+from policies.controller import DecodingController, PreparedProblem, Solution
 from policies.deadline_queue import DeadlineExpired, DeadlineQueue, Job, Refused
 from policies.openai_api import (
     PROBLEM_FIELD,
@@ -108,6 +110,163 @@ class ServiceMetrics:
         self.queue_length = Gauge("tts_queue_length", "Requests waiting", registry=r)
 
 
+class CompletionService:
+    """What the routes do: admit, prepare, queue and await a request, and reply or refuse.
+
+    A request is checked field by field (``policies.openai_api``), refused at once if the queue
+    cannot meet its deadline, tokenized once (``DecodingController.prepare``, off the event
+    loop), queued (``policies.deadline_queue``) and, when its turn comes, solved by the
+    controller with what is left of its deadline.  Parameters as in ``create_app``.
+    """
+
+    def __init__(
+        self,
+        controller: DecodingController,
+        served_model_name: str,
+        max_queue: int,
+        min_service_s: float,
+        overrun_s: float,
+        response_margin_s: float,
+        max_deadline_s: float,
+        max_body_bytes: int,
+    ) -> None:
+        self.controller, self.engine = controller, controller.engine
+        self.served_model_name = served_model_name
+        self.max_deadline_s, self.max_body_bytes = max_deadline_s, max_body_bytes
+        self.metrics = ServiceMetrics(controller.n_grid, controller.k_grid)
+        self.engine_clean_after_last_call = True
+        self.queue = DeadlineQueue(
+            max_queue, min_service_s, overrun_s, response_margin_s, self._check_engine_after_call
+        )
+        self.metrics.queue_length.set_function(lambda: self.queue.waiting)
+        # Prompts are tokenized off the event loop on one long-lived thread: starting a thread
+        # per request (a default thread pool under a burst) stalls the loop while each starts.
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-tokenize")
+        self._tokenizer.submit(lambda: None).result()
+
+    def _check_engine_after_call(self) -> None:
+        """On the queue's worker after each call (it waits for the call's abort to finish)."""
+        self.engine_clean_after_last_call = not self.engine.has_unfinished_requests()
+
+    def close(self) -> None:
+        self.queue.close()
+        self._tokenizer.shutdown(wait=False)
+
+    async def complete(self, request: Request, endpoint: str) -> Response:
+        """Serve one completion request of ``endpoint`` (``"chat"`` or ``"completions"``)."""
+        arrival = time.monotonic()
+        status = "500"
+        try:
+            body = await read_json(request, self.max_body_bytes)
+            problem = problem_of(body, endpoint)
+            check_model_and_options(body, self.served_model_name)
+            deadline = deadline_of(body, request.headers.get("x-deadline-s"), self.max_deadline_s)
+            max_tokens = max_tokens_of(body, self.engine.config.max_tokens)
+            prepared = await self._admit_and_prepare(problem, endpoint, arrival + deadline)
+            with self._refused_as_429():
+                work = functools.partial(self.controller.solve, prepared, max_tokens=max_tokens)
+                job = self.queue.submit(arrival + deadline, work)  # work(seconds left, cancel)
+            solution = await self._wait_for(job, request)
+            reply = self._reply(endpoint, solution, job, arrival, deadline)
+            status = "200"
+            return JSONResponse(reply)
+        except APIError as err:
+            status = str(err.status)
+            raise
+        except (ClientDisconnect, _ClientGone):
+            status = "499"
+            return Response(status_code=499)
+        finally:
+            self.metrics.requests.labels(endpoint, status).inc()
+
+    async def _admit_and_prepare(
+        self, problem: str, endpoint: str, deadline_at: float
+    ) -> PreparedProblem:
+        """Refuse before the work of tokenizing, then check and tokenize the problem (once)."""
+        with self._refused_as_429():
+            self.queue.admit(deadline_at)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizer, self.controller.prepare, problem)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=PROBLEM_FIELD[endpoint]) from exc
+
+    def _reply(
+        self, endpoint: str, solution: Solution, job: Job, arrival: float, deadline: float
+    ) -> dict:
+        """Record the served request's metrics and build its OpenAI body with the tts field."""
+        latency = time.monotonic() - arrival
+        queue_wait = job.started_at - arrival
+        self.metrics.latency.observe(latency)
+        self.metrics.queue_wait.observe(queue_wait)
+        self.metrics.chosen_n.observe(solution.n)
+        self.metrics.chosen_k.observe(solution.k)
+        tts = {
+            "answer": solution.answer,
+            "n": solution.n,
+            "k": solution.k,
+            "budget": solution.budget,
+            "latency_s": latency,
+            "engine_latency_s": solution.latency_s,
+            "deadline_s": deadline,
+            "queue_wait_s": queue_wait,
+            "stopped_by": solution.stopped_by,
+            "votes": solution.votes,
+            "branches": solution.branches,
+        }
+        return completion_body(endpoint, self.served_model_name, solution, tts)
+
+    def _refusal_error(self, refusal: Refused, status: int) -> APIError:
+        self.metrics.refusals.labels(refusal.reason).inc()
+        retry_after = str(max(1, math.ceil(refusal.retry_after_s)))
+        headers = {"x-should-retry": "false", "retry-after": retry_after}
+        message = f"{refusal}; retry later or with a longer deadline"
+        param = None if refusal.reason == "queue_full" else "deadline_s"
+        return APIError(status, message, "overloaded_error", param, refusal.reason, headers)
+
+    @contextlib.contextmanager
+    def _refused_as_429(self) -> Iterator[None]:
+        try:
+            yield
+        except Refused as refusal:
+            raise self._refusal_error(refusal, 429) from None
+
+    async def _wait_for(self, job: Job, request: Request) -> Solution:
+        """The job's result; drops it if the client goes or the engine falls behind."""
+        try:
+            while not job.future.done():
+                await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
+                if job.future.done():
+                    break
+                if await request.is_disconnected():
+                    self.metrics.cancellations.labels(self.queue.cancel(job)).inc()
+                    raise _ClientGone
+                refusal = self.queue.drop_if_behind(job)
+                if refusal is not None:
+                    raise self._refusal_error(refusal, 503)
+            return job.future.result()
+        except DeadlineExpired as exc:
+            self.metrics.refusals.labels("deadline_expired").inc()
+            raise APIError(503, str(exc), "overloaded_error", code="deadline_expired") from exc
+        except ValueError as exc:  # the controller refused the request before the engine ran
+            raise APIError(400, str(exc)) from exc
+        finally:
+            if not job.future.done():  # the handler was cancelled (shutdown): abort the call
+                self.queue.cancel(job)
+
+    def health(self) -> dict:
+        running, now = self.queue.running, time.monotonic()
+        return {
+            "status": "ok",
+            "model": self.served_model_name,
+            "queue_length": self.queue.waiting,
+            "running": running,
+            "engine_idle": self.engine_clean_after_last_call and not running,
+            "worst_case_wait_s": self.queue.latest_start(now) - now,
+            "overrun_estimate_s": self.queue.overrun_estimate_s,
+        }
+
+
 def create_app(
     controller: DecodingController,
     served_model_name: str = SERVED_MODEL_NAME,
@@ -132,162 +291,69 @@ def create_app(
     :param max_deadline_s: largest accepted ``deadline_s``.
     :param max_body_bytes: largest accepted request body (413 beyond).
     """
-    engine = controller.engine
-    metrics = ServiceMetrics(controller.n_grid, controller.k_grid)
-    engine_idle = {"after_last_call": True}
-
-    def record_engine_state() -> None:  # on the worker, after each call (waits for its abort)
-        engine_idle["after_last_call"] = not engine.has_unfinished_requests()
-
-    queue = DeadlineQueue(
-        max_queue, min_service_s, overrun_s, response_margin_s, record_engine_state
+    service = CompletionService(
+        controller,
+        served_model_name,
+        max_queue,
+        min_service_s,
+        overrun_s,
+        response_margin_s,
+        max_deadline_s,
+        max_body_bytes,
     )
-    metrics.queue_length.set_function(lambda: queue.waiting)
-    # Prompts are tokenized off the event loop on one long-lived thread: starting a thread per
-    # request (a default thread pool under a burst) stalls the loop while each one starts.
-    tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-tokenize")
-    tokenizer.submit(lambda: None).result()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        queue.close()
-        tokenizer.shutdown(wait=False)
+        service.close()
 
     app = FastAPI(title="Latency-aware test-time scaling", lifespan=lifespan)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    _add_routes(app, service)
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return APIError(
-            500, f"internal error: {type(exc).__name__}: {exc}", "server_error"
-        ).response()
-
-    async def complete(request: Request, endpoint: str) -> Response:
-        arrival = time.monotonic()
-        status = "500"
-        try:
-            body = await read_json(request, max_body_bytes)
-            problem = problem_of(body, endpoint)
-            check_model_and_options(body, served_model_name)
-            deadline = deadline_of(body, request.headers.get("x-deadline-s"), max_deadline_s)
-            max_tokens = max_tokens_of(body, engine.config.max_tokens)
-            with refused_as_429():  # refuse before the work of tokenizing
-                queue.admit(arrival + deadline)
-            try:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(tokenizer, controller.prompt_tokens, problem)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=PROBLEM_FIELD[endpoint]) from exc
-            with refused_as_429():
-                work = functools.partial(controller.answer, problem, max_tokens=max_tokens)
-                job = queue.submit(arrival + deadline, work)  # work(seconds left, cancel)
-            answer = await wait_for(job, request)
-            latency = time.monotonic() - arrival
-            queue_wait = job.started_at - arrival
-            metrics.latency.observe(latency)
-            metrics.queue_wait.observe(queue_wait)
-            metrics.chosen_n.observe(answer.n)
-            metrics.chosen_k.observe(answer.k)
-            tts = {
-                "answer": answer.answer,
-                "n": answer.n,
-                "k": answer.k,
-                "budget": answer.budget,
-                "latency_s": latency,
-                "engine_latency_s": answer.latency_s,
-                "deadline_s": deadline,
-                "queue_wait_s": queue_wait,
-                "stopped_by": answer.stopped_by,
-                "votes": answer.votes,
-                "branches": answer.branches,
-            }
-            status = "200"
-            return JSONResponse(completion_body(endpoint, served_model_name, answer, tts))
-        except APIError as err:
-            status = str(err.status)
-            raise
-        except (ClientDisconnect, _ClientGone):
-            status = "499"
-            return Response(status_code=499)
-        finally:
-            metrics.requests.labels(endpoint, status).inc()
-
-    def refusal_error(refusal: Refused, status: int) -> APIError:
-        metrics.refusals.labels(refusal.reason).inc()
-        retry_after = str(max(1, math.ceil(refusal.retry_after_s)))
-        headers = {"x-should-retry": "false", "retry-after": retry_after}
-        message = f"{refusal}; retry later or with a longer deadline"
-        param = None if refusal.reason == "queue_full" else "deadline_s"
-        return APIError(status, message, "overloaded_error", param, refusal.reason, headers)
-
-    @contextlib.contextmanager
-    def refused_as_429():
-        try:
-            yield
-        except Refused as refusal:
-            raise refusal_error(refusal, 429) from None
-
-    async def wait_for(job: Job, request: Request) -> Answer:
-        try:
-            while not job.future.done():
-                await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
-                if job.future.done():
-                    break
-                if await request.is_disconnected():
-                    metrics.cancellations.labels(queue.cancel(job)).inc()
-                    raise _ClientGone
-                refusal = queue.drop_if_behind(job)
-                if refusal is not None:
-                    raise refusal_error(refusal, 503)
-            return job.future.result()
-        except DeadlineExpired as exc:
-            metrics.refusals.labels("deadline_expired").inc()
-            raise APIError(503, str(exc), "overloaded_error", code="deadline_expired") from exc
-        except ValueError as exc:  # the controller refused the request before the engine ran
-            raise APIError(400, str(exc)) from exc
-        finally:
-            if not job.future.done():  # the handler was cancelled (shutdown): abort the call
-                queue.cancel(job)
-
+def _add_routes(app: FastAPI, service: CompletionService) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(request, "chat")
+        return await service.complete(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(request, "completions")
+        return await service.complete(request, "completions")
 
     @app.get("/v1/models")
     async def models() -> dict:
-        entry = {"id": served_model_name, "object": "model", "created": 0, "owned_by": "local"}
+        entry = {
+            "id": service.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "local",
+        }
         return {"object": "list", "data": [entry]}
 
     @app.get("/health")
     async def health() -> dict:
-        running, now = queue.running, time.monotonic()
-        return {
-            "status": "ok",
-            "model": served_model_name,
-            "queue_length": queue.waiting,
-            "running": running,
-            "engine_idle": engine_idle["after_last_call"] and not running,
-            "worst_case_wait_s": queue.latest_start(now) - now,
-            "overrun_estimate_s": queue.overrun_estimate_s,
-        }
+        return service.health()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = service.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
 
 class _ClientGone(Exception):
@@ -300,7 +366,7 @@ def main() -> None:
     import uvicorn
 
     from engine.vllm_engine import EngineConfig, VLLMEngine
-    from policies.ppo_policy import load_policy
+    from policies.saved_policy import load_policy
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
@@ -326,7 +392,7 @@ def main() -> None:
     n_grid, k_grid = policy.env_config.n_grid or (1,), policy.env_config.k_grid or (0,)
     method = args.spec_method or policy.info.get("spec_method") or "draft_model"
     config = EngineConfig(
-        spec_method=None if method == "none" else method,
+        spec_method=None if method == NO_SPECULATION else method,
         max_n=max(n_grid),
         k_max=max(max(k_grid), 1),
         max_tokens=args.max_tokens,

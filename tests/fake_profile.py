@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from env.latency_model import NO_SPECULATION, SPEC_METHODS
 from env.profiles.store import problem_fields, save_profile
 from env.task.problems import load_math500, load_math_train
 
-FAKE_METHODS = ("ngram", "draft_model")
 FAKE_K_GRID = (0, 1, 2, 4)
 
 
 def fake_latency_model() -> dict:
     """A toy roofline: a step costs a fixed weight-read time plus compute per verified token."""
     batches = [1, 2, 4, 8, 16, 32, 64]
-    steps: dict = {"none": {"0": _table(batches, 0, draft_s=0.0)}}
+    steps: dict = {NO_SPECULATION: {"0": _table(batches, 0, draft_s=0.0)}}
     for method, draft_s in (("ngram", 0.0002), ("draft_model", 0.0015)):
         steps[method] = {str(k): _table(batches, k, draft_s) for k in FAKE_K_GRID}
     return {
@@ -88,7 +88,7 @@ def make_fake_profile(
         "synthetic": True,
         "generator": "tests.fake_profile (fake, for tests only)",
         "n_max": n_branches,
-        "methods": list(FAKE_METHODS),
+        "methods": list(SPEC_METHODS),
         "k_grid": list(FAKE_K_GRID),
         "latency_model": fake_latency_model(),
     }

@@ -10,10 +10,8 @@ which one they drive.
 Rules every backend follows (the replay backend is the reference implementation):
 
 - branches still running at the deadline are aborted and do not vote;
-- finished branches vote by answer class; a tie goes to the class whose first member finished
-  earliest; branches without an answer do not vote;
-- the call stops as soon as the vote is decided (``env.task.grading.decided``: the remaining
-  unfinished branches can no longer change the winner);
+- the finished ones vote by the rules of ``env.task.voting`` (``VoteTally``), and the call
+  stops as soon as that vote is decided;
 - ``latency_s`` is the time from the call's start until the answer is fixed: the decision, the
   last branch's finish, or the deadline, whichever comes first.
 """
@@ -91,7 +89,8 @@ class Backend(Protocol):
     implements this protocol; nothing else about it is assumed.
 
     A backend may also set ``deterministic = True`` when equal generators give equal outcomes
-    (replay does); only then does the environment let Gymnasium's checker test determinism.
+    (replay does); only such a backend runs under ``LatencyTTS-v0``, which is registered
+    deterministic (others run under ``LatencyTTSLive-v0``, see ``env.tts_env``).
     """
 
     @property

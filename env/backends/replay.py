@@ -4,7 +4,7 @@ RL needs 10^5+ episodes and a live call takes seconds, so training replays: a ca
 of the problem's recorded branches, times them for the chosen ``k`` with the profile's latency
 model (the live batch shrinks as branches finish, so every branch's finish time depends on the
 others), and votes among those finished by the deadline, stopping once the vote is decided (the
-rules are in ``env.backends.protocol``).
+rules are ``env.task.voting``'s).
 
 Everything that does not depend on the draw is precomputed per problem into numpy arrays:
 decode steps per branch for every ``k`` (from the problem's draft acceptance), step seconds per
@@ -22,15 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from env.backends.protocol import Outcome, ProblemInfo
-from env.latency_model import LatencyModel, tokens_per_step
+from env.latency_model import NO_SPECULATION, LatencyModel, StepTableKey, tokens_per_step
 from env.profiles.store import Profile, load_profile
 from env.task.voting import vote_in_finish_order
-
-NO_SPECULATION = "none"
 
 
 def choose_spec_method(profile: Profile) -> str:
@@ -60,10 +59,36 @@ def choose_spec_method(profile: Profile) -> str:
     return min(methods, key=score)
 
 
+class FinishSchedule(NamedTuple):
+    """When the drawn branches of one call finish if nothing stops it, in finish order."""
+
+    order: np.ndarray
+    """Positions in the draw, in finish order (stable: ties keep draw order)."""
+    steps: np.ndarray
+    """Decode steps each branch needs, in finish order."""
+    finish_s: np.ndarray
+    """Finish time of each branch, seconds from the call's start, in finish order."""
+    step_s: np.ndarray
+    """Seconds per decode step while n, n-1, ..., 1 branches run."""
+    start_s: float
+    """Seconds before decoding starts (call overhead and prefill)."""
+
+
 class ReplayBackend:
     """Replays a profile's recorded branches under its latency model (see module docstring).
 
     Deterministic: equally seeded generators give equal outcomes.
+
+    The precomputed tables are public (read-only) so that other replays of the same profile,
+    such as a race driven step by step, share them instead of recomputing:
+
+    :ivar branch_tokens: (problems, max_branches) tokens each recorded branch generated.
+    :ivar branch_classes: (problems, max_branches) answer class per branch, -1 for no answer.
+    :ivar class_correct: per problem, whether each answer class is right.
+    :ivar class_answer: per problem, each answer class's text (its first member's).
+    :ivar tokens_per_step: (problems, k slots) expected tokens per decode step.
+    :ivar step_seconds: (k slots, max_branches + 1) seconds of a decode step per live batch.
+    :ivar start_seconds: (problems, max_branches + 1) seconds before decoding starts, per n.
 
     :param profile: a loaded ``Profile``, or a profile name or folder.
     :param split: which problems to serve: ``"train"``, ``"test"``, or ``"all"``.
@@ -98,47 +123,49 @@ class ReplayBackend:
             for i, r in enumerate(rows)
         )  # fmt: skip
         self._max_branches = min(len(r["branch_tokens"]) for r in rows)
-        self._k_grid, self._tables = self._timings()
-        self._build_arrays(rows, self._tables)
+        self._step_table_keys = self._keys_per_k_slot()
+        self._k_grid = tuple(key.k for key in self._step_table_keys)
+        self._slot_of_k = {k: slot for slot, k in enumerate(self._k_grid)}
+        self._build_arrays(rows)
 
-    def _timings(self) -> tuple[tuple[int, ...], list[tuple[str, int]]]:
-        """The k grid and the (method, k) latency table used for each k."""
+    def _keys_per_k_slot(self) -> list[StepTableKey]:
+        """The step table timing each offered k, in k order: the method's own tables, with the
+        no-speculation table as k = 0 when the method has none."""
         model = self.latency_model
-        ks = model.k_grid(self.method)
-        tables = [(self.method, k) for k in ks]
-        if 0 not in ks and NO_SPECULATION in model.methods():
-            tables.insert(0, (NO_SPECULATION, 0))
-        return tuple(k for _, k in tables), tables
+        keys = [StepTableKey(self.method, k) for k in model.k_grid(self.method)]
+        if 0 not in model.k_grid(self.method) and NO_SPECULATION in model.methods():
+            keys.insert(0, StepTableKey(NO_SPECULATION, 0))
+        return keys
 
-    def _build_arrays(self, rows: list[dict], timings: list[tuple[str, int]]) -> None:
-        n_max, model = self._max_branches, self.latency_model
-        self._tokens = np.stack([np.asarray(r["branch_tokens"][:n_max], float) for r in rows])
-        self._classes = np.stack([np.asarray(r["branch_class"][:n_max], int) for r in rows])
-        acceptance = [self.profile.acceptance(r, self.method) for r in rows]
-        width = max(int(self._classes.max()) + 1, 1)
-        self._class_correct: list[list[bool]] = []
-        self._class_answer: list[list[str | None]] = []
+    def _build_arrays(self, rows: list[dict]) -> None:
+        n_max, model, keys = self._max_branches, self.latency_model, self._step_table_keys
+        self.branch_tokens = np.stack([np.asarray(r["branch_tokens"][:n_max], float) for r in rows])
+        self.branch_classes = np.stack([np.asarray(r["branch_class"][:n_max], int) for r in rows])
+        width = max(int(self.branch_classes.max()) + 1, 1)
+        self.class_correct: list[list[bool]] = []
+        self.class_answer: list[list[str | None]] = []
         for i, row in enumerate(rows):
             answers: list[str | None] = [None] * width
             correct = [False] * width
             for b in range(n_max):
-                c = self._classes[i, b]
+                c = self.branch_classes[i, b]
                 if c >= 0 and answers[c] is None:
                     answers[c] = row["branch_answer"][b]
                     correct[c] = bool(row["branch_correct"][b])
-            self._class_answer.append(answers)
-            self._class_correct.append(correct)
-        self._k_index = {k: j for j, (_, k) in enumerate(timings)}
-        self._tps = np.array([[tokens_per_step(a, k) for _, k in timings] for a in acceptance])
-        # decode steps each branch needs, one row per (problem, k index)
-        steps = np.ceil(np.maximum(self._tokens, 1.0)[:, None, :] / self._tps[:, :, None])
-        self._steps = list(steps.reshape(len(rows) * len(timings), n_max))
-        self._num_k = len(timings)
+            self.class_answer.append(answers)
+            self.class_correct.append(correct)
+        acceptance = [self.profile.acceptance(r, self.method) for r in rows]
+        self.tokens_per_step = np.array([[tokens_per_step(a, key.k) for key in keys]
+                                         for a in acceptance])  # fmt: skip
+        # decode steps each branch needs, one row per (problem, k slot)
+        steps = np.ceil(
+            np.maximum(self.branch_tokens, 1.0)[:, None, :] / self.tokens_per_step[:, :, None]
+        )
+        self._steps = list(steps.reshape(len(rows) * len(keys), n_max))
         batch = np.arange(n_max + 1)
-        self._step_s = np.stack([model.step_time(batch, k, m) for m, k in timings])
-        # seconds before decoding starts, per problem and branch count 0..n_max
+        self.step_seconds = np.stack([model.step_time(batch, key.k, key.method) for key in keys])
         prompts = np.array([[p.prompt_tokens] for p in self._problems])
-        self._start_s = model.call_overhead_s + model.prefill_time(prompts, np.arange(n_max + 1))
+        self.start_seconds = model.call_overhead_s + model.prefill_time(prompts, batch)
 
     @property
     def name(self) -> str:
@@ -160,74 +187,79 @@ class ReplayBackend:
     def k_grid(self) -> tuple[int, ...]:
         return self._k_grid
 
-    def timing(self, k: int) -> tuple[str, int]:
-        """The latency model's (method, k) table that times draft length ``k``."""
-        return self._tables[self._k_index[k]]
+    def k_slot(self, k: int) -> int:
+        """The row of ``tokens_per_step``/``step_seconds`` that draft length ``k`` uses."""
+        return self._slot_of_k[k]
 
-    def _timeline(self, p: int, ki: int, drawn: np.ndarray) -> tuple:
-        """Finish order of ``drawn``, sorted decode steps, finish times, step seconds, start."""
+    def step_table_key(self, k: int) -> StepTableKey:
+        """The latency model's step table that times draft length ``k``."""
+        return self._step_table_keys[self._slot_of_k[k]]
+
+    def _finish_schedule(self, p: int, slot: int, drawn: np.ndarray) -> FinishSchedule:
         n = len(drawn)
-        steps = self._steps[p * self._num_k + ki][drawn]
+        steps = self._steps[p * len(self._step_table_keys) + slot][drawn]
         order = steps.argsort(kind="stable")
         sorted_steps = steps[order]
         increments = sorted_steps.copy()
         increments[1:] -= sorted_steps[:-1]
-        step_s = self._step_s[ki, n:0:-1]  # step seconds while n, n-1, ..., 1 branches run
-        start = self._start_s[p, n]
+        step_s = self.step_seconds[slot, n:0:-1]  # step seconds while n, n-1, ..., 1 branches run
+        start = self.start_seconds[p, n]
         finish = (increments * step_s).cumsum()
         finish += start
-        return order, sorted_steps, finish, step_s, start
+        return FinishSchedule(order, sorted_steps, finish, step_s, start)
 
     def finish_times(self, problem_index: int, branches: np.ndarray, k: int) -> np.ndarray:
         """Finish time (s from call start) of the given recorded branches run together."""
-        order, _, finish, _, _ = self._timeline(problem_index, self._k_index[k], branches)
+        schedule = self._finish_schedule(problem_index, self._slot_of_k[k], branches)
         out = np.empty(len(branches))
-        out[order] = finish
+        out[schedule.order] = schedule.finish_s
         return out
 
     def run(
         self, problem_index: int, n: int, k: int, deadline_s: float, rng: np.random.Generator
     ) -> Outcome:
-        return self.run_deadlines(problem_index, n, k, (deadline_s,), rng)[0]
+        return self.run_one_draw(problem_index, n, k, (deadline_s,), rng)[0]
 
-    def run_deadlines(
+    def run_one_draw(
         self,
         problem_index: int,
         n: int,
         k: int,
-        deadlines_s: Sequence[float],
+        stop_times_s: Sequence[float],
         rng: np.random.Generator,
     ) -> list[Outcome]:
-        """``run`` at several deadlines on one draw of branches (for hindsight searches)."""
+        """One draw of ``n`` branches, answered as if the call stopped at each of
+        ``stop_times_s``: ``run`` at several deadlines on the same branches, for the searches
+        that compare budgets and deadlines in hindsight (one outcome per stop time)."""
         if not 1 <= n <= self._max_branches:
             raise ValueError(f"n={n} outside 1..{self._max_branches} (recorded branches)")
-        if k not in self._k_index:
+        if k not in self._slot_of_k:
             raise ValueError(f"k={k} not in this backend's k grid {self._k_grid}")
-        p, ki = problem_index, self._k_index[k]
+        p, slot = problem_index, self._slot_of_k[k]
         drawn = rng.permutation(self._max_branches)[:n]
-        order, sorted_steps, finish, step_s, start = self._timeline(p, ki, drawn)
+        order, sorted_steps, finish, step_s, start = self._finish_schedule(p, slot, drawn)
         branches = drawn[order]
-        classes = self._classes[p, branches].tolist()
-        tokens = self._tokens[p, branches]
+        classes = self.branch_classes[p, branches].tolist()
+        tokens = self.branch_tokens[p, branches]
         finished_tokens = tokens.cumsum()
-        in_time = finish.searchsorted(deadlines_s, side="right").tolist()
+        in_time = finish.searchsorted(stop_times_s, side="right").tolist()
         outcomes = []
-        for deadline_s, finished in zip(deadlines_s, in_time, strict=True):
+        for stop_s, finished in zip(stop_times_s, in_time, strict=True):
             vote = vote_in_finish_order(classes[:finished], n)
             done = vote.used
-            latency = float(finish[done - 1]) if vote.decided else float(deadline_s)
+            latency = float(finish[done - 1]) if vote.decided else float(stop_s)
             generated = float(finished_tokens[done - 1]) if done else 0.0
             if done < n and latency > start:  # aborted branches: tokens decoded until the stop
                 since, before = (finish[done - 1], sorted_steps[done - 1]) if done else (start, 0)
                 steps_done = (before + (latency - since) / step_s[done]) // 1.0
-                decoded = np.minimum(tokens[done:], steps_done * self._tps[p, ki])
+                decoded = np.minimum(tokens[done:], steps_done * self.tokens_per_step[p, slot])
                 generated += float(decoded.sum())
             answered = vote.winner >= 0
             outcome = Outcome(
-                correct=answered and self._class_correct[p][vote.winner],
+                correct=answered and self.class_correct[p][vote.winner],
                 answered=answered,
                 answer_class=vote.winner,
-                answer=self._class_answer[p][vote.winner] if answered else None,
+                answer=self.class_answer[p][vote.winner] if answered else None,
                 latency_s=latency,
                 n=n,
                 k=k,

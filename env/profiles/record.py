@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from env.latency_model import NO_SPECULATION
 from env.paths import profiles_dir
 from env.profiles.calibrate import (
     calibrate,
@@ -50,12 +51,12 @@ from env.profiles.calibrate import (
     prompt_length_quantiles,
 )
 from env.profiles.store import problem_fields, save_profile
-from env.task.grading import answer_classes, grade
+from env.task.grading import grade
 from env.task.problems import MathProblem, load_math500, load_math_train
 from env.task.prompt import build_user_message
+from env.task.voting import answer_classes
 
 JOURNAL = "journal.jsonl"
-NO_SPECULATION = "none"
 
 
 @dataclass(frozen=True)

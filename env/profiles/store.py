@@ -27,6 +27,9 @@ import numpy as np
 from env.latency_model import LatencyModel
 from env.paths import profiles_dir
 
+SYNTHETIC_LABEL = "synthetic profile"
+"""The words every number from a synthetic profile carries beside it (labels, tables, plots)."""
+
 FORMAT_VERSION = 1
 
 # name -> meaning; list columns have one entry per recorded branch (N_max of them, k = 0 run).
@@ -90,7 +93,7 @@ class Profile:
     @property
     def label(self) -> str:
         """Name as shown beside numbers; synthetic profiles say so."""
-        return f"{self.name} (synthetic profile)" if self.synthetic else self.name
+        return f"{self.name} ({SYNTHETIC_LABEL})" if self.synthetic else self.name
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel.from_dict(self.manifest["latency_model"])

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from env.latency_model import LatencyModel, relative_errors
+from env.latency_model import NO_SPECULATION, LatencyModel, relative_errors
 from env.profiles.calibrate import effective_acceptance
-from env.profiles.record import NO_SPECULATION, ProfileSettings, build_engines
+from env.profiles.record import ProfileSettings, build_engines
 from env.profiles.store import Profile, load_profile, write_json
 from env.task.problems import load_math500
 from env.task.prompt import build_user_message

@@ -244,3 +244,38 @@ def calibrate(
     half = THETA_STEP / 2
     tried += [evaluate(best.theta0 + d, best.boost) for d in (-half, half)]
     return min(tried, key=lambda pair: pair[0])[1]
+
+
+def gold_class_of(row: dict) -> int:
+    """Class id of the correct answer among a row's branches; -1 if no branch is correct."""
+    correct = np.asarray(row["branch_correct"], dtype=bool)
+    return int(np.asarray(row["branch_class"])[correct][0]) if correct.any() else -1
+
+
+def vote_check(
+    test_rows: list[dict], majority: dict, fit_curve: list, per_problem: np.ndarray, seed: int
+) -> dict:
+    """Published majority-vote curve against the fitted distributions and the stored branches."""
+    grid = tuple(majority["sel_grid"])
+    n_max = len(test_rows[0]["branch_class"])
+    stored_n = tuple(n for n in grid if n <= n_max)
+    stored = stored_vote_curve(
+        [np.asarray(r["branch_class"]) for r in test_rows],
+        [gold_class_of(r) for r in test_rows],
+        stored_n,
+        np.random.default_rng([seed, 5]),
+    )
+    # The stored curve is one draw of n_max branches per problem: a per-problem outcome with
+    # success probability q has variance at most q (1 - q).
+    q = per_problem[:, : len(stored_n)]
+    stored_error = np.sqrt((q * (1 - q)).sum(axis=0)) / len(test_rows)
+    return {
+        "protocol": "published (sampling-ceilings within_session_curves)",
+        "n": list(grid),
+        "published": majority["selection"],
+        "simulated": np.round(per_problem.mean(axis=0), 4).tolist(),
+        "calibration_fit": np.round(fit_curve, 4).tolist(),
+        "stored_n": list(stored_n),
+        "stored": np.round(stored, 4).tolist(),
+        "stored_standard_error": np.round(stored_error, 4).tolist(),
+    }

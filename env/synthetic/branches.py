@@ -1,10 +1,11 @@
-"""What one synthetic problem's branches look like: lengths, acceptance, answers.
+"""What one synthetic problem's branches look like: answers, lengths, acceptance.
 
 Split from the generator (`env.synthetic.generate`) so that the per-problem model and every
-parameter behind it, each with its source, can be read in one place. Lengths are log-normal
-per problem, with a median that grows with the MATH reference solution's length and with
-difficulty, longer for wrong answers, and cut at the source run's max_tokens (such a branch has
-no answer). Per-token draft acceptance is drawn per problem around cited means.
+parameter behind it, each with its source, can be read in one place. Lengths follow
+`env.synthetic.lengths` (log-normal per problem, cut at the source run's max_tokens, where a
+branch has no answer); the length parameters without a public figure are listed here, the two
+fitted to the real length-correctness figures are added by the generator. Per-token draft
+acceptance is drawn per problem around cited means.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import numpy as np
 
 from env.synthetic.answers import N_STICKS, draw_categories
+from env.synthetic.lengths import LengthModel
 from env.task.prompt import build_user_message
 
 SOURCE_RUN = (
@@ -37,24 +39,28 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     ),
     "length_median_correct_tokens": (
         380,
-        f"{ASSUMED}: median correct response at the median MATH-500 reference solution",
+        f"{ASSUMED}: median correct response at the median MATH-500 reference solution; "
+        "sensitivity: python -m env.synthetic.generate --sensitivity",
     ),
     "length_solution_exponent": (
         0.45,
         "responses grow with the reference solution (MATH-500 solution medians rise 4.3x from "
         "level 1 to 5 in data/math500.jsonl); sub-linear exponent is an assumption",
     ),
-    "length_difficulty_slope": (
-        0.6,
-        "harder problems get longer responses (Su et al. 2025, 'Between Underthinking and "
-        "Overthinking', arXiv:2505.00127); log-length slope per unit success rate assumed",
+    "length_problem_sigma": (
+        0.25,
+        f"{ASSUMED}: per-problem log-length noise; sensitivity: --sensitivity",
     ),
-    "length_problem_sigma": (0.25, f"{ASSUMED}: per-problem log-length noise"),
-    "length_branch_sigma": (0.45, f"{ASSUMED}: within-problem log-length spread"),
-    "length_wrong_ratio": (
-        1.4,
-        "wrong responses are longer than correct ones on the same question (Su et al. 2025; "
-        "Zeng et al. 2025, arXiv:2502.12215); ratio of medians assumed",
+    "length_branch_sigma": (
+        0.45,
+        f"{ASSUMED}: within-problem log-length spread (coefficient of variation ~0.47); no "
+        "public per-problem spread found for Llama-3.2-1B-Instruct; sensitivity: --sensitivity",
+    ),
+    "max_tokens": (
+        SAMPLING["max_tokens"],
+        "search-and-learn default max_tokens=2048 (github.com/huggingface/search-and-learn "
+        "src/sal/config.py), named in the source run's config (...--max_tokens-2048--...); "
+        "a branch that reaches it has no answer",
     ),
     "min_tokens": (16, "assumption: shortest response that states a boxed answer"),
     "accept_draft_model_mean": (
@@ -93,32 +99,16 @@ def prompt_tokens(problem: str) -> int:
     return math.ceil(chars / value("chars_per_token")) + value("chat_template_tokens")
 
 
-def length_medians(solution_chars: np.ndarray, rates: np.ndarray, rng: np.random.Generator):
-    """Median response tokens per problem when correct (wrong ones are `length_wrong_ratio` x)."""
-    solution_tokens = solution_chars / value("chars_per_token")
-    reference = np.median(solution_tokens)
-    log_median = (
-        math.log(value("length_median_correct_tokens"))
-        + value("length_solution_exponent") * np.log(np.maximum(solution_tokens, 1) / reference)
-        + value("length_difficulty_slope") * (0.5 - rates)
-        + value("length_problem_sigma") * rng.standard_normal(len(rates))
+def base_length_model() -> LengthModel:
+    """The length model with the listed values; the generator fits its ratio and slope."""
+    return LengthModel(
+        median_correct_tokens=value("length_median_correct_tokens"),
+        solution_exponent=value("length_solution_exponent"),
+        problem_sigma=value("length_problem_sigma"),
+        branch_sigma=value("length_branch_sigma"),
+        max_tokens=value("max_tokens"),
+        min_tokens=value("min_tokens"),
     )
-    return np.exp(log_median)
-
-
-def truncation_rate(median_tokens: np.ndarray) -> np.ndarray:
-    """P(log-normal length with this median > max_tokens)."""
-    z = (math.log(SAMPLING["max_tokens"]) - np.log(median_tokens)) / value("length_branch_sigma")
-    return 0.5 * np.array([math.erfc(x / math.sqrt(2)) for x in z])
-
-
-def draw_lengths(median: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n log-normal lengths below max_tokens (rejection sampling), at least min_tokens."""
-    cap, sigma = SAMPLING["max_tokens"], value("length_branch_sigma")
-    out = median * np.exp(sigma * rng.standard_normal(n))
-    while (over := out >= cap).any():
-        out[over] = median * np.exp(sigma * rng.standard_normal(int(over.sum())))
-    return np.clip(np.round(out), value("min_tokens"), cap - 1).astype(int)
 
 
 def acceptance(rate: float, median: float, mean_rate: float, rng: np.random.Generator) -> dict:
@@ -139,16 +129,23 @@ def acceptance(rate: float, median: float, mean_rate: float, rng: np.random.Gene
 
 
 def sample_branches(
-    probs: np.ndarray, gold: str, n_max: int, median: float, rng: np.random.Generator
+    probs: np.ndarray,
+    gold: str,
+    n_max: int,
+    median: float,
+    lengths: LengthModel,
+    rng: np.random.Generator,
 ) -> dict:
     """n_max i.i.d. branches of one problem: classes by first appearance, answers, lengths."""
     cats = draw_categories(probs, rng.random(n_max))
     one_off, none = N_STICKS + 1, N_STICKS + 2
-    tokens = np.full(n_max, SAMPLING["max_tokens"])
     correct = cats == 0
-    tokens[correct] = draw_lengths(median, int(correct.sum()), rng)
-    wrong = (cats > 0) & (cats != none)
-    tokens[wrong] = draw_lengths(median * value("length_wrong_ratio"), int(wrong.sum()), rng)
+    pair = np.array([median, lengths.wrong_ratio * median])
+    below = lengths.below_cap(pair)
+    tokens = lengths.tokens(
+        np.where(correct, pair[0], pair[1]), rng.random(n_max), np.where(correct, *below)
+    )
+    tokens[cats == none] = lengths.max_tokens
     keys, classes, answers = {}, [], []
     for b, cat in enumerate(cats.tolist()):
         if cat == none:

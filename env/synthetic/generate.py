@@ -12,13 +12,20 @@ What is drawn, per problem (MATH-500 test problems, and MATH train problems):
   problem of the same subject and level;
 - wrong answers: `env.synthetic.answers`, concentration calibrated to the published
   majority-vote curve and effective number of answers (data/llama32_1b_math500_majority.json);
-- response lengths: log-normal per problem, scaled by the MATH reference solution's length and
-  by difficulty, longer when wrong, cut at the source run's max_tokens (no answer);
+- response lengths: `env.synthetic.lengths`, log-normal per problem, scaled by the MATH
+  reference solution's length and by difficulty, cut at the source run's max_tokens (no
+  answer); the wrong/correct ratio and the difficulty slope are fitted to the real
+  within-problem AUC and pooled correlation of length for correctness
+  (data/llama32_1b_math500_length_audit.json);
 - per-token draft acceptance for ngram and a draft model;
 - finish times of all N_max branches of a k = 0 call from the H100 roofline
   (`env.synthetic.roofline`).
 
-Run ``python -m env.synthetic.generate`` (see ``--help``); it prints every calibration check.
+Run ``python -m env.synthetic.generate`` (see ``--help``); it prints every calibration check,
+lists each target with its achieved value in the manifest (``calibration_targets``) and draws
+the calibration plot; ``--sensitivity`` refits the lengths under other values of the
+assumptions that have no public figure. ``python -m env.synthetic.report`` shows a saved
+profile's calibration.
 """
 
 from __future__ import annotations
@@ -46,20 +53,39 @@ from env.synthetic.answers import (
     build_answer_model,
     calibrate,
     simulate_votes,
-    stored_vote_curve,
+    vote_check,
 )
 from env.synthetic.branches import (
     PARAMETERS,
     SAMPLING,
     SOURCE_RUN,
     acceptance,
-    length_medians,
+    base_length_model,
     prompt_tokens,
     sample_branches,
-    truncation_rate,
     value,
 )
-from env.synthetic.report import format_summary, length_statistics
+from env.synthetic.lengths import (
+    AUDIT_FILE,
+    LengthDraws,
+    LengthFit,
+    LengthInputs,
+    LengthMetrics,
+    LengthModel,
+    LengthTargets,
+    fit_lengths,
+    length_check,
+    load_targets,
+    sensitivity,
+    simulate_sessions,
+)
+from env.synthetic.report import (
+    format_sensitivity,
+    format_summary,
+    length_statistics,
+    save_plot,
+    target_row,
+)
 from env.synthetic.roofline import H100_SXM, K_GRID, SPEC_METHODS, RooflineModel, published_checks
 from env.task.problems import MathProblem, load_math500, load_math_train
 
@@ -69,6 +95,10 @@ COUNTS_FILE = "llama32_1b_math500_counts.json"
 MAJORITY_FILE = "llama32_1b_math500_majority.json"
 CALIBRATION_REPS = 12
 CHECK_REPS = 64
+VOTE_TOLERANCE = 0.02  # issue 5: majority-vote curve within +-2 points at every N
+EFFECTIVE_TOLERANCE = 0.15  # relative: "close to the published median" effective answers
+PASS1_TOLERANCE = 0.01  # stored branches keep the published mean success rate
+PLOT_NAME = "calibration.png"
 
 
 @dataclass
@@ -116,18 +146,35 @@ def train_success_rates(train, test, test_rates: np.ndarray, rng: np.random.Gene
 
 @dataclass
 class _Problems:
-    """MATH-500 problems (first) and the chosen train problems, with per-problem inputs."""
+    """MATH-500 problems (first) and the chosen train problems, with per-problem inputs:
+    success rates, reference-solution tokens, length noise and stick uniforms; `lengths` and
+    what follows from it (medians, no-answer rates) are set once the length model is fitted."""
 
     problems: list[MathProblem]
     n_test: int
     rates: np.ndarray
-    medians: np.ndarray
-    p_none: np.ndarray
+    solution_tokens: np.ndarray
+    length_normals: np.ndarray
     sticks: np.ndarray
+    lengths: LengthModel | None = None
+
+    def length_inputs(self, split: slice = slice(None)) -> LengthInputs:
+        """The length model's inputs of the problems in `split` (default all)."""
+        return LengthInputs(
+            self.solution_tokens[split], self.rates[split], self.length_normals[split]
+        )
+
+    @property
+    def medians(self) -> np.ndarray:
+        return self.lengths.medians(self.length_inputs())
+
+    @property
+    def p_none(self) -> np.ndarray:
+        return self.lengths.no_answer_rates(self.medians, self.rates)
 
 
 def _load_problems(rates: dict[str, float], seed: int, train_problems: int) -> _Problems:
-    """Problems, success rates, length medians, no-answer rates and stick uniforms."""
+    """Problems, success rates, solution lengths, length noise and stick uniforms."""
     streams = [np.random.default_rng([seed, stream]) for stream in range(4)]
     test = load_math500(source="bundled")
     train_all = load_math_train()
@@ -141,10 +188,20 @@ def _load_problems(rates: dict[str, float], seed: int, train_problems: int) -> _
     all_rates = np.concatenate(
         [test_rates, train_success_rates(train, test, test_rates, streams[1])]
     )
-    medians = length_medians(np.asarray(solutions, dtype=float), all_rates, streams[2])
-    p_none = (1.0 - all_rates) * truncation_rate(medians * value("length_wrong_ratio"))
+    solution_tokens = np.asarray(solutions, dtype=float) / value("chars_per_token")
+    normals = streams[2].standard_normal(len(all_rates))
     sticks = streams[3].random((len(test) + len(train), N_STICKS))
-    return _Problems(test + train, len(test), all_rates, medians, p_none, sticks)
+    return _Problems(test + train, len(test), all_rates, solution_tokens, normals, sticks)
+
+
+def _fit_lengths(data: _Problems, seed: int) -> tuple[LengthFit, LengthMetrics, LengthTargets]:
+    """Fit the length model on MATH-500 and check it on fresh sessions."""
+    targets = load_targets()
+    inputs = data.length_inputs(slice(0, data.n_test))
+    fit_draws = LengthDraws.draw(data.n_test, np.random.default_rng([seed, 6]))
+    fit = fit_lengths(base_length_model(), inputs, fit_draws, targets)
+    check_draws = LengthDraws.draw(data.n_test, np.random.default_rng([seed, 7]))
+    return fit, simulate_sessions(fit.model, inputs, check_draws), targets
 
 
 def _calibrated_answers(
@@ -178,6 +235,7 @@ def _calibrated_answers(
 def _rows(data: _Problems, answers: AnswerModel, seed: int, n_max: int, progress: bool):
     """One profile row per problem (finish times are added once the latency model exists)."""
     probs = answers.category_probs()
+    medians = data.medians
     mean_rate = float(data.rates[: data.n_test].mean())
     rows = []
     for i, problem in enumerate(tqdm(data.problems, desc="branches", disable=not progress)):
@@ -187,15 +245,19 @@ def _rows(data: _Problems, answers: AnswerModel, seed: int, n_max: int, progress
             "prompt_tokens": prompt_tokens(problem.problem),
             "branch_text": [""] * n_max,
         }
-        row.update(sample_branches(probs[i], problem.answer, n_max, data.medians[i], rng))
-        row["accept"] = acceptance(data.rates[i], data.medians[i], mean_rate, rng)
+        row.update(sample_branches(probs[i], problem.answer, n_max, medians[i], data.lengths, rng))
+        row["accept"] = acceptance(data.rates[i], medians[i], mean_rate, rng)
         rows.append(row)
     return rows
 
 
-def _parameters(fit: Calibration, roofline: RooflineModel) -> dict[str, dict]:
+def _parameters(fit: Calibration, lengths: LengthModel, roofline: RooflineModel) -> dict:
     """Every parameter of the profile with its value and source."""
     calibrated = f"calibrated to {MAJORITY_FILE} (majority curve, effective answers)"
+    fitted = (
+        f"fitted to data/{AUDIT_FILE} (within-problem AUC and pooled correlation of length "
+        "for correctness, real Llama-3.2-1B-Instruct MATH-500 samples; rlc-audit)"
+    )
     parameters = {name: {"value": v, "source": s} for name, (v, s) in PARAMETERS.items()}
     parameters.update(
         {
@@ -207,10 +269,56 @@ def _parameters(fit: Calibration, roofline: RooflineModel) -> dict[str, dict]:
             "distractor_sticks": {"value": N_STICKS, "source": "modelling choice"},
             "distractor_theta0": {"value": fit.theta0, "source": calibrated},
             "distractor_hopeless_boost": {"value": fit.boost, "source": calibrated},
+            "length_wrong_ratio": {"value": round(lengths.wrong_ratio, 4), "source": fitted},
+            "length_difficulty_slope": {
+                "value": round(lengths.difficulty_slope, 4),
+                "source": f"{fitted}; harder problems get longer responses (Su et al. 2025, "
+                "arXiv:2505.00127)",
+            },
             **roofline.parameters(),
         }
     )
     return parameters
+
+
+def _calibration_targets(
+    calibration: dict, targets: LengthTargets, published_rate: float, stored_rate: float
+) -> list[dict]:
+    """Every calibration target with its tolerance, achieved value and source."""
+    vote, eff = calibration["majority_vote"], calibration["effective_answers"]
+    lengths = calibration["length_correctness"]["simulated"]
+    curve_source = f"sampling-ceilings, data/{MAJORITY_FILE}"
+    length_source = f"rlc-audit 'bon' arms, data/{AUDIT_FILE}"
+    rows = [
+        target_row(f"majority vote accuracy, N = {n}", pub, VOTE_TOLERANCE, sim, curve_source)
+        for n, pub, sim in zip(vote["n"], vote["published"], vote["simulated"], strict=True)
+    ]
+    effective = eff["published_median"]
+    others = (
+        ("effective distinct answers, median over problems", effective,
+         EFFECTIVE_TOLERANCE * effective, eff["simulated_median"], curve_source),
+        ("within-problem AUC of length for correctness", targets.auc, targets.auc_tolerance,
+         lengths["auc"], length_source),
+        ("pooled correlation of length and correctness", targets.correlation,
+         targets.correlation_tolerance, lengths["correlation"], length_source),
+        ("success rate of stored MATH-500 branches", published_rate, PASS1_TOLERANCE,
+         stored_rate, f"sampling-ceilings, data/{COUNTS_FILE}"),
+    )  # fmt: skip
+    return rows + [target_row(*spec) for spec in others]
+
+
+def _add_finish_times(rows: list[dict], n_test: int) -> tuple[RooflineModel, dict]:
+    """Roofline at the test split's typical context, and k = 0 finish times for every row."""
+    test_rows = rows[:n_test]
+    mean_prompt = np.mean([r["prompt_tokens"] for r in test_rows])
+    mean_tokens = np.mean([np.mean(r["branch_tokens"]) for r in test_rows])
+    roofline = RooflineModel(context_tokens=round(float(mean_prompt + mean_tokens / 2)))
+    latency = roofline.latency_model()
+    for row in rows:
+        tokens, prompt = row["branch_tokens"], row["prompt_tokens"]
+        finish = latency.branch_finish_times(tokens, 0, "ngram", 0.0, prompt)
+        row["branch_finish_s"] = np.round(finish, 6).tolist()
+    return roofline, latency.to_dict()
 
 
 def generate(
@@ -226,32 +334,27 @@ def generate(
     out = Path(out) if out is not None else profiles_dir() / PROFILE_NAME
     rates, majority = load_published()
     data = _load_problems(rates, seed, train_problems)
+    length_fit, length_fresh, targets = _fit_lengths(data, seed)
+    data.lengths = length_fit.model
     answers, fit, per_problem, effective = _calibrated_answers(data, majority, seed, progress)
     rows = _rows(data, answers, seed, n_max, progress)
-
+    roofline, latency = _add_finish_times(rows, data.n_test)
     test_rows = rows[: data.n_test]
-    grid = tuple(majority["sel_grid"])
-    stored_n = tuple(n for n in grid if n <= n_max)
-    stored = stored_vote_curve(
-        [np.asarray(r["branch_class"]) for r in test_rows],
-        [_gold_class(r) for r in test_rows],
-        stored_n,
-        np.random.default_rng([seed, 5]),
-    )
-    # The stored curve is one draw of n_max branches per problem: a per-problem outcome with
-    # success probability q has variance at most q (1 - q).
-    q = per_problem[:, : len(stored_n)]
-    stored_error = np.sqrt((q * (1 - q)).sum(axis=0)) / data.n_test
-
-    mean_prompt = np.mean([r["prompt_tokens"] for r in test_rows])
-    mean_tokens = np.mean([np.mean(r["branch_tokens"]) for r in test_rows])
-    roofline = RooflineModel(context_tokens=round(float(mean_prompt + mean_tokens / 2)))
-    latency = roofline.latency_model()
-    for row in rows:
-        tokens, prompt = row["branch_tokens"], row["prompt_tokens"]
-        finish = latency.branch_finish_times(tokens, 0, "ngram", 0.0, prompt)
-        row["branch_finish_s"] = np.round(finish, 6).tolist()
-
+    calibration = {
+        "majority_vote": vote_check(test_rows, majority, fit.curve, per_problem, seed),
+        "effective_answers": {
+            "published_median": majority["eff_answers_median"],
+            "simulated_median": round(float(np.median(effective)), 3),
+        },
+        "length_correctness": length_check(test_rows, length_fit, length_fresh, targets),
+        "lengths": length_statistics(test_rows),
+        "latency_checks": published_checks(roofline),
+        "acceptance_means": {
+            m: round(float(np.mean([r["accept"][m] for r in test_rows])), 4) for m in SPEC_METHODS
+        },
+    }
+    stored_rate = float(np.mean([np.mean(r["branch_correct"]) for r in test_rows]))
+    published_rate = float(data.rates[: data.n_test].mean())
     manifest = {
         "name": out.name,
         "synthetic": True,
@@ -266,30 +369,12 @@ def generate(
         "spec_methods": list(SPEC_METHODS),
         "seed": seed,
         "splits": {"test": data.n_test, "train": len(rows) - data.n_test},
-        "latency_model": latency.to_dict(),
-        "parameters": _parameters(fit, roofline),
-        "calibration": {
-            "majority_vote": {
-                "protocol": "published (sampling-ceilings within_session_curves)",
-                "n": list(grid),
-                "published": majority["selection"],
-                "simulated": np.round(per_problem.mean(axis=0), 4).tolist(),
-                "calibration_fit": np.round(fit.curve, 4).tolist(),
-                "stored_n": list(stored_n),
-                "stored": np.round(stored, 4).tolist(),
-                "stored_standard_error": np.round(stored_error, 4).tolist(),
-            },
-            "effective_answers": {
-                "published_median": majority["eff_answers_median"],
-                "simulated_median": round(float(np.median(effective)), 3),
-            },
-            "lengths": length_statistics(test_rows),
-            "latency_checks": published_checks(roofline),
-            "acceptance_means": {
-                m: round(float(np.mean([r["accept"][m] for r in test_rows])), 4)
-                for m in SPEC_METHODS
-            },
-        },
+        "latency_model": latency,
+        "parameters": _parameters(fit, length_fit.model, roofline),
+        "calibration_targets": _calibration_targets(
+            calibration, targets, published_rate, stored_rate
+        ),
+        "calibration": calibration,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command or f"python -m env.synthetic.generate --out {out} --seed {seed}",
     }
@@ -299,10 +384,13 @@ def generate(
     return SyntheticProfile(out, saved, rows, answers.take(slice(0, data.n_test)))
 
 
-def _gold_class(row: dict) -> int:
-    """Class id of the correct answer among a row's branches; -1 if no branch is correct."""
-    correct = np.asarray(row["branch_correct"], dtype=bool)
-    return int(np.asarray(row["branch_class"])[correct][0]) if correct.any() else -1
+def length_sensitivity(seed: int = 0) -> list[dict]:
+    """`env.synthetic.lengths.sensitivity` on the MATH-500 problems, with the fit's draws."""
+    rates, _ = load_published()
+    data = _load_problems(rates, seed, train_problems=0)
+    draws = LengthDraws.draw(data.n_test, np.random.default_rng([seed, 6]))
+    inputs = data.length_inputs(slice(0, data.n_test))
+    return sensitivity(base_length_model(), inputs, draws, load_targets())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,11 +401,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-max", type=int, default=64, help="branches recorded per problem")
     parser.add_argument("--train-problems", type=int, default=7500, help="MATH train problems")
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="only refit the length model under other values of its unsourced assumptions",
+    )
     args = parser.parse_args(argv)
+    if args.sensitivity:
+        print(format_sensitivity(length_sensitivity(args.seed)))
+        return
     command = "python -m env.synthetic.generate " + " ".join(sys.argv[1:] if argv is None else argv)
     profile = generate(args.out, args.seed, args.n_max, args.train_problems, True, command.strip())
     print(format_summary(profile.manifest))
-    print(f"wrote {profile.path} in {profile.manifest['duration_s']:.1f} s")
+    plot = save_plot(profile.path, profile.path / PLOT_NAME)
+    print(f"wrote {profile.path} in {profile.manifest['duration_s']:.1f} s; plot {plot}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from env.latency_model import LatencyModel, StepTable
+from env.latency_model import SPEC_METHODS, LatencyModel, StepTable
 
 BATCH_GRID = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 """Batch sizes (live branches) at which step times are tabulated; `StepTable` interpolates."""
@@ -33,8 +33,6 @@ K_GRID = (0, 1, 2, 4)
 """Draft tokens per step. Per-token acceptance here is 0.2-0.7, where expected tokens per step
 (1 - a^(k+1)) / (1 - a) gain little beyond k = 4 (a = 0.65: 2.3 at k = 4, 2.5 at k = 8), and
 k = 1, 2 are the cheap settings that stay worthwhile once compute saturates at large n."""
-
-SPEC_METHODS = ("ngram", "draft_model")
 
 HF_CONFIGS = "config.json of the model on the Hugging Face hub"
 

@@ -1,9 +1,10 @@
-"""Answer extraction, equivalence checking and majority voting for MATH problems.
+"""Answer extraction and equivalence checking for MATH problems.
 
 Every stage that judges a branch (profiling, the replay and live backends, evaluation, the
 deployed controller) must agree on what "correct" and "the same answer" mean, so the rules live
-here, separate from generation. Equivalence is math-verify's (``verify(parse(gold),
-parse(pred))``), the grader used by the MATH-500 reference figures bundled in ``data/``.
+here, separate from generation (how answers are combined is ``env.task.voting``'s).
+Equivalence is math-verify's (``verify(parse(gold), parse(pred))``), the grader used by the
+MATH-500 reference figures bundled in ``data/``.
 
 math-verify guards parsing and comparison with ``signal.alarm``, which only works on a process's
 main thread. We keep those timeouts on the main thread and switch them off elsewhere (worker
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from math_verify import parse, verify
@@ -112,7 +112,7 @@ def _parse_answer(answer: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=65536)
-def is_equivalent(gold: str, predicted: str | None) -> bool:
+def matches_gold(gold: str, predicted: str | None) -> bool:
     """True when math-verify judges the predicted answer equal to the gold answer.
 
     Both are bare answers (box contents), e.g. ``"\\frac{1}{2}"`` and ``"0.5"``. The comparison
@@ -130,9 +130,13 @@ def is_equivalent(gold: str, predicted: str | None) -> bool:
         return False
 
 
-def is_equiv_pair(first: str, second: str) -> bool:
-    """Whether two sampled answers count as the same vote: identical text or equivalent."""
-    return first.strip() == second.strip() or is_equivalent(first, second)
+def same_answer(first: str, second: str) -> bool:
+    """Whether two sampled answers count as the same vote: identical text or equivalent.
+
+    Identical text also covers answers math-verify cannot parse (they never match a gold
+    answer but still vote together); otherwise ``first`` plays the gold's part.
+    """
+    return first.strip() == second.strip() or matches_gold(first, second)
 
 
 @dataclass(frozen=True)
@@ -146,80 +150,4 @@ class GradeResult:
 def grade(gold: str, response_text: str) -> GradeResult:
     """Grade a full model response against the gold answer by its last boxed answer."""
     answer = extract_boxed_answer(response_text)
-    return GradeResult(answer=answer, correct=is_equivalent(gold, answer))
-
-
-def answer_classes(
-    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = is_equiv_pair
-) -> list[int]:
-    """Equivalence class id per answer, numbered in order of first appearance; -1 for None.
-
-    Each answer is compared with the first member (representative) of each existing class,
-    ``equivalent(representative, answer)``, and joins the first class that matches. Profiles
-    store these ids so replay can vote with integers instead of re-grading text.
-    """
-    representatives: list[str] = []
-    classes = []
-    for answer in answers:
-        if answer is None:
-            classes.append(-1)
-            continue
-        for class_id, representative in enumerate(representatives):
-            if equivalent(representative, answer):
-                classes.append(class_id)
-                break
-        else:
-            classes.append(len(representatives))
-            representatives.append(answer)
-    return classes
-
-
-@dataclass(frozen=True)
-class VoteResult:
-    """Outcome of a majority vote.
-
-    :param winner: representative (first-seen member) of the winning class; None if no answers.
-    :param winner_count: number of answers in the winning class.
-    :param group_sizes: answers per class, indexed by class id (first-appearance order).
-    :param classes: class id of each input answer, -1 for None.
-    """
-
-    winner: str | None
-    winner_count: int
-    group_sizes: tuple[int, ...]
-    classes: tuple[int, ...]
-
-
-def majority_vote(
-    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = is_equiv_pair
-) -> VoteResult:
-    """Majority vote over equivalence classes of answers (None answers do not vote).
-
-    Ties go to the class whose first member appeared earliest, so the result depends only on
-    the order of the answers.
-    """
-    classes = answer_classes(answers, equivalent)
-    sizes = [0] * (max(classes, default=-1) + 1)
-    for class_id in classes:
-        if class_id >= 0:
-            sizes[class_id] += 1
-    if not sizes:
-        return VoteResult(None, 0, (), tuple(classes))
-    winner_class = max(range(len(sizes)), key=lambda c: (sizes[c], -c))
-    winner = answers[classes.index(winner_class)]
-    return VoteResult(winner, sizes[winner_class], tuple(sizes), tuple(classes))
-
-
-def decided(counts: Sequence[int], remaining: int) -> bool:
-    """Whether the vote's winner is fixed whatever the ``remaining`` unfinished branches answer.
-
-    ``counts`` are the current votes per class (e.g. ``VoteResult.group_sizes``). Decided when
-    nothing is left to come, or when the leader is strictly ahead of the runner-up by more than
-    ``remaining``: then no class, existing or new, can even tie it. Ties are not counted as
-    decided although the earliest-class tie-break might already fix them; this errs on the side
-    of waiting.
-    """
-    if remaining <= 0:
-        return True
-    ranked = [*sorted(counts, reverse=True), 0, 0]
-    return ranked[0] > ranked[1] + remaining
+    return GradeResult(answer=answer, correct=matches_gold(gold, answer))

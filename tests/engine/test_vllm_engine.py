@@ -105,6 +105,8 @@ def test_error_in_callback_leaves_clean_engine(draft_engine):
         ({"prompt": ""}, "prompt must be a non-empty string"),
         ({"prompt": "   "}, "prompt must be a non-empty string"),
         ({"prompt": "word " * 5000}, "context allows at most"),
+        ({"prompt": []}, "non-empty string or its token ids"),
+        ({"prompt": [1] * 5000}, "context allows at most"),
         ({"temperature": -0.5}, "temperature must be"),
     ],
 )
@@ -115,6 +117,15 @@ def test_bad_input_is_rejected_before_the_engine(draft_engine, kwargs, message):
         draft_engine.run(**call)
     assert draft_engine.spec_counters() == before
     assert not draft_engine.has_unfinished_requests()
+
+
+def test_token_ids_run_like_their_message(draft_engine):
+    """A prompt tokenized once (``prompt_token_ids``) runs exactly like its message."""
+    ids = draft_engine.prompt_token_ids(PROMPT)
+    by_text = draft_engine.run(PROMPT, n=1, k=0, temperature=0, max_tokens=8)
+    by_ids = draft_engine.run(ids, n=1, k=0, temperature=0, max_tokens=8)
+    assert by_ids.prompt_tokens == by_text.prompt_tokens == len(ids)
+    assert by_ids.branches[0].text == by_text.branches[0].text
 
 
 def test_greedy_output_identical_at_every_k(draft_engine):

@@ -8,21 +8,25 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import env  # noqa: F401 - registers LatencyTTS-v0
+from env.allocation import Allocation
 from env.backends.protocol import Backend
 from env.backends.replay import ReplayBackend
+from env.config import ENV_ID, LIVE_ENV_ID, EnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import load_profile, save_profile
-from env.task.grading import decided
-from env.task.voting import vote_in_finish_order
-from env.tts_env import EnvConfig, LatencyTTSEnv
+from env.task.voting import VoteTally
+from env.tts_env import LatencyTTSEnv  # importing it registers the Gymnasium ids
 from tests.fake_profile import make_fake_profile
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    folder = make_fake_profile(tmp_path_factory.mktemp("profiles") / "fake-env", 200, 40, 16)
-    return load_profile(folder)
+def profile_folder(tmp_path_factory):
+    return make_fake_profile(tmp_path_factory.mktemp("profiles") / "fake-env", 200, 40, 16)
+
+
+@pytest.fixture(scope="module")
+def profile(profile_folder):
+    return load_profile(profile_folder)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,20 @@ def _handmade_profile(folder, classes, correct_class=1):
 
 
 def test_checkers_and_registration(profile, featurizer):
-    made = gym.make("LatencyTTS-v0", backend=ReplayBackend(profile, "train"), featurizer=featurizer)
+    made = gym.make(ENV_ID, backend=ReplayBackend(profile, "train"), featurizer=featurizer)
     gymnasium_check_env(made.unwrapped)
     sb3_check_env(made.unwrapped)
     obs, _ = made.reset(seed=0)
     assert made.observation_space.contains(obs)
     assert made.unwrapped.n_grid == (1, 2, 4, 8, 16)
+
+
+def test_make_with_defaults_fits_a_featurizer_explicitly(profile_folder):
+    made = gym.make(ENV_ID, profile=profile_folder, split="test")
+    assert len(made.unwrapped.problems) == 40
+    assert made.unwrapped.featurizer.meta["num_problems"] == 200  # the profile's training split
+    with pytest.raises(TypeError, match="featurizer"):
+        LatencyTTSEnv(made.unwrapped.backend, None)
 
 
 def test_replay_backend_implements_the_protocol_and_clones_share_it(train_env):
@@ -81,15 +93,19 @@ class _UnpromisingBackend:
         self._replay = replay
 
     def __getattr__(self, name):
-        if name == "deterministic":
+        if name in ("deterministic", "_replay") or name.startswith("__"):  # __deepcopy__ too
             raise AttributeError(name)
         return getattr(self._replay, name)
 
 
 def test_spec_is_nondeterministic_unless_the_backend_promises_otherwise(profile, featurizer):
     replay = ReplayBackend(profile, "test")
-    assert not LatencyTTSEnv(replay, featurizer).spec.nondeterministic
-    assert LatencyTTSEnv(_UnpromisingBackend(replay), featurizer).spec.nondeterministic
+    unpromising = _UnpromisingBackend(replay)
+    assert not gym.make(ENV_ID, backend=replay, featurizer=featurizer).spec.nondeterministic
+    live = gym.make(LIVE_ENV_ID, backend=unpromising, featurizer=featurizer)
+    assert live.spec.nondeterministic and live.unwrapped.spec.nondeterministic
+    with pytest.raises(ValueError, match=LIVE_ENV_ID):  # the replay id promises determinism
+        gym.make(ENV_ID, backend=unpromising, featurizer=featurizer)
 
 
 def test_finish_times_follow_latency_model(profile):
@@ -97,7 +113,7 @@ def test_finish_times_follow_latency_model(profile):
     model, row = backend.latency_model, profile.split("test")[3]
     branches = np.array([5, 0, 9, 2])
     for k in backend.k_grid:
-        method, table_k = backend.timing(k)
+        method, table_k = backend.step_table_key(k)
         expected = model.branch_finish_times(
             row["branch_tokens"][branches], table_k, method,
             profile.acceptance(row, backend.method), row["prompt_tokens"],
@@ -143,28 +159,26 @@ def test_budget_grid_must_lie_in_0_1_and_include_1(profile, featurizer, grid):
         LatencyTTSEnv(ReplayBackend(profile, "test"), featurizer, EnvConfig(budget_grid=grid))
 
 
-def _reference_vote(classes, n_started):
-    """The rules spelled out with env.task.grading.decided, branch by branch."""
-    counts: dict[int, int] = {}
-    for used, c in enumerate(classes, start=1):
-        if c >= 0:
-            counts[c] = counts.get(c, 0) + 1
-        if decided(list(counts.values()), n_started - used):
-            break
-    else:
-        used = len(classes)
-    leader = max(counts, key=lambda c: counts[c], default=-1)  # dict order = first finished
-    return used, leader
-
-
-def test_vote_matches_grading_rules():
-    rng = np.random.default_rng(1)
-    for _ in range(2000):
-        n = int(rng.integers(1, 12))
-        finished = int(rng.integers(0, n + 1))
-        classes = rng.integers(-1, 4, finished).tolist()
-        vote = vote_in_finish_order(classes, n)
-        assert (vote.used, vote.winner) == _reference_vote(classes, n)
+def test_replay_votes_by_the_voting_rules_in_finish_order(profile):
+    """Replay's outcome is VoteTally's over the drawn branches as they finish in time."""
+    backend = ReplayBackend(profile, "test")
+    rows, rng = profile.split("test"), np.random.default_rng(1)
+    for _ in range(300):
+        p, n = int(rng.integers(len(rows))), int(rng.integers(1, 17))
+        k, deadline, seed = int(rng.choice(backend.k_grid)), float(rng.uniform(0.1, 6.0)), 7
+        outcome = backend.run(p, n, k, deadline, np.random.default_rng(seed))
+        drawn = np.random.default_rng(seed).permutation(backend.max_branches)[:n]
+        finish = backend.finish_times(p, drawn, k)
+        tally, last_finish = VoteTally(n), 0.0
+        for b in np.argsort(finish, kind="stable"):
+            if finish[b] > deadline or tally.decided:
+                break
+            tally.add(rows[p]["branch_class"][drawn[b]])
+            last_finish = finish[b]
+        assert (outcome.branches_finished, outcome.answer_class) == (tally.finished, tally.leader)
+        assert outcome.latency_s == pytest.approx(last_finish if tally.decided else deadline)
+        classes, correct = list(rows[p]["branch_class"]), rows[p]["branch_correct"]
+        assert outcome.correct == (tally.leader >= 0 and correct[classes.index(tally.leader)])
 
 
 def test_reward_and_info(train_env):
@@ -181,6 +195,19 @@ def test_reward_and_info(train_env):
         assert {"correct", "n", "k", "budget", "branches_finished", "generated_tokens"} <= set(info)
         assert info["latency_s"] <= info["budget"] * info["deadline_s"] + 1e-9
     assert 0 < np.mean([r > 0.5 for r in rewards]) < 1
+
+
+def test_run_episode_is_the_step_transition(train_env):
+    """Evaluation's entry (run_episode) applies the budget and the reward exactly as step."""
+    options = {"problem_index": 3, "deadline_s": 2.0, "draw_seed": 5}
+    train_env.reset(options=options)
+    _, reward, _, _, info = train_env.step(train_env.action_of(8, 1, 0.5))
+    outcome, episode_reward = train_env.run_episode(
+        3, Allocation(8, 1, 0.5), 2.0, np.random.default_rng(5)
+    )
+    assert episode_reward == reward and outcome.to_info().items() <= info.items()
+    stopped_early = train_env.backend.run(3, 8, 1, 1.0, np.random.default_rng(5))
+    assert outcome == stopped_early  # the budget: the call stops at 0.5 x 2.0 s
 
 
 def test_reset_options_fix_problem_deadline_and_draw(train_env):

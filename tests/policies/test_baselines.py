@@ -3,16 +3,14 @@
 import numpy as np
 import pytest
 
+from env.allocation import Allocation
 from env.backends.replay import ReplayBackend
+from env.config import EnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import load_profile
-from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
-from policies.baselines import (
-    MaxFitAllocator,
-    PlainAllocator,
-    StaticBestAllocator,
-    draw_rng,
-)
+from env.tts_env import LatencyTTSEnv
+from policies.allocator import draw_rng
+from policies.baselines import MaxFitAllocator, PlainAllocator, StaticBestAllocator
 from policies.evaluate import evaluate_methods
 from tests.fake_profile import make_fake_profile
 
@@ -34,8 +32,9 @@ def envs(profile):
 
 def test_static_best_is_the_most_accurate_action_on_training_problems(envs):
     train, _ = envs
-    static = StaticBestAllocator.fit(train, DEADLINES, max_problems=60, seed=3)
-    budgeted = StaticBestAllocator.fit(train, DEADLINES, max_problems=60, seed=3, budgets=None)
+    fit = StaticBestAllocator.fit
+    static = fit(train.backend, train.grids, DEADLINES, max_problems=60, seed=3)
+    budgeted = fit(train.backend, train.grids, DEADLINES, max_problems=60, seed=3, budgets=None)
     assert static.name == "static_best" and budgeted.name == "static_budget"
     problems = np.sort(np.random.default_rng(3).permutation(150)[:60])
     everything = [Allocation(n, k, b) for n in train.n_grid for k in train.k_grid
@@ -43,12 +42,13 @@ def test_static_best_is_the_most_accurate_action_on_training_problems(envs):
     for deadline in DEADLINES:
         correct, scores = {}, {}
         for action in everything:
-            outcomes = [train.run(p, action, deadline, draw_rng(3, p, 0)) for p in problems]
+            outcomes = [train.run_episode(p, action, deadline, draw_rng(3, p, 0))[0]
+                        for p in problems]  # fmt: skip
             correct[action] = np.array([o.correct for o in outcomes], dtype=float)
             scores[action] = (-correct[action].mean(), np.mean([o.latency_s for o in outcomes]))
         waiting = min((a for a in everything if a.budget == 1.0), key=scores.__getitem__)
         assert static.table[deadline] == waiting
-        assert static.choose(train, [0, 1], deadline) == [waiting] * 2
+        assert static.allocate(train.allocation_request([0, 1], deadline)) == [waiting] * 2
         # the budget search stops early only when that is clearly (2 SE) more accurate
         best = min(everything, key=scores.__getitem__)
         diff = correct[best] - correct[waiting]
@@ -59,17 +59,18 @@ def test_static_best_is_the_most_accurate_action_on_training_problems(envs):
 def test_budget_stops_the_call_at_its_share_of_the_deadline(envs):
     train, _ = envs
     for p in range(20):
-        full = train.run(p, Allocation(8, 0, 1.0), 4.0, draw_rng(0, p, 0))
-        quarter = train.run(p, Allocation(8, 0, 0.25), 4.0, draw_rng(0, p, 0))
-        same = train.run(p, Allocation(8, 0, 1.0), 1.0, draw_rng(0, p, 0))
+        full, _ = train.run_episode(p, Allocation(8, 0, 1.0), 4.0, draw_rng(0, p, 0))
+        quarter, _ = train.run_episode(p, Allocation(8, 0, 0.25), 4.0, draw_rng(0, p, 0))
+        same, _ = train.run_episode(p, Allocation(8, 0, 1.0), 1.0, draw_rng(0, p, 0))
         assert quarter.latency_s <= 1.0 + 1e-9 and quarter == same
         assert quarter.branches_finished <= full.branches_finished
 
 
 def test_oracle_is_an_upper_bound(envs):
     train, test = envs
-    static = StaticBestAllocator.fit(train, DEADLINES, max_problems=60)
-    methods = evaluate_methods(test, [static, PlainAllocator()], DEADLINES, 2, 0, oracle=True)
+    static = StaticBestAllocator.fit(train.backend, train.grids, DEADLINES, max_problems=60)
+    allocators = [static, PlainAllocator(test.grids)]
+    methods = evaluate_methods(test, allocators, DEADLINES, 2, 0, oracle_backend=test.backend)
     for i in range(len(DEADLINES)):
         oracle = methods["oracle"][i]["accuracy"]
         assert oracle >= methods["static_best"][i]["accuracy"]
@@ -80,11 +81,17 @@ def test_oracle_is_an_upper_bound(envs):
 def test_max_fit_takes_the_largest_n_predicted_to_fit(envs):
     _, test = envs
     backend = test.backend
-    max_fit = MaxFitAllocator(backend.latency_model, backend.timing, backend.method)
+    max_fit = MaxFitAllocator(
+        backend.latency_model, backend.step_table_key, backend.method, test.grids
+    )
     problems = list(range(10))
-    latency = max_fit.predicted_latency(test, problems).min(axis=2)  # (problem, n)
-    deadline = float(np.median(latency))
-    for p, (n, k, budget) in zip(problems, max_fit.choose(test, problems, deadline), strict=True):
+
+    def choose(deadline):
+        return max_fit.allocate(test.allocation_request(problems, deadline))
+
+    latency = max_fit.predicted_latency(test.allocation_request(problems, 1.0)).min(axis=2)
+    deadline = float(np.median(latency))  # latency: (problem, n)
+    for p, (n, k, budget) in zip(problems, choose(deadline), strict=True):
         assert budget == 1.0
         i = test.n_grid.index(n)
         if latency[p, i] <= deadline:
@@ -92,5 +99,5 @@ def test_max_fit_takes_the_largest_n_predicted_to_fit(envs):
         else:
             assert n == 1
         assert k in test.k_grid
-    assert {a.n for a in max_fit.choose(test, problems, 1e6)} == {max(test.n_grid)}
-    assert {a.n for a in max_fit.choose(test, problems, 1e-6)} == {1}
+    assert {a.n for a in choose(1e6)} == {max(test.n_grid)}
+    assert {a.n for a in choose(1e-6)} == {1}

@@ -16,13 +16,15 @@ from types import SimpleNamespace
 import pytest
 
 from engine.vllm_engine import EngineConfig
+from env.allocation import Allocation
 from env.backends.replay import ReplayBackend
+from env.config import EnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import load_profile
-from env.task.grading import decided
-from env.tts_env import Allocation, EnvConfig, LatencyTTSEnv
+from env.task.voting import VoteTally
+from env.tts_env import LatencyTTSEnv
 from policies.controller import DecodingController
-from policies.ppo_policy import load_policy, save_policy
+from policies.saved_policy import load_policy, save_policy
 from tests.fake_profile import make_fake_profile
 
 N_GRID, K_GRID = (1, 2, 4), (0, 1, 2)
@@ -60,6 +62,14 @@ def policy_dir(tmp_path_factory) -> Path:
     return train_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny")
 
 
+def _unanimous_vote_decided(votes: int, running: int) -> bool:
+    """Whether ``votes`` branches agreeing, with ``running`` still to come, decide the vote."""
+    tally = VoteTally(votes + running)
+    for _ in range(votes):
+        tally.add(0)
+    return tally.decided
+
+
 def _stub_engine(**config) -> SimpleNamespace:
     """Construction only reads ``engine.config``."""
     return SimpleNamespace(config=EngineConfig(**config))
@@ -74,7 +84,7 @@ def test_schema_mismatch_is_a_clear_error(policy_dir, tmp_path):
         DecodingController(copy, _stub_engine())
     policy = load_policy(policy_dir)  # also when handed an already loaded policy
     policy.info["feature_schema_version"] = 99
-    with pytest.raises(ValueError, match=r"feature schema version 99.*retrain"):
+    with pytest.raises(ValueError, match=r"feature schema version 99.*Retrain"):
         DecodingController(policy, _stub_engine())
 
 
@@ -124,30 +134,30 @@ def test_choose_maps_actions_to_grids_at_any_deadline(controller):
 )
 def test_bad_input_is_rejected_before_the_engine(controller, problem, deadline, message):
     with pytest.raises(ValueError, match=message):
-        controller.answer(problem, deadline)
+        controller.solve(problem, deadline)
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("deadline", [0.3, 1.5])
-def test_answer_honours_the_deadline_and_reports_the_call(controller, deadline):
+def test_solve_honours_the_deadline_and_reports_the_call(controller, deadline):
     started = time.monotonic()
-    answer = controller.answer(PROBLEM, deadline, max_tokens=48)
+    solution = controller.solve(PROBLEM, deadline, max_tokens=48)
     elapsed = time.monotonic() - started
-    assert elapsed <= deadline + 0.1 and answer.latency_s <= elapsed
-    assert answer.deadline_s == deadline
-    assert (answer.n, answer.k, answer.budget) == controller.choose(PROBLEM, deadline)
-    assert answer.latency_s <= answer.budget * deadline + 0.1
-    assert answer.stopped_by in ("complete", "early_stop", "deadline")
-    assert [b["index"] for b in answer.branches] == list(range(answer.n))
-    for branch in answer.branches:
+    assert elapsed <= deadline + 0.1 and solution.latency_s <= elapsed
+    assert solution.deadline_s == deadline
+    assert (solution.n, solution.k, solution.budget) == controller.choose(PROBLEM, deadline)
+    assert solution.latency_s <= solution.budget * deadline + 0.1
+    assert solution.stopped_by in ("complete", "early_stop", "deadline")
+    assert [b["index"] for b in solution.branches] == list(range(solution.n))
+    for branch in solution.branches:
         if branch["finish_s"] is None:
             assert branch["finish_reason"] == "aborted" and branch["answer"] is None
         else:
             assert branch["finish_s"] <= deadline and branch["finish_reason"] in ("stop", "length")
-    answered = [b["answer"] for b in answer.branches if b["answer"] is not None]
-    assert sum(answer.votes.values()) == len(answered)
-    assert (answer.answer is None) == (not answered)
-    assert answer.prompt_tokens > 10
+    answered = [b["answer"] for b in solution.branches if b["answer"] is not None]
+    assert sum(solution.votes.values()) == len(answered)
+    assert (solution.answer is None) == (not answered)
+    assert solution.prompt_tokens > 10
     assert not controller.engine.has_unfinished_requests()
 
 
@@ -158,19 +168,19 @@ def test_early_stop_once_the_vote_is_decided(controller, monkeypatch):
     finished branch answers "5"); the engine, the finish times and the stop decision are real.
     The prompt draws replies of varied length and k = 2 spreads the steps at which branches
     reach max_tokens (with k = 0 those would all finish in the same step)."""
-    monkeypatch.setattr("env.backends.live.extract_boxed_answer", lambda text: "5")
+    monkeypatch.setattr("env.backends.sample_vote.extract_boxed_answer", lambda text: "5")
     monkeypatch.setattr(controller, "_choose", lambda *args: Allocation(16, 2, 1.0))
     for _ in range(3):  # sampling is random: a few tries
-        answer = controller.answer(SHORT_REPLY, 60.0, max_tokens=24)
-        if answer.stopped_by == "early_stop":
+        solution = controller.solve(SHORT_REPLY, 60.0, max_tokens=24)
+        if solution.stopped_by == "early_stop":
             break
-    assert answer.stopped_by == "early_stop", answer.branches
-    unfinished = sum(b["finish_s"] is None for b in answer.branches)
-    assert answer.answer == "5" and answer.votes == {"5": 16 - unfinished}
-    assert unfinished > 0 and decided([16 - unfinished], unfinished)
-    last = max(b["finish_s"] for b in answer.branches if b["finish_s"] is not None)
-    before = sum(b["finish_s"] is not None and b["finish_s"] < last for b in answer.branches)
-    assert not decided([before], 16 - before)  # not decided one engine step earlier
+    assert solution.stopped_by == "early_stop", solution.branches
+    unfinished = sum(b["finish_s"] is None for b in solution.branches)
+    assert solution.answer == "5" and solution.votes == {"5": 16 - unfinished}
+    assert unfinished > 0 and _unanimous_vote_decided(16 - unfinished, unfinished)
+    last = max(b["finish_s"] for b in solution.branches if b["finish_s"] is not None)
+    before = sum(b["finish_s"] is not None and b["finish_s"] < last for b in solution.branches)
+    assert not _unanimous_vote_decided(before, 16 - before)  # not one engine step earlier
     assert not controller.engine.has_unfinished_requests()
 
 
@@ -178,6 +188,24 @@ def test_early_stop_once_the_vote_is_decided(controller, monkeypatch):
 def test_cancel_aborts_the_call(controller):
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
-    answer = controller.answer(LONG, 30.0, cancel=cancel)
-    assert answer.stopped_by == "cancelled" and answer.latency_s < 5.0
+    solution = controller.solve(LONG, 30.0, cancel=cancel)
+    assert solution.stopped_by == "cancelled" and solution.latency_s < 5.0
     assert not controller.engine.has_unfinished_requests()
+
+
+@pytest.mark.engine
+def test_a_problem_is_tokenized_once_per_call(controller, monkeypatch):
+    """Choosing needs the prompt's length and the engine needs its ids: one tokenization serves
+    both, and a prepared problem (the server prepares before queueing) is not tokenized again."""
+    calls = []
+    tokenize = controller.engine.prompt_token_ids
+    monkeypatch.setattr(
+        controller.engine,
+        "prompt_token_ids",
+        lambda message: calls.append(message) or tokenize(message),
+    )
+    controller.solve(PROBLEM, 5.0, max_tokens=4)
+    assert len(calls) == 1
+    prepared = controller.prepare(PROBLEM)
+    solution = controller.solve(prepared, 5.0, max_tokens=4)
+    assert len(calls) == 2 and solution.prompt_tokens == prepared.prompt_tokens

@@ -205,13 +205,13 @@ def test_health_models_and_metrics(server):
 def test_client_disconnect_aborts_its_branches(server, monkeypatch):
     """The client gives up after 1 s of a 60 s request: the server aborts the engine call."""
     calls = []
-    answer = server.controller.answer
+    solve = server.controller.solve
 
-    def recorded_answer(*args, **kwargs):
-        calls.append(answer(*args, **kwargs))
+    def recorded_solve(*args, **kwargs):
+        calls.append(solve(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(server.controller, "answer", recorded_answer)
+    monkeypatch.setattr(server.controller, "solve", recorded_solve)
     before = _metric(server.url, 'tts_cancellations_total{stage="running"}')
     body = {**GOOD, "messages": [{"role": "user", "content": LONG}], "deadline_s": 60.0}
     with pytest.raises(httpx.ReadTimeout):

@@ -9,7 +9,7 @@ import pytest
 
 from env.features import FEATURE_SCHEMA_VERSION
 from policies.evaluate import main as evaluate_main
-from policies.ppo_policy import load_policy
+from policies.saved_policy import load_policy
 from tests.fake_profile import make_fake_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +24,8 @@ def trained(tmp_path_factory):
     out = root / "run"
     command = [
         sys.executable, "train.py", "--profile", str(profile), "--timesteps", "512",
-        "--wandb", "disabled", "--out", str(out), "--deadlines", "1,2,4,8", "--n-envs", "2",
-        "--n-steps", "64", "--batch-size", "64", "--eval-every", "256",
+        "--wandb", "disabled", "--out", str(out), "--deadlines", "1", "2", "4", "8",
+        "--n-envs", "2", "--n-steps", "64", "--batch-size", "64", "--eval-every", "256",
         "--val-problems", "30", "--static-problems", "60", "--imitation-samples", "1000",
         "--eval-repeats", "1",
     ]  # fmt: skip
@@ -78,7 +78,7 @@ def test_saved_policy_reloads_and_refuses_another_feature_schema(trained, tmp_pa
 def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
     out, _ = trained
     report = evaluate_main(
-        ["--policy", str(out / "policy"), "--deadlines", "2,8", "--repeats", "1",
+        ["--policy", str(out / "policy"), "--deadlines", "2", "8", "--repeats", "1",
          "--out", str(tmp_path)]
     )  # fmt: skip
     assert report["deadlines_s"] == [2.0, 8.0] and set(report["methods"]) == METHODS

@@ -1,4 +1,4 @@
-"""Grading and voting with the real math-verify, on the answer forms MATH responses produce."""
+"""Grading with the real math-verify, on the answer forms MATH responses produce."""
 
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
@@ -8,13 +8,10 @@ import pytest
 from env.task.grading import (
     MAX_ANSWER_CHARS,
     GradeResult,
-    answer_classes,
-    decided,
     extract_boxed_answer,
     grade,
-    is_equiv_pair,
-    is_equivalent,
-    majority_vote,
+    matches_gold,
+    same_answer,
 )
 
 
@@ -66,7 +63,7 @@ def test_extract_boxed_answer(text, expected):
     ],
 )
 def test_equivalent_forms(gold, predicted):
-    assert is_equivalent(gold, predicted)
+    assert matches_gold(gold, predicted)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +85,7 @@ def test_equivalent_forms(gold, predicted):
     ],
 )
 def test_not_equivalent(gold, predicted):
-    assert not is_equivalent(gold, predicted)
+    assert not matches_gold(gold, predicted)
 
 
 def test_grade_uses_last_box():
@@ -125,58 +122,7 @@ def test_grading_in_worker_process():
     assert [r.correct for r in results] == EXPECTED
 
 
-def test_majority_vote_groups_equivalent_answers():
-    vote = majority_vote(["3", r"\frac12", "0.5", None, "3", r"\dfrac{1}{2}"])
-    assert vote.winner == r"\frac12"
-    assert vote.winner_count == 3
-    assert vote.group_sizes == (2, 3)
-    assert vote.classes == (0, 1, 1, -1, 0, 1)
-
-
-def test_identical_unparsable_answers_vote_together():
-    assert answer_classes(["}{", None, "}{", "4"]) == [0, -1, 0, 1]
-
-
-def test_majority_vote_tie_goes_to_earliest_class():
-    assert majority_vote(["7", "2", "2", "7"]).winner == "7"
-    assert majority_vote(["2", "7", "2", "7"]).winner == "2"
-    assert majority_vote([None, "b", "a", "a", "b"]).winner == "b"
-
-
-def test_majority_vote_without_answers():
-    assert majority_vote([]).winner is None
-    vote = majority_vote([None, None])
-    assert (vote.winner, vote.winner_count, vote.group_sizes, vote.classes) == (
-        None,
-        0,
-        (),
-        (-1, -1),
-    )
-
-
-def test_majority_vote_with_custom_equivalence():
-    vote = majority_vote(["A", "a", "b"], equivalent=lambda x, y: x.lower() == y.lower())
-    assert (vote.winner, vote.group_sizes) == ("A", (2, 1))
-
-
-def test_is_equiv_pair_is_textual_or_math_verify():
-    assert is_equiv_pair(" x ", "x")
-    assert is_equiv_pair(r"\frac12", "0.5")
-    assert not is_equiv_pair("1", "2")
-
-
-@pytest.mark.parametrize(
-    ("counts", "remaining", "expected"),
-    [
-        ([5, 2], 2, True),
-        ([5, 2], 3, False),  # 3 more for the runner-up would tie: not decided
-        ([3], 2, True),  # a new class could reach 2 only
-        ([3], 3, False),
-        ([2, 2], 0, True),  # nothing left: the tie-break already decides
-        ([], 0, True),
-        ([], 1, False),
-        ([1, 4, 0], 2, True),
-    ],
-)
-def test_decided(counts, remaining, expected):
-    assert decided(counts, remaining) is expected
+def test_same_answer_is_textual_or_math_verify():
+    assert same_answer(" x ", "x")
+    assert same_answer(r"\frac12", "0.5")
+    assert not same_answer("1", "2")

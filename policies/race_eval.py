@@ -1,0 +1,214 @@
+"""Running controllers on replayed races, and tuning the heuristics per deadline.
+
+``run_race`` is the one loop every controller is evaluated with: start the call with the
+controller's (n, k), run the replay to each decision point, apply the controller's decision.
+Draws are keyed by (seed, problem, repeat) (``draw_rng``), so every method at every deadline
+sees the same recorded branches and differences come from the decisions.
+
+Tuning searches every (n, k, threshold) of each heuristic family on the training problems.  A
+heuristic with a fixed k decides on votes only, so one replay per (problem, n, k, draw) serves
+every threshold and every deadline: ``sweep_rules`` replays the finish sequence once, updates
+a ``RaceState`` after each engine step in which branches finished (exactly the race's decision
+points) and records when each rule would stop.  Tests check it against ``run_race``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from env.backends.protocol import Outcome
+from env.backends.replay import ReplayBackend
+from env.backends.replay_race import ReplayRace
+from env.race import RaceState
+from policies.allocator import draw_rng
+from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController
+
+TUNING_TOLERANCE = 0.005
+"""A heuristic's tuned configuration may be this much (0.5 point) less accurate on the
+training problems than the static table's best; within that, the fastest wins."""
+
+
+def run_race(
+    backend: ReplayBackend,
+    controller: RaceController,
+    problem: int,
+    deadline_s: float,
+    rng: np.random.Generator,
+) -> Outcome:
+    """One call of ``controller`` on a replayed race (the evaluation loop of every method)."""
+    race = ReplayRace(backend, problem, controller.call_deadline(deadline_s), rng)
+    n, k = controller.begin(backend.problems[problem], deadline_s)
+    race.begin(n, k)
+    while not race.done:
+        race.advance()
+        if race.done:
+            break
+        decision = controller.decide(race.state)
+        if decision.stop:
+            race.stop()
+        elif decision.k is not None:
+            race.set_k(decision.k)
+    return race.outcome()
+
+
+def evaluate_controller(
+    backend: ReplayBackend,
+    controller: RaceController,
+    deadline_s: float,
+    repeats: int,
+    seed: int,
+    problems: Sequence[int] | None = None,
+) -> list[Outcome]:
+    """Outcomes of ``controller`` on every problem (or ``problems``) x ``repeats`` draws."""
+    problems = range(len(backend.problems)) if problems is None else problems
+    return [
+        run_race(backend, controller, p, deadline_s, draw_rng(seed, p, r))
+        for p in problems
+        for r in range(repeats)
+    ]
+
+
+@dataclass
+class SweepResult:
+    """Correctness and latency of every rule configuration at every deadline, per draw.
+
+    ``correct[config][d]`` and ``latency[config][d]`` are arrays over (problem, repeat) draws;
+    a config is ``(family, threshold, n, k)``.
+    """
+
+    deadlines_s: tuple[float, ...]
+    correct: dict[tuple, np.ndarray]
+    latency: dict[tuple, np.ndarray]
+
+    def accuracy(self, config: tuple, d: int) -> float:
+        return float(self.correct[config][d].mean())
+
+    def mean_latency(self, config: tuple, d: int) -> float:
+        return float(self.latency[config][d].mean())
+
+
+def _stops_of_draw(
+    backend: ReplayBackend, problem: int, n: int, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[tuple, tuple[float, bool]]]:
+    """Replay one draw without early stops: the end time of each finishing engine step, whether
+    the leader is right after it, and per (family, threshold) the first (time, correct) at
+    which its rule stops (the decided vote counts as a stop for every rule)."""
+    drawn = rng.permutation(backend.max_branches)[:n]
+    finish = backend.finish_times(problem, drawn, k)
+    order = np.argsort(finish, kind="stable")
+    finish, classes = finish[order], backend.branch_classes[problem, drawn[order]]
+    right = backend.class_correct[problem]
+    state = RaceState(float("inf"), backend.max_branches, max(backend.k_grid))
+    state.start(n, k)
+    pending = [(f, t, factory(t)) for f, (factory, ts) in RULE_FAMILIES.items()
+               if factory is not None for t in ts]  # fmt: skip
+    stops: dict[tuple, tuple[float, bool]] = {}
+    times, correct = [], []
+    i = 0
+    while i < n:
+        at = finish[i]
+        while i < n and finish[i] == at and not state.tally.decided:
+            state.record_finish(int(classes[i]), float(at))
+            i += 1
+        leader = state.tally.leader
+        times.append(float(at))
+        correct.append(leader >= 0 and bool(right[leader]))
+        if state.tally.decided:
+            break
+        for entry in list(pending):
+            if entry[2](state):
+                stops[(entry[0], entry[1])] = (float(at), correct[-1])
+                pending.remove(entry)
+    decided_at = (times[-1], correct[-1]) if state.tally.decided else (np.inf, False)
+    for f, t, _ in pending:
+        stops[(f, t)] = decided_at
+    stops[("static_best", None)] = decided_at
+    return np.asarray(times), np.asarray(correct, dtype=bool), stops
+
+
+def sweep_rules(
+    backend: ReplayBackend,
+    deadlines_s: Sequence[float],
+    problems: Sequence[int],
+    repeats: int,
+    seed: int,
+    n_grid: Sequence[int],
+    k_grid: Sequence[int],
+    progress: bool = True,
+) -> SweepResult:
+    """Every (family, threshold, n, k) of ``RULE_FAMILIES`` at every deadline, on the draws
+    (problem, repeat) of ``problems`` (see the module docstring)."""
+    deadlines = np.asarray(deadlines_s, dtype=float)
+    draws = [(p, r) for p in problems for r in range(repeats)]
+    correct: dict[tuple, np.ndarray] = {}
+    latency: dict[tuple, np.ndarray] = {}
+    grid = [(n, k) for n in n_grid for k in k_grid]
+    for n, k in tqdm(grid, desc="tuning sweep (n, k)", disable=not progress):
+        for j, (p, r) in enumerate(draws):
+            times, right, stops = _stops_of_draw(backend, p, n, k, draw_rng(seed, p, r))
+            for budget in RULE_FAMILIES["static_budget"][1]:
+                stops[("static_budget", budget)] = stops[("static_best", None)]
+            for (family, threshold), (stop_s, stop_right) in stops.items():
+                key = (family, threshold, n, k)
+                if key not in correct:
+                    correct[key] = np.zeros((len(deadlines), len(draws)), dtype=bool)
+                    latency[key] = np.zeros((len(deadlines), len(draws)))
+                ends = deadlines * (threshold if family == "static_budget" else 1.0)
+                last = times.searchsorted(ends, side="right") - 1
+                at_end = np.where(last >= 0, right[np.maximum(last, 0)], False)
+                early = stop_s <= ends
+                correct[key][:, j] = np.where(early, stop_right, at_end)
+                latency[key][:, j] = np.where(early, stop_s, ends)
+    return SweepResult(tuple(float(d) for d in deadlines), correct, latency)
+
+
+def tune_controllers(sweep: SweepResult) -> dict[str, list[RuleController]]:
+    """Per family, the tuned controller at each deadline of the sweep.
+
+    ``static_best`` is the most accurate (n, k) (ties: the faster), as the published method
+    picks it.  Every other family takes its fastest configuration whose accuracy is within
+    ``TUNING_TOLERANCE`` of the static best's on the same draws, or its most accurate one
+    when none is; ``plain`` is ``static_best`` restricted to n = 1.
+    """
+    tuned: dict[str, list[RuleController]] = {name: [] for name in (*RULE_FAMILIES, "plain")}
+    for d in range(len(sweep.deadlines_s)):
+
+        def score(c: tuple, d: int = d) -> tuple[float, float]:
+            return (sweep.accuracy(c, d), -sweep.mean_latency(c, d))
+
+        statics = [c for c in sweep.correct if c[0] == "static_best"]
+        best_static = max(statics, key=score)
+        floor = sweep.accuracy(best_static, d) - TUNING_TOLERANCE
+        for name in RULE_FAMILIES:
+            configs = [c for c in sweep.correct if c[0] == name]
+            good = [c for c in configs if sweep.accuracy(c, d) >= floor]
+            pick = min(good, key=lambda c, d=d: sweep.mean_latency(c, d)) if good else max(
+                configs, key=score)  # fmt: skip
+            if name == "static_best":
+                pick = best_static
+            tuned[name].append(RuleController(pick[0], pick[2], pick[3], pick[1]))
+        plain = max((c for c in statics if c[2] == 1), key=score)
+        tuned["plain"].append(RuleController("static_best", 1, plain[3]))
+    return tuned
+
+
+def tune_baselines(
+    backend: ReplayBackend,
+    deadlines_s: Sequence[float],
+    problems: int,
+    repeats: int,
+    seed: int,
+    n_grid: Sequence[int],
+    k_grid: Sequence[int],
+    progress: bool = True,
+) -> dict[str, list[RuleController]]:
+    """Every heuristic tuned per deadline (``tune_controllers``) on ``problems`` training
+    problems drawn at random from ``backend`` (all of them when it has fewer)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(backend.problems))[:problems].tolist()
+    sweep = sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
+    return tune_controllers(sweep)

@@ -1,0 +1,253 @@
+"""The evaluation's presentation: the console table, the report plot and a plot of a few races.
+
+The table gives the numbers and the targets, met or missed.  The figures show what a reader
+should check at a glance: where a method gains accuracy or saves time as the deadline grows,
+whether its accuracy-latency points lie left of (faster than) the static table's, and, for
+single calls, *why* a controller stopped where it did (the votes of the leading answers as
+branches finish, the deadline).  Kept apart from ``policies.evaluate`` so that module stays
+about running and scoring.  Every title carries the synthetic-profile label when the numbers
+come from a synthetic profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from env.backends.protocol import Outcome
+from env.backends.replay import ReplayBackend
+from env.backends.replay_race import ReplayRace
+from env.profiles.store import SYNTHETIC_LABEL
+from env.race import RaceState
+from policies.allocator import draw_rng
+from policies.race_controllers import RaceController
+
+HIGHLIGHT = {"policy": 2.6, "static_best": 2.0}
+"""Line widths of the methods a reader looks for first (others 1.2)."""
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers or CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def report_label(report: dict) -> str:
+    """The profile and sample size as shown beside the numbers (synthetic profiles say so)."""
+    profile = report["profile"]
+    label = profile["label"]
+    if profile["synthetic"] and SYNTHETIC_LABEL not in label:
+        label += f" ({SYNTHETIC_LABEL})"
+    return f"{label}, {report['num_problems']} problems x {report['repeats']} draws"
+
+
+def plot_report(report: dict, path: Path) -> Path:
+    """Three panels: accuracy against deadline, mean latency against deadline, and the
+    accuracy-latency frontier (each method's (mean latency, accuracy) points over its deadlines,
+    connected in deadline order)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("deadline_s", "accuracy"), ("deadline_s", "mean_latency_s"),
+              ("mean_latency_s", "accuracy"))  # fmt: skip
+    for name, rows in report["methods"].items():
+        style = {"ls": "--", "color": "grey"} if name == "oracle" else {}
+        for ax, (x, y) in zip(axes, panels, strict=True):
+            ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", ms=3.5,
+                    lw=HIGHLIGHT.get(name, 1.2), label=name, **style)  # fmt: skip
+    labels = {"deadline_s": "deadline (s)", "accuracy": "accuracy within the deadline",
+              "mean_latency_s": "mean latency (s)"}  # fmt: skip
+    for ax, (x, y) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(labels[x])
+        ax.set_ylabel(labels[y])
+        ax.grid(alpha=0.3, which="both")
+    axes[2].set_title("accuracy-latency frontier (left/up is better)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MATH-500: {report_label(report)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _format(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:+.3f}" for k, v in value.items())
+    return f"{value:+.4f}"
+
+
+def print_report(report: dict, console: Console | None = None) -> None:
+    """Per deadline, each method's accuracy and mean latency; then the targets, met or missed."""
+    console = console or Console(width=max(Console().width, 120))
+    methods = report["methods"]
+    table = Table(title=f"MATH-500, accuracy / mean latency within the deadline: "
+                        f"{report_label(report)}")  # fmt: skip
+    table.add_column("deadline s", justify="right")
+    for name in methods:
+        table.add_column(name, justify="right")
+    for d, deadline in enumerate(report["deadlines_s"]):
+        cells = [f"{rows[d]['accuracy']:.3f}\n{rows[d]['mean_latency_s']:.3f} s"
+                 for rows in methods.values()]  # fmt: skip
+        table.add_row(f"{deadline:g}", *cells, end_section=True)
+    console.print(table)
+    summary = report["targets"]
+    if not summary.get("evaluated"):
+        console.print(f"targets not evaluated: {summary.get('reason')}")
+        return
+    targets = Table(title=f"targets of {summary['policy']!r} ({report_label(report)})")
+    for column in ("target", "value", "threshold", "result"):
+        targets.add_column(column)
+    for name, t in summary["targets"].items():
+        result = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+        targets.add_row(name, _format(t["value"]), _format(t["threshold"]), result)
+    console.print(targets)
+    console.print(_per_deadline_table(summary))
+
+
+def _per_deadline_table(summary: dict) -> Table:
+    """The targets' figures at each deadline (what the minima and averages are taken over)."""
+    columns = {
+        "accuracy_minus_static_best": "acc - static",
+        "latency_saving_vs_static_best": "saving vs static frontier",
+        "latency_ratio_to_static_best": "latency / static",
+        "best_heuristic": "best heuristic",
+        "accuracy_minus_best_heuristic": "acc - heuristic",
+        "latency_saving_vs_heuristics": "saving vs heuristics",
+    }
+    rows = summary["per_deadline"]
+    shown = [c for c in columns if c in rows[0]]
+    table = Table(title=f"{summary['policy']} per deadline")
+    for column in ("deadline s", *(columns[c] for c in shown)):
+        table.add_column(column, justify="right")
+    for row in rows:
+        cells = [v if isinstance(v := row[c], str) else f"{v:+.3f}" for c in shown]
+        table.add_row(f"{row['deadline_s']:g}", *cells)
+    return table
+
+
+@dataclass
+class RaceTimeline:
+    """One replayed call as a controller ran it: the votes after every decision point.
+
+    :param times_s: seconds from the call's start of each point (the first: decoding starts).
+    :param votes: votes per answer class at each point.
+    :param k: drafts per step after each point.
+    :param outcome: the call's result.
+    :param stop_reason: why it ended (``env.race.STOP_REASONS``).
+    """
+
+    times_s: list[float] = field(default_factory=list)
+    votes: list[dict[int, int]] = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+    outcome: Outcome | None = None
+    stop_reason: str | None = None
+
+    def record(self, state: RaceState) -> None:
+        self.times_s.append(state.elapsed_s)
+        self.votes.append(state.tally.counts)
+        self.k.append(state.k)
+
+
+def record_race(
+    backend: ReplayBackend,
+    controller: RaceController,
+    problem: int,
+    deadline_s: float,
+    rng: np.random.Generator,
+) -> RaceTimeline:
+    """Replay one call under ``controller`` (as ``policies.race_eval.run_race`` does), keeping
+    the vote at every decision point."""
+    race = ReplayRace(backend, problem, controller.call_deadline(deadline_s), rng)
+    race.begin(*controller.begin(backend.problems[problem], deadline_s))
+    timeline = RaceTimeline()
+    timeline.record(race.state)
+    while not race.done:
+        timeline.record(race.advance())
+        decision = None if race.done else controller.decide(race.state)
+        if decision is not None and decision.stop:
+            race.stop()
+        elif decision is not None and decision.k is not None:
+            race.set_k(decision.k)
+            timeline.k[-1] = decision.k
+    timeline.outcome, timeline.stop_reason = race.outcome(), race.state.stopped
+    return timeline
+
+
+def _pick_problems(runs: dict[int, list[RaceTimeline]], count: int) -> list[int]:
+    """Contested calls first (two or more answers voted in the first controller's race), then
+    those where the controllers' stop times differ most: the races that explain a difference."""
+
+    def score(p: int) -> tuple[bool, float]:
+        contested = len(runs[p][0].votes[-1]) >= 2
+        stops = [t.outcome.latency_s for t in runs[p]]
+        return contested, max(stops) - min(stops)
+
+    return sorted(sorted(runs, key=score, reverse=True)[:count])
+
+
+def _draw_race(ax, timeline: RaceTimeline, right: Sequence[bool], deadline_s: float) -> None:
+    """Votes of the (up to) four leading answers over time, the deadline and the stop."""
+    final = timeline.votes[-1]
+    leading = sorted(final, key=final.get, reverse=True)[:4]
+    wrong_colors = iter(("tab:red", "tab:orange", "tab:purple", "tab:brown"))
+    for c in leading:
+        votes = [v.get(c, 0) for v in timeline.votes]
+        color, name = ("tab:green", "right answer") if right[c] else (next(wrong_colors), "wrong")
+        ax.step(timeline.times_s, votes, where="post", color=color, label=f"{name} (class {c})")
+    ax.axvline(deadline_s, color="black", ls="--", lw=1, label="deadline")
+    outcome = timeline.outcome
+    verdict = "right" if outcome.correct else ("wrong" if outcome.answered else "no answer")
+    ax.axvline(outcome.latency_s, color="tab:blue", lw=2,
+               label=f"stop ({timeline.stop_reason}): {verdict}")  # fmt: skip
+    ax.set_xlim(0, deadline_s * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+
+
+def plot_races(
+    backend: ReplayBackend,
+    controllers: Mapping[str, RaceController],
+    deadline_s: float,
+    path: Path,
+    seed: int = 0,
+    problems: Sequence[int] | None = None,
+    count: int = 4,
+    candidates: int = 60,
+) -> Path:
+    """A grid of races: one row per problem, one column per controller (e.g. the policy and
+    ``static_best``), each on the same draw ``draw_rng(seed, problem, 0)``.
+
+    :param problems: which problems; default: ``count`` of the first ``candidates`` problems,
+        chosen by ``_pick_problems``.
+    """
+    pool = list(problems) if problems is not None else range(min(candidates, len(backend.problems)))
+    runs = {p: [record_race(backend, c, p, deadline_s, draw_rng(seed, p, 0))
+                for c in controllers.values()] for p in pool}  # fmt: skip
+    chosen = list(problems) if problems is not None else _pick_problems(runs, count)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(chosen), len(controllers), squeeze=False,
+                             figsize=(5.5 * len(controllers), 2.6 * len(chosen)))  # fmt: skip
+    for row, p in enumerate(chosen):
+        for col, (name, timeline) in enumerate(zip(controllers, runs[p], strict=True)):
+            ax = axes[row][col]
+            _draw_race(ax, timeline, backend.class_correct[p], deadline_s)
+            ks = "->".join(str(k) for k in dict.fromkeys(timeline.k))
+            ax.set_title(f"{backend.problems[p].id}: {name} (n={timeline.outcome.n}, k={ks})",
+                         fontsize=8)  # fmt: skip
+            ax.set_ylabel("votes")
+        axes[row][0].set_xlabel("seconds since the call started")
+    label = f" ({SYNTHETIC_LABEL})" if backend.synthetic else ""
+    fig.suptitle(f"races at deadline {deadline_s:g} s: {backend.profile.name}{label}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
