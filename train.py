@@ -1,15 +1,16 @@
-"""Train the latency-aware test-time-scaling policy on a profile, then evaluate it on MATH-500.
+"""Train the race controller on a profile, then evaluate it on MATH-500 against every baseline.
 
     python train.py                      # the bundled default profile, default settings
-    python train.py --profile NAME_OR_DIR --deadlines 2 4 8 --timesteps 200000 --seed 1
+    python train.py --profile NAME_OR_DIR --deadlines 0.3 0.6 1.2 --timesteps 200000 --seed 1
 
 Reads top to bottom, like CleanRL's ppo.py: the arguments (``Args``, parsed by tyro); the
-profile, its deadline grid and the training problems held back for validation; the featurizer
-and the replay environments; the static baselines; PPO, warm-started from the best static
-allocation; learning with evaluation and checkpoint callbacks (TensorBoard and Weights & Biases
-logs); keeping the model validation supports and saving it; evaluating it against the
-baselines on the held-out MATH-500 problems; the report.  Numbers from a synthetic profile say
-so.
+profile, its deadline grid and the training problems held back for validation; the baselines
+tuned per deadline on the training problems (the published static table, the budget table,
+ESC, Adaptive-Consistency, the margin rule); the featurizer and the race environments
+(``LatencyTTS-v1``: the policy decides while each call runs); PPO, warm-started by cloning the
+best tuned heuristic; learning with checkpoints (TensorBoard and Weights & Biases logs);
+keeping the model validation supports and saving it; evaluating everything on the held-out
+MATH-500 problems; the report.  Numbers from a synthetic profile say so.
 
 Recording a profile of a real model on the live engine is a job of its own
 (``python -m env.profiles.record``, resumable); train on the result with ``--profile FOLDER``.
@@ -28,38 +29,41 @@ import numpy as np
 import torch
 import tyro
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 from stable_baselines3.common.utils import set_random_seed
-from stable_baselines3.common.vec_env import VecEnv
 
 from env.backends.replay import ReplayBackend, choose_spec_method
-from env.config import DEFAULT_BUDGET_GRID, EnvConfig
+from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import Profile, load_profile
-from env.tts_env import DEFAULT_PROFILE, LatencyTTSEnv
-from policies.baselines import default_deadlines, fit_statics
-from policies.evaluate import evaluate_policy, make_live_backend, print_report, write_report
+from env.race_env import DEFAULT_PROFILE, RaceEnv
+from policies.evaluate import evaluate_methods, print_report, write_report
+from policies.learned_controller import LearnedController
 from policies.ppo_training import (
-    imitate,
+    OutcomeLoggerCallback,
     init_wandb,
-    make_callbacks,
     make_vec_env,
     select_on_validation,
+    teach,
+    validation_rewards,
 )
-from policies.saved_policy import load_policy, save_policy
+from policies.race_controllers import DeadlineTable
+from policies.race_eval import default_deadlines, tune_baselines
+from policies.saved_policy import load_race_policy, save_race_policy
+
+HEURISTICS = ("margin", "esc", "adaptive_consistency")
 
 
 @dataclass
 class Args:
-    """Train the allocation policy with PPO on a replayed profile, then evaluate it on MATH-500."""
+    """Train the race controller with PPO on a replayed profile, then evaluate it on MATH-500."""
 
     profile: str = DEFAULT_PROFILE
     """profile name (under data/profiles) or folder to replay"""
     deadlines: tuple[float, ...] | None = None
     """evaluation deadlines in seconds (default: a grid spanning where (n, k) matters)"""
-    timesteps: int = 150_000
-    """PPO environment steps"""
-    train_deadlines: Literal["grid", "range"] = "grid"
-    """train on the evaluation deadlines ('grid') or on the continuous range around them"""
+    timesteps: int = 100_000
+    """PPO decisions after the warm start"""
     seed: int = 0
     wandb: Literal["online", "offline", "disabled"] = "offline"
     """Weights & Biases mode (offline runs are kept under <out>/wandb for `wandb sync`)"""
@@ -68,36 +72,32 @@ class Args:
     """output folder (default runs/<profile>-seed<seed>-<time>)"""
     spec_method: str | None = None
     """speculative method whose k the policy chooses (default: the profile's fastest)"""
-    latency_cost: float = 0.01
-    """reward penalty per unit of latency / deadline"""
-    budgets: tuple[float, ...] = DEFAULT_BUDGET_GRID
-    """shares of the deadline a call may use (must include 1; '1' alone: always wait)"""
+    latency_cost: float = 0.1
+    """reward penalty per unit of latency / deadline (0.1: a tenth of the deadline is worth a
+    point of accuracy)"""
     n_envs: int = 8
-    n_steps: int = 128
-    batch_size: int = 256
+    n_steps: int = 256
+    batch_size: int = 512
     n_epochs: int = 5
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-5
     ent_coef: float = 0.0
-    net_width: int = 64
+    net_width: int = 128
     """units in each of the two hidden layers of the actor and the critic"""
-    val_problems: int = 1000
+    val_problems: int = 600
     """training problems held back for validation (at most a fifth of them)"""
-    static_problems: int = 2000
-    """training problems the static baselines are chosen on"""
-    warm_start: Literal["static_best", "none"] = "static_best"
-    """'static_best': first imitate the best static allocation over the whole action space"""
-    imitation_samples: int = 30_000
-    """warm-start episodes"""
-    eval_every: int = 50_000
-    """validate (and checkpoint) every this many environment steps"""
+    tune_problems: int = 2000
+    """training problems the baselines are tuned on"""
+    teacher: Literal[
+        "best_heuristic", "margin", "esc", "adaptive_consistency", "static_best", "none"
+    ] = "best_heuristic"
+    """warm start: clone this tuned controller (best_heuristic: the heuristic with the best
+    validation reward; static_best: wait for the deadline or the decided vote)"""
+    teach_episodes: int = 6000
+    """warm-start races"""
+    checkpoint_every: int = 50_000
+    """save a checkpoint every this many decisions"""
     eval_repeats: int = 4
     """MATH-500 draws per problem and deadline in the final evaluation"""
-    init_policy: str | None = None
-    """continue training this saved policy folder (fine-tuning) instead of starting afresh"""
-    live: bool = False
-    """train and evaluate on the live engine (slow: seconds per step)"""
-    limit: int | None = None
-    """with --live: the number of problems to use"""
 
 
 class Stopwatch:
@@ -128,75 +128,64 @@ def main(args: Args) -> dict:
     method = args.spec_method or choose_spec_method(profile)
     out = Path(args.out or f"runs/{profile.name}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     clock.say(f"profile: {profile.label}; speculative method: {method}; output: {out}")
-    deadlines = args.deadlines or default_deadlines(ReplayBackend(profile, "train", method))
-    clock.say(f"evaluation deadlines (s): {deadlines}")
     fit_ids, val_ids = hold_out_validation(profile, args.val_problems, args.seed)
-
-    # Environments: PPO trains on replay of the fitting problems (or on the live engine), and
-    # validates on a fixed sweep of the held-back training problems at the evaluation deadlines.
-    featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines)
-    clock.say("featurizer held-out R^2:", json.dumps(featurizer.meta.get("holdout_r2", {})))
     fit_backend = ReplayBackend(profile, "train", method, ids=fit_ids)
-    replay_env = train_env = LatencyTTSEnv(fit_backend, featurizer, config)
-    if args.live:  # slow: seconds per step
-        train_env = LatencyTTSEnv(make_live_backend(args.limit, "train"), featurizer, config)
-    vec_env = make_vec_env(train_env.clone, args.n_envs, args.seed)
-    val_config = dataclasses.replace(config, sweep_deadlines_s=deadlines, sweep_seed=args.seed)
     val_backend = ReplayBackend(profile, "train", method, ids=val_ids)
-    val_env = LatencyTTSEnv(val_backend, featurizer, val_config)
+    deadlines = args.deadlines or default_deadlines(fit_backend)
+    clock.say(f"evaluation deadlines (s): {deadlines}")
 
-    # The baselines to beat, chosen on the training problems: the published static best
-    # (n, k) and the static best (n, k, budget), which also teaches the warm start.
-    statics = fit_statics(fit_backend, replay_env.grids, deadlines, args.static_problems, args.seed)
-    for static in statics.allocators:
-        clock.say(f"{static.name} (n, k, budget) per deadline:", static.table)
+    # Environments: the race replayed on the fitting problems, deadlines log-uniform around
+    # the grid so the policy also works between its points.
+    featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
+    env = RaceEnv(fit_backend, featurizer, config)
+    vec_env = make_vec_env(lambda: RaceEnv(fit_backend, featurizer, config), args.n_envs, args.seed)
 
-    # Model: PPO (or the policy to fine-tune), warm-started by imitating the static table.
+    # The baselines to beat, tuned per deadline on the training problems, and the teacher.
+    baselines = tune_baselines(fit_backend, deadlines, args.tune_problems, 2, args.seed,
+                               config.n_grid, config.k_grid)  # fmt: skip
+    for name, table in baselines.items():
+        clock.say(f"{name} (n, k, threshold) per deadline:",
+                  [(c.n, c.k, c.threshold) for c in table])  # fmt: skip
+    teacher_name = choose_teacher(args, baselines, val_backend, deadlines, config)
+    teacher = DeadlineTable(deadlines, baselines[teacher_name], teacher_name)
+
+    # Model: PPO warm-started by cloning the teacher, then fine-tuned.
     run = init_wandb(args.wandb, args.wandb_project, out.name, dataclasses.asdict(args), out)
     model = build_model(args, vec_env, out)
-    if args.warm_start == "static_best" and not args.init_policy:
-        teacher = statics.best_over_all_actions
-        p = imitate(model, replay_env, teacher, deadlines, args.imitation_samples, seed=args.seed)
-        clock.say(f"warm start: the actor gives {teacher.name}'s actions p = {p:.2f}")
+    if args.teacher != "none":
+        agree = teach(model, env, teacher, args.teach_episodes, seed=args.seed)
+        clock.say(f"warm start: the actor repeats {teacher_name}'s decisions {agree:.1%}")
     model.save(out / "start_model.zip")  # before any PPO update, for the selection below
-
-    # Learn.
-    eval_every = args.timesteps + 1 if args.live else args.eval_every  # live: no mid-run eval
-    callbacks = make_callbacks(val_env, out, eval_every, args.eval_every, args.n_envs)
+    checkpoints = CheckpointCallback(max(args.checkpoint_every // args.n_envs, 1),
+                                     str(out / "checkpoints"), name_prefix="policy")  # fmt: skip
+    callbacks = CallbackList([OutcomeLoggerCallback(), checkpoints])
     model.learn(args.timesteps, callback=callbacks, tb_log_name="ppo", progress_bar=True)
     trained_s = clock.elapsed()
 
-    # Keep a fine-tuned model only if paired validation shows it beats where training started.
-    chosen, model, validation = keep_validated(args, model, out, val_env, deadlines)
+    # Keep the fine-tuned model only if paired validation shows it beats the warm start.
+    start = PPO.load(out / "start_model.zip", device="cpu")
+    candidates = {"start": start, "final": model}
+    controllers = {name: LearnedController(m, RaceEnv(val_backend, featurizer, config))
+                   for name, m in candidates.items()}  # fmt: skip
+    rewards = validation_rewards(controllers, val_backend, deadlines, config.latency_cost,
+                                 args.seed)  # fmt: skip
+    chosen, validation = select_on_validation(rewards, "start")
     clock.say("validation:", json.dumps(validation), f"-> keeping {chosen!r}")
-    info = policy_info(args, profile, method, deadlines, chosen, validation, trained_s)
-    policy_dir = save_policy(out / "policy", model, featurizer, val_env.resolved_config, info)
+    info = policy_info(args, profile, method, deadlines, chosen, validation, trained_s,
+                       teacher_name, baselines)  # fmt: skip
+    policy_dir = save_race_policy(out / "policy", candidates[chosen], featurizer, config, info)
 
     # Evaluate on the held-out MATH-500 problems against every baseline, and report.
-    live = make_live_backend(args.limit, "test") if args.live else None
-    repeats = 1 if args.live else args.eval_repeats
-    policy = load_policy(policy_dir)
-    report = evaluate_policy(policy, profile, deadlines, repeats, args.seed, live, statics)
+    policy = load_race_policy(policy_dir)
+    test_backend = ReplayBackend(profile, "test", method)
+    test_env = RaceEnv(test_backend, policy.featurizer, policy.env_config)
+    methods = {"policy": LearnedController(policy.model, test_env), **baselines}
+    report = evaluate_methods(methods, test_backend, deadlines, args.eval_repeats, args.seed,
+                              config.latency_cost)  # fmt: skip
     report["train_seconds"] = round(trained_s, 1)
     publish(report, out, policy_dir, run)
     clock.say("done")
     return report
-
-
-def publish(report: dict, out: Path, policy_dir: Path, run) -> None:
-    """Write ``report.json`` and ``report.png`` into ``out``, print the table and where
-    everything went, and close the W&B ``run`` with the headline figures."""
-    json_path, png_path = write_report(report, out)
-    print_report(report)
-    summary = report["summary"]
-    run.summary.update(
-        {
-            "gap_closed": summary.get("gap_closed"),
-            "policy_never_below_static": summary["policy_never_below_static"],
-        }
-    )
-    run.finish()
-    print(f"report: {json_path}\nplot:   {png_path}\npolicy: {policy_dir}")
 
 
 def hold_out_validation(
@@ -211,32 +200,46 @@ def hold_out_validation(
 
 
 def featurizer_and_config(
-    args: Args, profile: Profile, fit_ids: set[str], deadlines: tuple[float, ...]
-) -> tuple[ProblemFeaturizer, EnvConfig]:
-    """The observation featurizer and environment settings: the fine-tuned policy's own, or a
-    featurizer fitted on the fitting problems with deadlines scaled a little beyond the grid."""
-    if args.init_policy:
-        start = load_policy(args.init_policy)
-        return start.featurizer, start.env_config
+    args: Args,
+    profile: Profile,
+    fit_ids: set[str],
+    deadlines: tuple[float, ...],
+    backend: ReplayBackend,
+) -> tuple[ProblemFeaturizer, RaceEnvConfig]:
+    """The prompt featurizer fitted on the fitting problems, and the race settings: deadlines
+    log-uniform from a little below to a little above the grid, the backend's grids."""
     deadline_range = (min(deadlines) / 1.25, max(deadlines) * 1.25)
     fit_rows = [r for r in profile.split("train") if r["id"] in fit_ids]
     featurizer = ProblemFeaturizer.fit(fit_rows, deadline_range, seed=args.seed)
-    config = EnvConfig(
+    powers = tuple(2**i for i in range(backend.max_branches.bit_length()))
+    config = RaceEnvConfig(
+        n_grid=powers,
+        k_grid=tuple(backend.k_grid),
         deadline_range_s=deadline_range,
-        deadline_choices_s=deadlines if args.train_deadlines == "grid" else None,
         latency_cost=args.latency_cost,
-        budget_grid=tuple(sorted(float(b) for b in args.budgets)),
     )
     return featurizer, config
 
 
-def build_model(args: Args, vec_env: VecEnv, out: Path) -> PPO:
-    """PPO with an MLP actor and critic, or the saved policy to fine-tune, logging to
-    TensorBoard under ``out/tb``."""
-    if args.init_policy:
-        model = PPO.load(Path(args.init_policy) / "model.zip", env=vec_env, device="cpu")
-        model.tensorboard_log = str(out / "tb")
-        return model
+def choose_teacher(
+    args: Args,
+    baselines: dict,
+    backend: ReplayBackend,
+    deadlines: tuple[float, ...],
+    config: RaceEnvConfig,
+) -> str:
+    """The heuristic the warm start clones: the one asked for, or the tuned heuristic with the
+    highest validation reward (``best_heuristic``)."""
+    if args.teacher not in ("best_heuristic", "none"):
+        return args.teacher
+    tables = {name: DeadlineTable(deadlines, baselines[name], name) for name in HEURISTICS}
+    rewards = validation_rewards(tables, backend, deadlines, config.latency_cost, args.seed)
+    return max(rewards, key=lambda name: rewards[name].mean())
+
+
+def build_model(args: Args, vec_env, out: Path) -> PPO:
+    """PPO with an MLP actor and critic (undiscounted: the reward comes at the call's end),
+    logging to TensorBoard under ``out/tb``."""
     return PPO(
         "MlpPolicy",
         vec_env,
@@ -244,28 +247,13 @@ def build_model(args: Args, vec_env: VecEnv, out: Path) -> PPO:
         n_steps=args.n_steps,
         batch_size=args.batch_size,
         n_epochs=args.n_epochs,
+        gamma=1.0,
         ent_coef=args.ent_coef,
         policy_kwargs={"net_arch": [args.net_width, args.net_width]},
         tensorboard_log=str(out / "tb"),
         seed=args.seed,
         device="cpu",
     )
-
-
-def keep_validated(
-    args: Args, model: PPO, out: Path, val_env: LatencyTTSEnv, deadlines: tuple[float, ...]
-) -> tuple[str, PPO, dict[str, dict]]:
-    """The model to keep, by name and itself, and the validation statistics of each candidate:
-    ``start`` (before PPO), ``final``, or ``best_validation`` (the best on the validation sweep
-    during training).  A model that started from a policy (warm start or fine-tuning) is
-    replaced only when another beats it on paired validation (``select_on_validation``)."""
-    candidates = {"start": PPO.load(out / "start_model.zip", device="cpu"), "final": model}
-    if (out / "best_model.zip").is_file():
-        candidates["best_validation"] = PPO.load(out / "best_model.zip", device="cpu")
-    started_from_policy = args.warm_start != "none" or args.init_policy
-    reference = "start" if started_from_policy else None
-    chosen, stats = select_on_validation(candidates, val_env, deadlines, reference, seed=args.seed)
-    return chosen, candidates[chosen], stats
 
 
 def policy_info(
@@ -276,6 +264,8 @@ def policy_info(
     chosen: str,
     validation: dict,
     trained_s: float,
+    teacher: str,
+    baselines: dict,
 ) -> dict:
     """What ``policy.json`` records beside the format: where the policy came from and how."""
     return {
@@ -283,10 +273,22 @@ def policy_info(
         "profile": {"name": profile.name, "path": str(Path(profile.path).resolve()),
                     "synthetic": profile.synthetic},
         "deadlines_s": list(deadlines),
-        "selection": {"kept": chosen, "validation": validation},
+        "baselines": {name: [[c.n, c.k, c.threshold] for c in table]
+                      for name, table in baselines.items()},
+        "selection": {"teacher": teacher, "kept": chosen, "validation": validation},
         "train": {"timesteps": args.timesteps, "seed": args.seed,
                   "seconds": round(trained_s, 1), "args": dataclasses.asdict(args)},
     }  # fmt: skip
+
+
+def publish(report: dict, out: Path, policy_dir: Path, run) -> None:
+    """Write the report files into ``out``, print the table and where everything went, and
+    close the W&B ``run`` with the headline figures."""
+    paths = write_report(report, out)
+    print_report(report)
+    run.summary.update({"targets": report.get("targets", {})})
+    run.finish()
+    print("report:", *paths, f"\npolicy: {policy_dir}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ class BranchResult:
     ``finish_s`` is seconds from the start of the call, ``None`` when the branch was aborted
     (deadline, early stop or error).  ``drafted_tokens``/``accepted_tokens`` come from vLLM's
     per-request speculative metrics and are 0 without speculation or for aborted branches.
+    ``token_logprobs`` holds the log-probability of each sampled token when the call asked for
+    them (``VLLMEngine.run(logprobs=True)``), else None: the raw material of a confidence signal
+    (``env.race.BranchConfidence``), summarised outside the engine.
     """
 
     index: int
@@ -31,6 +34,7 @@ class BranchResult:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_steps: int = 0
+    token_logprobs: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,6 +55,9 @@ class Rollout:
     ttft_s: float | None = None
     stopped_by: str = "complete"  # "complete", "deadline", "early_stop", "cancelled", "error"
     spec_counters: dict[str, float] = field(default_factory=dict)
+    k_changes: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds from the call's start, new k) for each change of k during the call (``on_step``);
+    a change applies from the engine step after that time."""
 
     @property
     def finished(self) -> list[BranchResult]:

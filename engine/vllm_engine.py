@@ -5,14 +5,18 @@ It drives ``LLMEngine.step()`` itself rather than calling ``LLM.generate`` so th
 
 * stop at a wall-clock deadline (unfinished branches are aborted; the finished ones return),
 * stop early when the caller says the outcome is decided (``should_stop``),
-* record when each branch finished, and
-* change k between calls on the running engine.
+* record when each branch finished (and, on request, each sampled token's log-probability),
+* change k between calls on the running engine, and
+* hand every step to the caller (``on_step``), who may stop the call or change k for the steps
+  that follow: the hook an online controller drives a call through (``env.backends.live_race``).
 
 vLLM fixes ``num_speculative_tokens`` (k_max) at start-up and has no per-request draft length.
 Its scheduler, however, consults a dynamic-speculation table (``dynamic_sd_lookup``, indexed by
 batch size) every step; setting it to a constant k between calls makes every step draft exactly
 k tokens (``None`` restores k_max).  That table is internal state, so the vLLM release is
 pinned and ``tests/engine`` checks with vLLM's own counters that drafted tokens follow k.
+Mid-call, a change made after step t shows in the drafted tokens of step t + 2: the drafts
+verified in step t + 1 were proposed during step t, under the old k (measured here).
 The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the scheduler is then
 a plain attribute, the CPU fix in ``engine.cpu_fixes`` reaches the sampler, and start-up is
 about three times faster on CPU.  All engine compute (start-up, steps, shutdown) runs on one
@@ -33,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine import engine_thread
-from engine.call_state import CallState
+from engine.call_state import CallState, StepControl, StepReport
 from engine.cpu_fixes import apply_cpu_fixes, guard_llvmlite_for_kernel_scan
 from engine.model_assets import DEFAULT_DRAFT_LAYERS, resolve_draft, resolve_model
 from engine.rollout import NO_SPECULATION, BranchResult, Rollout
@@ -267,6 +271,8 @@ class VLLMEngine:
         max_tokens: int | None = None,
         ignore_eos: bool = False,
         cancel: threading.Event | None = None,
+        on_step: Callable[[StepReport], StepControl | None] | None = None,
+        logprobs: bool = False,
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
@@ -283,12 +289,19 @@ class VLLMEngine:
         greedy); ``ignore_eos`` makes every branch generate exactly max_tokens (timing runs).
         Setting ``cancel`` (e.g. when a client disconnects) aborts the call after the current
         step; it then returns what finished, with ``stopped_by == "cancelled"``.
+        ``on_step(report)`` runs on the engine thread after every step of this call (not once
+        the caller has returned at the deadline); it may return a ``StepControl``: ``stop``
+        aborts the remaining branches (``stopped_by == "early_stop"``), ``k`` (0..k_max) sets
+        the drafts per step from the next step on (recorded in ``Rollout.k_changes``).
+        ``logprobs`` records each sampled token's log-probability in
+        ``BranchResult.token_logprobs``.
 
         :raises ValueError: for a bad argument, before the engine runs.
         """
         start = time.monotonic()
         call = self._new_call(prompt, n, k, deadline_s, temperature, max_tokens, start)
         call.ignore_eos, call.should_stop, call.cancel = ignore_eos, should_stop, cancel
+        call.on_step, call.logprobs = on_step, logprobs
         self._lock.acquire()
         try:
             engine_thread.submit(self._drive, call)  # releases the lock when done
@@ -368,9 +381,14 @@ class VLLMEngine:
                 outputs = self._engine.step()
                 now = time.monotonic()
                 with call.mutex:
-                    newly_finished = call.record_outputs(outputs, now - call.start)
-                    if call.stops_after_step(newly_finished, now - call.start, now - step_start):
+                    report = call.record_outputs(outputs, now, now - step_start)
+                    hook = None if call.cancelled else call.on_step
+                control = hook(report) if hook is not None else None  # outside the mutex
+                with call.mutex:
+                    if call.stops_after_step(report, control):
                         break
+                    if control is not None and control.k is not None:
+                        self._change_k(call, control.k, report.elapsed_s)
         except BaseException as exc:  # re-raised by run() in the caller's thread
             call.error = exc
         finally:
@@ -379,6 +397,13 @@ class VLLMEngine:
             finally:
                 call.done.set()
                 self._lock.release()
+
+    def _change_k(self, call: CallState, k: int, elapsed_s: float) -> None:
+        """Engine thread: draft k tokens per step from the next step of ``call`` on."""
+        changes = call.rollout.k_changes
+        if k != (changes[-1][1] if changes else call.rollout.k):
+            self.set_k(k)  # checks 0 <= k <= k_max (the scheduler's buffers are sized for k_max)
+            changes.append((elapsed_s, k))
 
     def _add_branches(self, call: CallState) -> None:
         """Engine thread: set k, note the counters and add one request per branch."""
@@ -394,6 +419,7 @@ class VLLMEngine:
             max_tokens=min(call.max_tokens, self.config.max_model_len - len(call.prompt_ids)),
             output_kind=RequestOutputKind.DELTA,
             ignore_eos=call.ignore_eos,
+            logprobs=0 if call.logprobs else None,  # 0: the sampled token's only
         )
         for request_id in call.branch_of:
             self._engine.add_request(request_id, {"prompt_token_ids": call.prompt_ids}, params)

@@ -15,6 +15,7 @@ trained on one machine's profile keeps sensible decisions on a faster or slower 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,11 +41,17 @@ RACE_FEATURES = (
 """Names of ``RaceState.observation()``'s entries, in order (see its docstring for ranges)."""
 
 STOP_REASONS = ("decided", "deadline", "controller", "complete")
+CONTINUE, STOP = 0, 1
+"""Values of a race action's stop component (``LatencyTTS-v1``'s third action component)."""
 DEFAULT_CHECKPOINTS = (0.25, 0.5, 0.75)
 """Fractions of the deadline at which a race pauses for its controller when no branch has
 finished since the last decision point."""
 STEPS_SCALE = math.log(4097.0)
 """``log_steps_left`` divides ln(1 + steps left) by this: 4,096 steps map to 1."""
+CONFIDENCE_WINDOW = 32
+"""Tokens per window of ``BranchConfidence.lowest_window_logprob``.  DeepConf groups 2,048
+tokens of traces thousands of tokens long; the branches here are a few hundred tokens, so the
+window is shorter to still single out a locally unsure stretch."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,20 @@ class BranchConfidence:
 
     mean_logprob: float
     lowest_window_logprob: float
+
+    @classmethod
+    def from_logprobs(
+        cls, logprobs: Sequence[float] | None, window: int = CONFIDENCE_WINDOW
+    ) -> BranchConfidence | None:
+        """The summary of a branch's sampled-token log-probabilities (None without any): the
+        mean, and the lowest mean over ``window`` consecutive tokens (over all of them when
+        the branch is shorter than a window)."""
+        if not logprobs:
+            return None
+        values = np.asarray(logprobs, dtype=float)
+        width = min(window, len(values))
+        sums = np.convolve(values, np.ones(width), mode="valid")
+        return cls(float(values.mean()), float(sums.min() / width))
 
 
 @dataclass
@@ -143,14 +164,19 @@ class RaceState:
             return None
         return float(np.mean([c.mean_logprob for c in members]))
 
-    def observation(self) -> np.ndarray:
+    def observation(self, n_max: int | None = None, k_max: int | None = None) -> np.ndarray:
         """The race features ``RACE_FEATURES`` as float32, each in [-1, 1]:
 
         fractions are in [0, 1]; ``log2_n`` is log2(n) / log2(n_max); ``log_steps_left`` is
         ln(1 + remaining seconds / measured seconds per step) / ln(4097) (0 before any step);
         ``margin`` and ``leader_votes`` are divided by n; ``leader_confidence`` is the leader's
         mean token log-probability / 2 clipped to [-1, 0] (0 without confidence).
+
+        ``n_max`` and ``k_max`` override the state's scales: a learned controller reads every
+        race (replayed, live) with the scales it was trained with, whoever built the state.
         """
+        n_max = self.n_max if n_max is None else n_max
+        k_max = self.k_max if k_max is None else k_max
         t, n = self.tally, max(self.n, 1)
         per_step = self.seconds_per_step
         steps_left = self.remaining_s / per_step if per_step else 0.0
@@ -159,15 +185,15 @@ class RaceState:
             0.0 if self.started else 1.0,
             min(self.elapsed_s / self.deadline_s, 1.0),
             min(math.log1p(steps_left) / STEPS_SCALE, 1.0),
-            math.log2(n) / max(math.log2(self.n_max), 1.0),
+            math.log2(n) / max(math.log2(n_max), 1.0),
             t.finished / n,
             t.answered / max(t.finished, 1),
             t.share,
             t.leader_votes / n,
             t.margin / n,
             t.distinct / max(t.answered, 1),
-            self.running / max(self.n_max, 1),
-            self.k / max(self.k_max, 1),
+            self.running / max(n_max, 1),
+            self.k / max(k_max, 1),
             0.0 if confidence is None else max(confidence / 2.0, -1.0),
             0.0 if confidence is None else 1.0,
         )

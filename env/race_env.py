@@ -22,10 +22,14 @@ from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.config import RACE_ENV_ID, RaceEnvConfig
 from env.features import OBS_BOUND, ProblemFeaturizer
-from env.race import RACE_FEATURES
-from env.tts_env import DEFAULT_PROFILE, default_featurizer
+from env.profiles.store import Profile
+from env.race import CONTINUE as CONTINUE  # the stop component's values, re-exported
+from env.race import RACE_FEATURES, STOP
 
-CONTINUE, STOP = 0, 1
+DEFAULT_PROFILE = "synthetic-llama32-1b-h100"
+DEFAULT_DEADLINE_RANGE_S = (0.2, 3.0)
+"""Deadlines the registered environment trains on when its config names none: the range the
+default profile's deadline grid spans (a 1B model on an H100 answers in tenths of seconds)."""
 
 
 class RaceEnv(gym.Env):
@@ -184,6 +188,14 @@ class RaceEnv(gym.Env):
         info = outcome.to_info()
         info.update(deadline_s=state.deadline_s, problem_index=race.p, decisions=self._decisions)
         return obs, reward, True, False, info
+
+
+def default_featurizer(profile: Profile, config: RaceEnvConfig | None = None) -> ProblemFeaturizer:
+    """The featurizer the registered environment fits when given none: on ``profile``'s
+    training problems, scaling deadlines over ``config.deadline_range_s`` (default
+    ``DEFAULT_DEADLINE_RANGE_S``)."""
+    deadline_range = (config.deadline_range_s if config else None) or DEFAULT_DEADLINE_RANGE_S
+    return ProblemFeaturizer.fit(profile.split("train"), deadline_range)
 
 
 def make_race_env(

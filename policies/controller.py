@@ -1,18 +1,20 @@
-"""The deployable decoding controller: a trained allocation policy driving the live engine.
+"""The deployable decoding controller: a race controller driving the live engine.
 
-Training and evaluation score a policy on replayed or live *environments*; deployment needs
-the same decision without an environment: given a problem's text and a deadline, compute the
-observation from the prompt alone (``env.features``), let the policy pick (n, k, budget) from
-the grids it was trained on, run that call on the engine until budget x deadline with the
-vote's early stop (``env.backends.sample_vote``, shared with the live backend), and return the
-voted answer with enough bookkeeping (allocation, timings, votes, branches) to explain it.
+Training and evaluation score a controller on replayed races; deployment runs the same
+controller on the live engine (``env.backends.live_race``): given a problem's text and a
+deadline it picks (n, k) at the start, then watches the call step by step and, at every branch
+finish and at a few fractions of the deadline, answers now or goes on with the k it sets.  The
+controller is the learned race policy of a saved ``LatencyTTS-v1`` policy
+(``policies.learned_controller``), or any other ``RaceController`` (e.g. a tuned
+``RuleController``).  It returns the voted answer with enough bookkeeping (start (n, k), k
+changes, why it stopped, votes, branches with their confidence) to explain it.
 ``policies.server`` serves this over HTTP.  A problem is checked and tokenized once
 (``prepare``); the server does that before queueing a request and hands the prepared problem on.
 
 A policy is only meaningful with the observations it was trained on and can only be served by
 an engine that can run its actions, so both are checked when the controller is built: the
-saved policy's one compatibility check (``policies.saved_policy.check_compatible``), and the
-n and k grids against the engine's ``max_n`` and ``k_max`` (``check_policy_fits``).
+saved race policy's checks (``policies.saved_policy.load_race_policy``), and the n and k grids
+against the engine's ``max_n`` and ``k_max`` (``check_policy_fits``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine import engine_thread
 from engine.vllm_engine import VLLMEngine
-from env.allocation import Allocation
-from env.backends.sample_vote import VotedRollout, sample_and_vote
+from env.backends.live_race import LiveRaceResult, run_live_race
+from env.backends.protocol import ProblemInfo
+from env.race import DEFAULT_CHECKPOINTS
 from env.task.prompt import build_user_message
-from policies.saved_policy import SavedPolicy, check_compatible, load_policy
+from policies.learned_controller import LearnedController
+from policies.race_controllers import RaceController
+from policies.saved_policy import RETRAIN, SavedPolicy, SavedRacePolicy, load_race_policy
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,25 @@ class Solution:
 
     :param answer: the voted answer (content of the winning class's ``\\boxed{}``), or None
         when no branch finished with an answer in time.
-    :param n: branches sampled (the policy's choice).
-    :param k: draft tokens verified per step (the policy's choice).
-    :param budget: share of the deadline the policy chose to spend (the call stops at
-        budget x deadline; 1.0 when there is no deadline).
+    :param n: branches sampled (the controller's choice at the start).
+    :param k: draft tokens verified per step at the start (later changes in ``k_changes``).
+    :param budget: share of the deadline the controller may spend (its ``call_deadline``;
+        1.0 for the learned policy and when there is no deadline).
     :param latency_s: seconds from the ``solve`` call to its return.
     :param deadline_s: the deadline the call honoured (None: none).
-    :param stopped_by: ``"complete"``, ``"early_stop"`` (vote decided), ``"deadline"`` or
-        ``"cancelled"`` (the engine's ``Rollout.stopped_by``).
+    :param stopped_by: ``"complete"``, ``"early_stop"`` (the vote was decided or the
+        controller answered), ``"deadline"`` or ``"cancelled"`` (the engine's
+        ``Rollout.stopped_by``).
+    :param stop_reason: why the race ended: ``"decided"``, ``"controller"``, ``"deadline"``,
+        ``"complete"`` or ``"cancelled"``.
+    :param k_changes: ``[seconds, k]`` for each change of k (seconds from the engine call's
+        start, as the branches' ``finish_s``).
+    :param decisions: decision points at which the controller was asked.
     :param votes: answer (its class's representative) -> number of finished branches that
         gave it, in the order the classes first finished (the vote: ``env.task.voting``).
     :param branches: per branch: index, answer, finish_s (None if aborted), tokens,
-        finish_reason (``"stop"``, ``"length"`` or ``"aborted"``).
+        finish_reason (``"stop"``, ``"length"`` or ``"aborted"``), mean_logprob and
+        lowest_window_logprob (None when not recorded).
     :param prompt_tokens: prompt length after the chat template.
     :param completion_tokens: tokens generated over all branches.
     """
@@ -78,6 +89,9 @@ class Solution:
     latency_s: float
     deadline_s: float | None
     stopped_by: str
+    stop_reason: str
+    k_changes: list[list[float]]
+    decisions: int
     votes: dict[str, int]
     branches: list[dict]
     prompt_tokens: int
@@ -88,34 +102,42 @@ class Solution:
 
 
 class DecodingController:
-    """Answers math problems under a deadline with a trained allocation policy on a live engine.
+    """Answers math problems under a deadline with a race controller on a live engine.
 
-    :param policy: a loaded policy or its folder (``policies.saved_policy.load_policy``).
+    :param policy: a saved race policy (loaded, or its folder: ``load_race_policy``), or a
+        ``RaceController`` (e.g. ``RuleController``).
     :param engine: the running engine; its ``max_n`` and ``k_max`` must cover the policy's
         grids.
-    :raises ValueError: when the policy does not fit this code (``check_compatible``: format,
-        feature schema, observation width) or this engine (its grids).
+    :param checkpoints: fractions of the deadline that are decision points when no branch
+        finished (the race environment's default).
+    :param logprobs: record sampled-token log-probabilities (the branches' confidence).
+    :raises ValueError: when the policy is not a race policy this code reads (retrain), or does
+        not fit this engine (its grids).
     """
 
-    def __init__(self, policy: SavedPolicy | str | Path, engine: VLLMEngine) -> None:
-        if isinstance(policy, SavedPolicy):  # loaded elsewhere (load_policy checks its own)
-            check_compatible(policy.info, policy.folder, policy.model, policy.featurizer)
+    def __init__(
+        self,
+        policy: SavedRacePolicy | RaceController | str | Path,
+        engine: VLLMEngine,
+        checkpoints: tuple[float, ...] = DEFAULT_CHECKPOINTS,
+        logprobs: bool = True,
+    ) -> None:
+        if isinstance(policy, SavedPolicy):
+            raise ValueError(f"policy {policy.folder} decides once per call (v0). {RETRAIN}")
+        if isinstance(policy, str | Path):
+            policy = load_race_policy(policy)
+        self.engine, self.checkpoints, self.logprobs = engine, tuple(checkpoints), logprobs
+        config = engine.config
+        if isinstance(policy, SavedRacePolicy):
+            self.policy = policy
+            self.n_grid, self.k_grid = check_policy_fits(policy, engine)
+            self.race_controller: RaceController = LearnedController.from_saved(policy)
+            _warn_if_other_method(policy, engine)
         else:
-            policy = load_policy(policy)
-        self.policy = policy
-        self.engine = engine
-        self.n_grid, self.k_grid = check_policy_fits(self.policy, engine)
-        self.budget_grid = tuple(self.policy.env_config.budget_grid)
-        self.deadline_range_s = self.policy.featurizer.deadline_range_s
-        trained_for = self.policy.info.get("spec_method")
-        if trained_for and trained_for != engine.config.method_name:
-            log.warning(
-                "policy %s was trained for speculative method %r but the engine runs %r: its "
-                "k choices assume the other method's speed",
-                self.policy.folder,
-                trained_for,
-                engine.config.method_name,
-            )
+            self.policy = None
+            self.n_grid = tuple(range(1, config.max_n + 1))
+            self.k_grid = tuple(range(config.k_max + 1))
+            self.race_controller = policy
 
     def prepare(self, problem: str | PreparedProblem) -> PreparedProblem:
         """Check ``problem`` and tokenize its prompt as the engine will run it (once).
@@ -128,21 +150,6 @@ class DecodingController:
             raise ValueError("problem must be a non-empty string")
         return PreparedProblem(problem, self.engine.prompt_token_ids(build_user_message(problem)))
 
-    def choose(self, problem: str | PreparedProblem, deadline_s: float | None) -> Allocation:
-        """The policy's (n, k, budget) for this problem and deadline (deterministic)."""
-        deadline = self.engine.check_deadline(deadline_s)
-        return engine_thread.call(self._choose, self.prepare(problem), deadline)
-
-    def _choose(self, problem: PreparedProblem, deadline: float | None) -> Allocation:
-        # The policy has only seen deadlines inside its training range: clip the deadline fed to
-        # the features there (no deadline = the longest it knows) rather than extrapolate.
-        low, high = self.deadline_range_s
-        seen = high if deadline is None else min(max(deadline, low), high)
-        obs = self.policy.featurizer.transform(problem.text, problem.prompt_tokens, seen)
-        action, _ = self.policy.model.predict(obs, deterministic=True)
-        allocation = Allocation.from_action(action, self.n_grid, self.k_grid, self.budget_grid)
-        return allocation if deadline is not None else allocation._replace(budget=1.0)
-
     def solve(
         self,
         problem: str | PreparedProblem,
@@ -150,57 +157,59 @@ class DecodingController:
         cancel: threading.Event | None = None,
         max_tokens: int | None = None,
     ) -> Solution:
-        """Choose (n, k, budget), run it live, and return the majority vote of the finished
-        branches.
+        """Run the race on the live engine and return the majority vote of the branches
+        finished when it ended.
 
-        The deadline counts from this call (choosing is included) with the engine's semantics:
-        the call returns by budget x deadline with the branches finished by then; None or inf
-        mean no deadline (and no budget).
-        The engine is stopped as soon as the unfinished branches can no longer change the
-        winner.  Setting ``cancel`` aborts the call after the current engine step.
-        ``max_tokens`` caps each branch (at most the engine's ``max_tokens``).
+        The deadline counts from this call (the controller's decisions are included) with the
+        engine's semantics: the call returns by the controller's call deadline with the
+        branches finished by then; None or inf mean no deadline.  The call stops as soon as
+        the controller answers or the unfinished branches can no longer change the winner.
+        Setting ``cancel`` aborts the call after the current engine step.  ``max_tokens`` caps
+        each branch (at most the engine's ``max_tokens``).
 
         :raises ValueError: for a bad problem, deadline or max_tokens (before the engine runs).
         """
         start = time.monotonic()
         deadline = self.engine.check_deadline(deadline_s)
         prepared = self.prepare(problem)
-        # torch work on the engine's thread only (see engine.engine_thread)
-        allocation = engine_thread.call(self._choose, prepared, deadline)
-        # Whatever choosing cost comes out of the engine's share; it returns at once if none is
-        # left (its deadline must be > 0).
-        elapsed = time.monotonic() - start
-        remaining = None if deadline is None else max(allocation.stop_s(deadline) - elapsed, 1e-6)
-        n, k = allocation.n, allocation.k
-        call = sample_and_vote(
-            self.engine, prepared.prompt_ids, n, k, remaining, max_tokens=max_tokens, cancel=cancel
-        )
-        return _solution(call, allocation, time.monotonic() - start, deadline)
+        info = ProblemInfo(-1, "", prepared.text, prepared.prompt_tokens)
+        race = run_live_race(self.engine, self.race_controller, info, prepared.prompt_ids,
+                             deadline, checkpoints=self.checkpoints, max_tokens=max_tokens,
+                             cancel=cancel, logprobs=self.logprobs, started_at=start)  # fmt: skip
+        call_deadline = race.state.deadline_s
+        budget = 1.0 if deadline is None else call_deadline / deadline
+        return _solution(race, budget, time.monotonic() - start, deadline)
 
 
 def _solution(
-    call: VotedRollout, allocation: Allocation, latency_s: float, deadline: float | None
+    race: LiveRaceResult, budget: float, latency_s: float, deadline: float | None
 ) -> Solution:
-    """The controller's report of a finished call."""
-    rollout, vote = call.rollout, call.vote
-    branches = [
-        {
+    """The controller's report of a finished race."""
+    rollout, vote = race.rollout, race.vote
+    branches = []
+    for b in rollout.branches:
+        confidence = race.confidences.get(b.index)
+        branches.append({
             "index": b.index,
             "answer": vote.answers.get(b.index),
             "finish_s": b.finish_s,
             "tokens": b.token_count,
             "finish_reason": b.finish_reason,
-        }
-        for b in rollout.branches
-    ]
+            "mean_logprob": None if confidence is None else confidence.mean_logprob,
+            "lowest_window_logprob": None if confidence is None
+            else confidence.lowest_window_logprob,
+        })  # fmt: skip
     return Solution(
         answer=vote.winner,
-        n=allocation.n,
-        k=allocation.k,
-        budget=allocation.budget,
+        n=rollout.n,
+        k=rollout.k,
+        budget=budget,
         latency_s=latency_s,
         deadline_s=deadline,
         stopped_by=rollout.stopped_by,
+        stop_reason=race.stop_reason,
+        k_changes=[[at, k] for at, k in rollout.k_changes],
+        decisions=len(race.decision_s),
         votes=vote.votes,
         branches=branches,
         prompt_tokens=rollout.prompt_tokens,
@@ -208,10 +217,24 @@ def _solution(
     )
 
 
-def check_policy_fits(policy: SavedPolicy, engine: VLLMEngine) -> tuple[tuple[int, ...], ...]:
-    """The policy's (n_grid, k_grid) after checking that this engine can run its actions (its
-    budgets need nothing from the engine; whether its observations mean what this code computes
-    is ``policies.saved_policy.check_compatible``'s).
+def _warn_if_other_method(policy: SavedRacePolicy, engine: VLLMEngine) -> None:
+    trained_for = policy.info.get("spec_method")
+    if trained_for and trained_for != engine.config.method_name:
+        log.warning(
+            "policy %s was trained for speculative method %r but the engine runs %r: its "
+            "k choices assume the other method's speed",
+            policy.folder,
+            trained_for,
+            engine.config.method_name,
+        )
+
+
+def check_policy_fits(
+    policy: SavedRacePolicy, engine: VLLMEngine
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The policy's (n_grid, k_grid) after checking that this engine can run its actions
+    (whether its observations mean what this code computes is
+    ``policies.saved_policy.load_race_policy``'s check).
 
     :raises ValueError: naming what does not fit and what would.
     """

@@ -6,10 +6,10 @@ A reference's frontier is built from its (mean latency, accuracy) points over al
 the least latency at which it reaches each accuracy, linear between points.  A method's saving
 at a deadline is ``1 - its mean latency / frontier latency at its accuracy``.
 
-Outside the frontier's range the comparison is made conservative: an accuracy below the
-reference's lowest point is compared with that point's latency, and an accuracy above the
-reference's best with the best point's latency (the method is then more accurate *and* judged
-only on time).
+Outside the frontier's range the comparison is made conservative: below the reference's least
+accurate point the frontier runs in a straight line to (0 s, accuracy 0), so a method cannot
+look fast by being inaccurate; an accuracy above the reference's best is compared with the best
+point's latency (the method is then more accurate *and* judged only on time).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def latency_at_accuracy(front: np.ndarray, accuracy: float) -> float:
     accuracies outside its range)."""
     lat, acc = front[:, 0], front[:, 1]
     if accuracy <= acc[0]:
-        return float(lat[0])
+        return float(lat[0] * max(accuracy, 0.0) / acc[0]) if acc[0] > 0 else float(lat[0])
     if accuracy >= acc[-1]:
         return float(lat[-1])
     return float(np.interp(accuracy, acc, lat))

@@ -1,48 +1,45 @@
-"""Training the allocation policy: Stable-Baselines3 PPO on ``LatencyTTS-v0``.
+"""Training the race controller: Stable-Baselines3 PPO on ``LatencyTTS-v1``.
 
-Choosing (n, k, budget) per problem is a contextual bandit (one step per episode), which PPO
-on the ``MultiDiscrete([n choices, k choices, budget choices])`` action handles directly: with
-one-step episodes the advantage is the reward minus the value baseline, so ``gamma`` and GAE
-play no role.
+The policy acts at every decision point of a replayed call (``env.race_env.RaceEnv``): at the
+start it picks (n, k), later it continues or answers and sets k.  A call's reward arrives at its
+end and is 0 or 1 minus a small latency cost, so PPO from scratch spends most of a short
+training run rediscovering what the tuned heuristics already know.  Training therefore starts by
+cloning a teacher (``teach``: a tuned heuristic per deadline, optionally drafting with the
+fastest k for the live batch, ``BatchKTeacher``) into the actor and the teacher's returns into
+the critic, fine-tunes with PPO, and keeps the fine-tuned model only when a paired comparison
+on validation problems shows it beats the warm start (``select_on_validation``).
 
-The reward differences between the best few actions are a point or two of accuracy while a
-single episode's reward is 0 or 1, so PPO from scratch settles near, not on, the best action
-per deadline.  Training therefore starts from the best static allocation over the same action
-space (``imitate``: behaviour cloning of ``static_budget`` chosen on the training problems),
-fine-tunes with PPO, and keeps a fine-tuned model only when a paired comparison on validation
-problems shows it beats the start (``select_on_validation``).
-
-This module holds the pieces ``train.py`` assembles: the vectorised environments, the
-callbacks (SB3's ``EvalCallback``/``CheckpointCallback`` plus one that logs accuracy and
-latency), the warm start, model selection and Weights & Biases set-up.  Saving and loading the
-result is ``policies.saved_policy``'s job (the serving path needs it without any of this).
+This module holds the pieces ``train.py`` assembles: the vectorised environments, the callback
+that logs accuracy and latency, the warm start, model selection and Weights & Biases set-up.
+Saving and loading the result is ``policies.saved_policy``'s job, and running it
+``policies.learned_controller``'s (the serving path needs those without any of this).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import (
-    BaseCallback,
-    CallbackList,
-    CheckpointCallback,
-    EvalCallback,
-)
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
-from env.tts_env import LatencyTTSEnv
-from policies.allocator import Allocator, run_episodes
-from policies.saved_policy import ModelAllocator
+from env.backends.protocol import ProblemInfo
+from env.backends.replay import ReplayBackend
+from env.config import call_reward
+from env.race import RaceState
+from env.race_env import RaceEnv
+from policies.race_controllers import BatchKSchedule, Decision, RaceController
+from policies.race_eval import evaluate_controller
 
 
-def make_vec_env(make_env: Callable[[], LatencyTTSEnv], n_envs: int, seed: int) -> VecEnv:
+def make_vec_env(make_env: Callable[[], RaceEnv], n_envs: int, seed: int) -> VecEnv:
     """``n_envs`` environments stepped in this process, with episode statistics for logging.
 
-    One-step replay episodes take tens of microseconds, so subprocesses would only add IPC.
+    Replayed decisions take tens of microseconds, so subprocesses would only add IPC.
     """
     vec_env = VecMonitor(DummyVecEnv([make_env] * n_envs))
     vec_env.seed(seed)
@@ -70,76 +67,6 @@ class OutcomeLoggerCallback(BaseCallback):
         relative = [i["latency_s"] / i["deadline_s"] for i in self._infos]
         self.logger.record("tts/latency_over_deadline", float(np.mean(relative)))
         self._infos.clear()
-
-
-def make_callbacks(
-    eval_env: LatencyTTSEnv,
-    out_dir: Path,
-    eval_freq: int,
-    checkpoint_freq: int,
-    n_envs: int,
-) -> CallbackList:
-    """Outcome logging, periodic checkpoints, and evaluation on a fixed validation sweep.
-
-    ``eval_env`` should sweep (``EnvConfig.sweep_deadlines_s``): then every evaluation scores
-    the same (problem, deadline, draw) episodes, once each, and the best model is kept in
-    ``out_dir/best_model.zip``.  Frequencies are in environment steps.
-    """
-    sweep = eval_env.config.sweep_deadlines_s or ()
-    episodes = len(eval_env.problems) * max(len(sweep), 1)
-    evaluation = EvalCallback(
-        VecMonitor(DummyVecEnv([lambda: eval_env])),
-        n_eval_episodes=episodes,
-        eval_freq=max(eval_freq // n_envs, 1),
-        best_model_save_path=str(out_dir),
-        log_path=str(out_dir / "eval"),
-        deterministic=True,
-        verbose=0,
-    )
-    checkpoints = CheckpointCallback(
-        save_freq=max(checkpoint_freq // n_envs, 1),
-        save_path=str(out_dir / "checkpoints"),
-        name_prefix="policy",
-    )
-    return CallbackList([OutcomeLoggerCallback(), evaluation, checkpoints])
-
-
-def imitate(
-    model: BaseAlgorithm,
-    env: LatencyTTSEnv,
-    allocator: Allocator,
-    deadlines_s: Sequence[float],
-    samples: int = 30_000,
-    epochs: int = 5,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-) -> float:
-    """Warm start: clone ``allocator``'s choices into the actor, its rewards into the critic.
-
-    Episodes are random training problems at the given deadlines, run with the allocator's
-    action; the model is then fitted to them (``fit_actor_critic``).
-    Returns the mean probability the actor then gives the allocator's actions.
-    """
-    rng = np.random.default_rng(seed)
-    problems = rng.integers(len(env.problems), size=samples)
-    deadlines = rng.choice(np.asarray(deadlines_s, dtype=float), size=samples)
-    actions = np.zeros((samples, len(env.action_space.nvec)), dtype=np.int64)
-    for deadline in np.unique(deadlines):
-        chosen = np.flatnonzero(deadlines == deadline)
-        request = env.allocation_request(problems[chosen].tolist(), float(deadline))
-        actions[chosen] = [env.grids.action(a) for a in allocator.allocate(request)]
-    obs = np.zeros((samples, *env.observation_space.shape), dtype=np.float32)
-    rewards = np.zeros(samples, dtype=np.float32)
-    for i in range(samples):
-        obs[i], _ = env.reset(options={"problem_index": problems[i], "deadline_s": deadlines[i]})
-        rewards[i] = env.step(actions[i])[1]
-    fit_actor_critic(model, obs, actions, rewards, epochs, batch_size, learning_rate)
-    policy = model.policy
-    with torch.no_grad():
-        as_tensors = (torch.as_tensor(x, device=policy.device) for x in (obs, actions))
-        _, log_prob, _ = policy.evaluate_actions(*as_tensors)
-    return float(log_prob.exp().mean())
 
 
 def fit_actor_critic(
@@ -171,40 +98,6 @@ def fit_actor_critic(
     policy.set_training_mode(False)
 
 
-def select_on_validation(
-    candidates: dict[str, BaseAlgorithm],
-    env: LatencyTTSEnv,
-    deadlines_s: Sequence[float],
-    reference: str | None = None,
-    z: float = 2.0,
-    seed: int = 0,
-) -> tuple[str, dict[str, dict]]:
-    """Choose the model to keep by its reward on validation problems at every deadline.
-
-    All candidates run on the same draws (common random numbers), so differences are paired.
-    With a ``reference`` (the warm start) another candidate replaces it only when its mean
-    reward is higher by ``z`` standard errors of the paired difference: fine-tuning must show
-    it helps beyond noise.  Returns the chosen name and per-candidate statistics.
-    """
-    rewards = {}
-    for name, model in candidates.items():
-        allocator = ModelAllocator(model, env.grids, name)
-        rewards[name] = np.array([
-            reward
-            for deadline in deadlines_s
-            for reward in run_episodes(env, allocator, deadline, 1, seed).rewards
-        ])  # fmt: skip
-    stats = {name: {"mean_reward": float(r.mean())} for name, r in rewards.items()}
-    eligible = list(rewards)
-    if reference is not None:
-        for name, r in rewards.items():
-            diff = r - rewards[reference]
-            se = diff.std(ddof=1) / np.sqrt(len(diff))
-            stats[name]["z_vs_reference"] = float(diff.mean() / se) if se > 0 else 0.0
-        eligible = [n for n in rewards if n == reference or stats[n]["z_vs_reference"] >= z]
-    return max(eligible, key=lambda n: stats[n]["mean_reward"]), stats
-
-
 def init_wandb(mode: str, project: str, run_name: str, config: dict, out_dir: Path):
     """Start a Weights & Biases run that mirrors the TensorBoard logs (``mode``: online,
     offline or disabled; offline runs are kept under ``out_dir/wandb`` for ``wandb sync``)."""
@@ -219,3 +112,117 @@ def init_wandb(mode: str, project: str, run_name: str, config: dict, out_dir: Pa
         dir=str(out_dir),
         sync_tensorboard=mode != "disabled",
     )
+
+
+def teacher_episodes(
+    env: RaceEnv, teacher: RaceController, episodes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observations, the teacher's actions and the episode returns of ``episodes`` races.
+
+    Deadlines and problems are drawn as the environment draws them for training.
+    """
+    obs, actions, returns = [], [], []
+    env.reset(seed=seed)
+    for _ in range(episodes):
+        o, info = env.reset()
+        problem = env.backend.problems[info["problem_index"]]
+        n, k = teacher.begin(problem, info["deadline_s"])
+        action = np.array([env.n_grid.index(n), env.k_grid.index(k), 0])
+        start = len(obs)
+        while True:
+            obs.append(o)
+            actions.append(action)
+            o, reward, done, _, _ = env.step(action)
+            if done:
+                returns.extend([reward] * (len(obs) - start))
+                break
+            decision = teacher.decide(env.race_state)
+            k = env.k_grid.index(decision.k) if decision.k is not None else action[1]
+            action = np.array([action[0], k, int(decision.stop)])
+    return np.stack(obs), np.stack(actions), np.asarray(returns, dtype=np.float32)
+
+
+def teach(
+    model: BaseAlgorithm,
+    env: RaceEnv,
+    teacher: RaceController,
+    episodes: int = 4000,
+    epochs: int = 8,
+    batch_size: int = 512,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """Warm start: clone ``teacher``'s actions into the actor and its returns into the critic.
+
+    Returns the share of decisions where the actor's most likely action then equals the
+    teacher's (every component).
+    """
+    obs, actions, returns = teacher_episodes(env, teacher, episodes, seed)
+    generator = torch.Generator().manual_seed(seed)
+    fit_actor_critic(model, obs, actions, returns, epochs, batch_size, learning_rate, generator)
+    predicted, _ = model.predict(obs, deterministic=True)
+    return float((predicted == actions).all(axis=1).mean())
+
+
+def validation_rewards(
+    controllers: dict[str, RaceController],
+    backend: ReplayBackend,
+    deadlines_s: Sequence[float],
+    latency_cost: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Each controller's reward per (deadline, validation problem), on the same draws."""
+    rewards = {}
+    for name, controller in controllers.items():
+        rewards[name] = np.array([
+            call_reward(outcome, deadline, latency_cost)
+            for deadline in deadlines_s
+            for outcome in evaluate_controller(backend, controller, deadline, 1, seed)
+        ])  # fmt: skip
+    return rewards
+
+
+def select_on_validation(
+    rewards: dict[str, np.ndarray], reference: str, z: float = 2.0
+) -> tuple[str, dict[str, dict]]:
+    """The candidate to keep: the ``reference`` (where training started) unless another beats
+    its mean reward by ``z`` standard errors of the paired difference (fine-tuning must show
+    it helps beyond noise).  Returns the name and per-candidate statistics."""
+    stats: dict[str, dict] = {}
+    for name, r in rewards.items():
+        diff = r - rewards[reference]
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        stats[name] = {"mean_reward": float(r.mean()),
+                       "z_vs_reference": float(diff.mean() / se) if se > 0 else 0.0}  # fmt: skip
+    eligible = [n for n in rewards if n == reference or stats[n]["z_vs_reference"] >= z]
+    return max(eligible, key=lambda n: stats[n]["mean_reward"]), stats
+
+
+@dataclass
+class BatchKTeacher:
+    """A teacher that stops as ``base`` does but drafts with the k that is fastest for the live
+    batch (``BatchKSchedule`` on the replayed problem's own acceptance), so the student also
+    learns how fast to draft as the batch shrinks.  Replay only: it reads the recorded
+    acceptance, which the student never sees (it has the predicted acceptance features).
+
+    :param base: the stopping controller (e.g. the tuned margin rule per deadline).
+    :param backend: the replay backend the races run on.
+    """
+
+    base: RaceController
+    backend: ReplayBackend
+    name: str = "teacher"
+
+    def begin(self, problem: ProblemInfo, deadline_s: float) -> tuple[int, int]:
+        b = self.backend
+        slots = b.tokens_per_step[problem.index]
+        self._schedule = BatchKSchedule(b.k_grid, b.step_seconds, slots)
+        n, _ = self.base.begin(problem, deadline_s)
+        return n, self._schedule.k_for(n)
+
+    def decide(self, state: RaceState) -> Decision:
+        decision = self.base.decide(state)
+        return Decision(stop=decision.stop, k=self._schedule.k_for(state.running))
+
+    def call_deadline(self, deadline_s: float) -> float:
+        return self.base.call_deadline(deadline_s)

@@ -186,3 +186,27 @@ class BatchKSchedule:
     def k_for(self, live_batch: int) -> int:
         """The draft length for ``live_batch`` running branches."""
         return int(self._best[min(max(live_batch, 1), len(self._best) - 1)])
+
+
+@dataclass
+class DeadlineTable:
+    """A controller per deadline of a grid, used at the nearest grid deadline (in log time):
+    how a heuristic tuned on the evaluation grid acts at any deadline (the teacher)."""
+
+    deadlines_s: Sequence[float]
+    controllers: Sequence[RaceController]
+    name: str = "table"
+
+    def at(self, deadline_s: float) -> RaceController:
+        logs = np.log(np.asarray(self.deadlines_s, dtype=float))
+        return self.controllers[int(np.abs(logs - math.log(deadline_s)).argmin())]
+
+    def begin(self, problem: ProblemInfo, deadline_s: float) -> tuple[int, int]:
+        self._current = self.at(deadline_s)
+        return self._current.begin(problem, deadline_s)
+
+    def decide(self, state: RaceState) -> Decision:
+        return self._current.decide(state)
+
+    def call_deadline(self, deadline_s: float) -> float:
+        return self.at(deadline_s).call_deadline(deadline_s)

@@ -24,12 +24,34 @@ from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.race import RaceState
-from policies.allocator import draw_rng
 from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController
 
 TUNING_TOLERANCE = 0.005
 """A heuristic's tuned configuration may be this much (0.5 point) less accurate on the
 training problems than the static table's best; within that, the fastest wins."""
+
+
+def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
+    """The generator of one evaluation draw; equal keys give equal branches for every method
+    (and every deadline)."""
+    return np.random.default_rng([seed, problem, repeat])
+
+
+def default_deadlines(backend: ReplayBackend, count: int = 8) -> tuple[float, ...]:
+    """A geometric deadline grid spanning where (n, k) matters on this profile.
+
+    From the 20th percentile of the fastest single-branch latency (below it nearly nothing can
+    answer) to the 90th percentile of the fastest all-branch latency (above it everything fits),
+    over up to 300 problems; rounded to two significant digits.
+    """
+    problems = range(min(len(backend.problems), 300))
+    everything = np.arange(backend.max_branches)
+    single = [min(backend.finish_times(p, everything[:1], k)[0] for k in backend.k_grid)
+              for p in problems]  # fmt: skip
+    full = [min(backend.finish_times(p, everything, k).max() for k in backend.k_grid)
+            for p in problems]  # fmt: skip
+    grid = np.geomspace(np.quantile(single, 0.2), np.quantile(full, 0.9), count)
+    return tuple(float(f"{d:.2g}") for d in grid)
 
 
 def run_race(

@@ -24,8 +24,8 @@ from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.profiles.store import SYNTHETIC_LABEL
 from env.race import RaceState
-from policies.allocator import draw_rng
 from policies.race_controllers import RaceController
+from policies.race_eval import draw_rng
 
 HIGHLIGHT = {"policy": 2.6, "static_best": 2.0}
 """Line widths of the methods a reader looks for first (others 1.2)."""
@@ -66,10 +66,13 @@ def plot_report(report: dict, path: Path) -> Path:
     labels = {"deadline_s": "deadline (s)", "accuracy": "accuracy within the deadline",
               "mean_latency_s": "mean latency (s)"}  # fmt: skip
     for ax, (x, y) in zip(axes, panels, strict=True):
-        ax.set_xscale("log")
         ax.set_xlabel(labels[x])
         ax.set_ylabel(labels[y])
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:  # deadline grids are geometric: log axis, ticks at the deadlines
+        ax.set_xscale("log")
+        ax.set_xticks(report["deadlines_s"], [f"{d:g}" for d in report["deadlines_s"]])
+        ax.minorticks_off()
     axes[2].set_title("accuracy-latency frontier (left/up is better)", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"MATH-500: {report_label(report)}", fontsize=10)
@@ -87,7 +90,7 @@ def _format(value) -> str:
 
 def print_report(report: dict, console: Console | None = None) -> None:
     """Per deadline, each method's accuracy and mean latency; then the targets, met or missed."""
-    console = console or Console(width=max(Console().width, 120))
+    console = console or Console(width=max(Console().width, 140))
     methods = report["methods"]
     table = Table(title=f"MATH-500, accuracy / mean latency within the deadline: "
                         f"{report_label(report)}")  # fmt: skip
@@ -113,6 +116,12 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console.print(_per_deadline_table(summary))
 
 
+def _cell(column: str, value: str | float) -> str:
+    if isinstance(value, str):
+        return value
+    return f"{value:.3f}" if column == "latency_ratio_to_static_best" else f"{value:+.3f}"
+
+
 def _per_deadline_table(summary: dict) -> Table:
     """The targets' figures at each deadline (what the minima and averages are taken over)."""
     columns = {
@@ -129,7 +138,7 @@ def _per_deadline_table(summary: dict) -> Table:
     for column in ("deadline s", *(columns[c] for c in shown)):
         table.add_column(column, justify="right")
     for row in rows:
-        cells = [v if isinstance(v := row[c], str) else f"{v:+.3f}" for c in shown]
+        cells = [_cell(c, row[c]) for c in shown]
         table.add_row(f"{row['deadline_s']:g}", *cells)
     return table
 
@@ -182,14 +191,16 @@ def record_race(
     return timeline
 
 
-def _pick_problems(runs: dict[int, list[RaceTimeline]], count: int) -> list[int]:
-    """Contested calls first (two or more answers voted in the first controller's race), then
-    those where the controllers' stop times differ most: the races that explain a difference."""
+def _pick_problems(
+    runs: dict[int, list[RaceTimeline]], right: Sequence[Sequence[bool]], count: int
+) -> list[int]:
+    """The races that explain a difference: contested ones (two or more answers voted in some
+    race) where some race saw a right vote, then those where the stop times differ most."""
 
-    def score(p: int) -> tuple[bool, float]:
-        contested = len(runs[p][0].votes[-1]) >= 2
+    def score(p: int) -> tuple[bool, bool, float]:
+        voted = {c for t in runs[p] for c in t.votes[-1]}
         stops = [t.outcome.latency_s for t in runs[p]]
-        return contested, max(stops) - min(stops)
+        return len(voted) >= 2, any(right[p][c] for c in voted), max(stops) - min(stops)
 
     return sorted(sorted(runs, key=score, reverse=True)[:count])
 
@@ -232,9 +243,13 @@ def plot_races(
     pool = list(problems) if problems is not None else range(min(candidates, len(backend.problems)))
     runs = {p: [record_race(backend, c, p, deadline_s, draw_rng(seed, p, 0))
                 for c in controllers.values()] for p in pool}  # fmt: skip
-    chosen = list(problems) if problems is not None else _pick_problems(runs, count)
+    chosen = (
+        list(problems)
+        if problems is not None
+        else _pick_problems(runs, backend.class_correct, count)
+    )
     plt = _pyplot()
-    fig, axes = plt.subplots(len(chosen), len(controllers), squeeze=False,
+    fig, axes = plt.subplots(len(chosen), len(controllers), squeeze=False, sharey="row",
                              figsize=(5.5 * len(controllers), 2.6 * len(chosen)))  # fmt: skip
     for row, p in enumerate(chosen):
         for col, (name, timeline) in enumerate(zip(controllers, runs[p], strict=True)):

@@ -9,14 +9,17 @@ seconds from the server receiving the request, in the body or else the ``X-Deadl
 header, finite, > 0 and at most ``max_deadline_s`` (600 s by default; an open-ended request
 could hold the single engine indefinitely).  The voted answer is the completion text (empty,
 with ``finish_reason == "length"``, when no branch answered in time); the ``tts`` field carries
-the allocation (n, k, budget), timings, votes and branches.  ``GET /health``, ``GET /metrics``
-(Prometheus) and ``GET /v1/models`` complete the API; request parsing and the error shape are in
-``policies.openai_api``.
+the race (n and k at the start, k changes, why it stopped), timings, votes and branches.  The
+policy is a race policy (``LatencyTTS-v1``): it decides while the call runs
+(``policies.controller``); an older one-decision policy is refused at start with a "retrain"
+error.  ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/models`` complete the
+API; request parsing and the error shape are in ``policies.openai_api``.
 
 One engine call runs at a time.  The engine's k is engine-wide, so problems batched together
-would have to share one k, and the policy chose each (n, k, budget) from latencies measured
-with the engine to itself; batching two problems here raised throughput but not mean latency
-and delayed the first one (``python -m policies.bench_server`` measures it; README).  So
+would have to share one k (the race sets it step by step), and the policy was trained on
+latencies measured with the engine to itself; batching two problems here raised throughput
+but not mean latency and delayed the first one (``python -m policies.bench_server`` measures
+it; README).  So
 requests queue FIFO for one worker thread (``policies.deadline_queue``): one that cannot meet
 its deadline given the queue is refused at once with 429 (plus ``x-should-retry: false``, as a
 retry cannot keep the original deadline, and ``Retry-After``); an admitted one gets what is
@@ -211,6 +214,9 @@ class CompletionService:
             "deadline_s": deadline,
             "queue_wait_s": queue_wait,
             "stopped_by": solution.stopped_by,
+            "stop_reason": solution.stop_reason,
+            "k_changes": solution.k_changes,
+            "decisions": solution.decisions,
             "votes": solution.votes,
             "branches": solution.branches,
         }
@@ -366,7 +372,7 @@ def main() -> None:
     import uvicorn
 
     from engine.vllm_engine import EngineConfig, VLLMEngine
-    from policies.saved_policy import load_policy
+    from policies.saved_policy import load_race_policy
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
@@ -388,7 +394,10 @@ def main() -> None:
             f"no policy at {args.policy}: train one (python train.py) and pass its policy "
             "folder with --policy (or copy it there)"
         )
-    policy = load_policy(args.policy)
+    try:
+        policy = load_race_policy(args.policy)
+    except ValueError as error:  # e.g. a one-decision (v0) policy: the message says retrain
+        raise SystemExit(f"cannot serve {args.policy}: {error}") from None
     n_grid, k_grid = policy.env_config.n_grid or (1,), policy.env_config.k_grid or (0,)
     method = args.spec_method or policy.info.get("spec_method") or "draft_model"
     config = EngineConfig(

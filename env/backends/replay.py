@@ -86,6 +86,8 @@ class ReplayBackend:
     :ivar branch_classes: (problems, max_branches) answer class per branch, -1 for no answer.
     :ivar class_correct: per problem, whether each answer class is right.
     :ivar class_answer: per problem, each answer class's text (its first member's).
+    :ivar branch_confidence: (problems, max_branches, 2) each branch's mean and lowest windowed
+        token log-probability (NaN where unknown), or None when the profile has none.
     :ivar tokens_per_step: (problems, k slots) expected tokens per decode step.
     :ivar step_seconds: (k slots, max_branches + 1) seconds of a decode step per live batch.
     :ivar start_seconds: (problems, max_branches + 1) seconds before decoding starts, per n.
@@ -154,6 +156,12 @@ class ReplayBackend:
                     correct[c] = bool(row["branch_correct"][b])
             self.class_answer.append(answers)
             self.class_correct.append(correct)
+        self.branch_confidence = (
+            np.stack([np.column_stack([r["branch_mean_logprob"][:n_max],
+                                       r["branch_lowest_window_logprob"][:n_max]])
+                      for r in rows])
+            if self.profile.has_logprobs else None
+        )  # fmt: skip
         acceptance = [self.profile.acceptance(r, self.method) for r in rows]
         self.tokens_per_step = np.array([[tokens_per_step(a, key.k) for key in keys]
                                          for a in acceptance])  # fmt: skip

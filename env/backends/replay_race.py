@@ -12,7 +12,8 @@ table, same prefill); tests check it.  Branches count decode steps as integers a
 k; when k changes, the tokens still to decode are converted to steps at the new k (expected
 tokens per step of the problem's acceptance, as in the latency model).  Decisions happen at
 engine-step boundaries, as on the live engine: a checkpoint fraction of the deadline is taken
-at the end of the last step that ends before it.
+at the end of the last step that ends before it.  A finished branch passes its recorded
+confidence (token log-probability summary) to the state when the profile has one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
-from env.race import DEFAULT_CHECKPOINTS, RaceState
+from env.race import DEFAULT_CHECKPOINTS, BranchConfidence, RaceState
 
 
 class ReplayRace:
@@ -120,7 +121,7 @@ class ReplayRace:
         finishing = live[self._steps_left[live] <= 0]  # in draw order: the tie-break
         for b in finishing:
             self._live[b] = False
-            state.record_finish(int(self._classes[b]), state.elapsed_s)
+            state.record_finish(int(self._classes[b]), state.elapsed_s, self._confidence(b))
             if state.tally.decided:
                 state.stop("decided" if state.tally.remaining else "complete", state.elapsed_s)
                 break
@@ -164,6 +165,14 @@ class ReplayRace:
         self.state.record_steps(
             self.state.elapsed_s + seconds, steps, steps * tps * len(live), seconds
         )
+
+    def _confidence(self, b: int) -> BranchConfidence | None:
+        """Drawn branch b's recorded confidence, when the profile has log-probabilities."""
+        table = self.backend.branch_confidence
+        if table is None:
+            return None
+        mean, lowest = table[self.p, self._branches[b]]
+        return None if np.isnan(mean) else BranchConfidence(float(mean), float(lowest))
 
     def _next_checkpoint(self) -> float:
         return self._checkpoints[0] if self._checkpoints else self.state.deadline_s

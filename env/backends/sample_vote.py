@@ -32,16 +32,20 @@ class RolloutVote:
         self.answers: dict[int, str | None] = {}  # branch index -> extracted answer
         self.branch_classes: dict[int, int] = {}  # branch index -> answer class, -1 = none
 
+    def classify(self, branch: BranchResult) -> int:
+        """Extract a finished branch's answer and give it its class (-1: none), without
+        counting it (the live race counts it in its ``RaceState``, whose tally this shares)."""
+        answer = extract_boxed_answer(branch.text)
+        answer_class = self.classes.class_of(answer)
+        self.answers[branch.index] = answer
+        self.branch_classes[branch.index] = answer_class
+        return answer_class
+
     def add(self, branches: Sequence[BranchResult]) -> None:
         """Grade the branches not seen yet, in the given order (finish order), and count them."""
         for branch in branches:
-            if branch.index in self.answers:
-                continue
-            answer = extract_boxed_answer(branch.text)
-            answer_class = self.classes.class_of(answer)
-            self.answers[branch.index] = answer
-            self.branch_classes[branch.index] = answer_class
-            self.tally.add(answer_class)
+            if branch.index not in self.answers:
+                self.tally.add(self.classify(branch))
 
     def should_stop(self, finished: Sequence[BranchResult]) -> bool:
         """The engine's early-stop callback: True once the vote is decided."""

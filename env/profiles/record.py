@@ -5,8 +5,10 @@
         --spec-branches 2 --spec-max-tokens 48
 
 Per problem it runs N_max sampled branches at k = 0 (text, graded answer, answer class, token
-count, finish time) and, per speculative method and k > 0, a few short branches whose drafted
-and accepted tokens give the problem's acceptance.  Once per profile it times the engines
+count, finish time, and the summary of its sampled tokens' log-probabilities: mean and lowest
+windowed mean, ``env.race.BranchConfidence``, the confidence a race controller may read)
+and, per speculative method and k > 0, a few short branches whose drafted and accepted tokens
+give the problem's acceptance.  Once per profile it times the engines
 (``env.profiles.calibrate.calibrate``); the fitted latency model goes into the manifest.
 
 vLLM fixes the speculative method at start, so there is one engine per method, all in this
@@ -51,6 +53,7 @@ from env.profiles.calibrate import (
     prompt_length_quantiles,
 )
 from env.profiles.store import problem_fields, save_profile
+from env.race import CONFIDENCE_WINDOW, BranchConfidence
 from env.task.grading import grade
 from env.task.problems import MathProblem, load_math500, load_math_train
 from env.task.prompt import build_user_message
@@ -170,7 +173,7 @@ def profile_problem(
     """One profile row (see ``PROBLEM_COLUMNS``) and its speculative rows (``SPEC_COLUMNS``)."""
     prompt = build_user_message(problem.problem)
     rollout = engines[base_method(engines)].run(
-        prompt, n=settings.n_max, k=0, max_tokens=settings.max_tokens
+        prompt, n=settings.n_max, k=0, max_tokens=settings.max_tokens, logprobs=True
     )
     grades = [grade(problem.answer, b.text) for b in rollout.branches]
     answers = [g.answer for g in grades]
@@ -184,6 +187,7 @@ def profile_problem(
         "branch_tokens": [b.token_count for b in rollout.branches],
         "branch_finish_s": [round(b.finish_s, 6) for b in rollout.branches],
         "branch_finish_reason": [b.finish_reason for b in rollout.branches],
+        **_confidence_columns(rollout.branches),
     }
     spec_rows, accept = [], {}
     for method, engine in engines.items():
@@ -209,6 +213,30 @@ def profile_problem(
             accept[method] = round(alpha, 6)
     row["accept"] = accept
     return row, spec_rows
+
+
+def _confidence_columns(branches: Sequence) -> dict:
+    """The optional log-probability columns of a row (``OPTIONAL_PROBLEM_COLUMNS``)."""
+    summaries = [BranchConfidence.from_logprobs(b.token_logprobs) for b in branches]
+
+    def column(field: str) -> list[float | None]:
+        return [None if c is None else round(getattr(c, field), 6) for c in summaries]
+
+    return {
+        "branch_mean_logprob": column("mean_logprob"),
+        "branch_lowest_window_logprob": column("lowest_window_logprob"),
+    }
+
+
+def _token_logprobs_note(rows: list[dict]) -> dict:
+    """The manifest's statement of what the rows hold about token log-probabilities."""
+    recorded = bool(rows) and all("branch_mean_logprob" in r for r in rows)
+    return {
+        "recorded": recorded,
+        "window": CONFIDENCE_WINDOW,
+        "summary": "per branch: mean log-probability of its sampled tokens and the lowest mean "
+        "over a window of consecutive tokens (SamplingParams(logprobs=0), k = 0 run)",
+    }
 
 
 def _run_calibration(
@@ -306,6 +334,7 @@ def write_profile(
             {k: c.get(k) for k in ("started", "seconds", "load_average")} for c in calibrations
         ],
         "accuracy": _accuracy(rows),
+        "token_logprobs": _token_logprobs_note(rows),
         "created": sessions[0]["started"],
         "command": sessions[-1]["command"],
         "sessions": [{"started": s["started"], "command": s["command"]} for s in sessions],

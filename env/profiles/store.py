@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,16 @@ PROBLEM_COLUMNS = {
     "branch_finish_reason": "list[str]: 'stop' or 'length'",
     "accept": "dict[str, float] as JSON string: per-token draft acceptance alpha per method",
 }
+
+OPTIONAL_PROBLEM_COLUMNS = {
+    "branch_mean_logprob": "list[float|None]: mean log-probability of the branch's sampled "
+    "tokens (``env.race.BranchConfidence``)",
+    "branch_lowest_window_logprob": "list[float|None]: lowest mean log-probability over "
+    "``env.race.CONFIDENCE_WINDOW`` consecutive tokens (DeepConf's lowest group confidence)",
+}
+"""Columns a profile may lack: live profiles recorded with token log-probabilities have them;
+older and synthetic profiles do not (the manifest's ``token_logprobs`` says which).  Loaded,
+they are float arrays with NaN where a branch has none."""
 
 SPEC_COLUMNS = {
     "id": "problem id",
@@ -103,6 +113,11 @@ class Profile:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return [r for r in self.rows if r["split"] == split]
 
+    @property
+    def has_logprobs(self) -> bool:
+        """Whether the rows carry the branches' log-probability summaries."""
+        return bool(self.rows) and all("branch_mean_logprob" in r for r in self.rows)
+
     def acceptance(self, row: dict, method: str) -> float:
         """Per-token acceptance of ``method`` on this problem (0 when not profiled)."""
         value = row["accept"].get(method)
@@ -137,13 +152,17 @@ def _check_rows(rows: list[dict], columns: dict) -> None:
             raise ValueError(f"profile row {i} misses columns {sorted(missing)}")
 
 
-def write_table(path: Path, rows: Iterable[dict], columns: dict) -> None:
-    """Write rows as Parquet through `datasets`, atomically."""
+def write_table(
+    path: Path, rows: Iterable[dict], columns: dict, optional: Collection[str] = ()
+) -> None:
+    """Write rows as Parquet through `datasets`, atomically.  An ``optional`` column is written
+    when some row has it (None in the rows without)."""
     from datasets import Dataset
 
     rows = list(rows)
     _check_rows(rows, columns)
-    data = {c: [r[c] for r in rows] for c in columns}
+    present = [c for c in optional if any(c in r for r in rows)]
+    data = {c: [r.get(c) for r in rows] for c in (*columns, *present)}
     if "accept" in data:
         data["accept"] = [json.dumps(a) if isinstance(a, dict) else a for a in data["accept"]]
     _atomic_write_bytes(Path(path), lambda tmp: Dataset.from_dict(data).to_parquet(tmp))
@@ -168,7 +187,7 @@ def save_profile(
     for key in ("name", "synthetic", "latency_model"):
         if key not in manifest:
             raise ValueError(f"profile manifest needs {key!r}")
-    write_table(folder / "problems.parquet", rows, PROBLEM_COLUMNS)
+    write_table(folder / "problems.parquet", rows, PROBLEM_COLUMNS, OPTIONAL_PROBLEM_COLUMNS)
     if spec_rows:
         write_table(folder / "spec.parquet", spec_rows, SPEC_COLUMNS)
     write_json(folder / "manifest.json", manifest)
@@ -203,4 +222,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
         for col in ("branch_class", "branch_tokens", "branch_finish_s"):
             row[col] = np.asarray(row[col])
         row["branch_correct"] = np.asarray(row["branch_correct"], dtype=bool)
+        for col in OPTIONAL_PROBLEM_COLUMNS:
+            if col in row:
+                values = row[col] or [None] * len(row["branch_tokens"])
+                row[col] = np.array([np.nan if v is None else v for v in values], dtype=float)
     return Profile(path=folder, manifest=manifest, rows=rows)

@@ -367,6 +367,11 @@ def generate(
         "n_max": n_max,
         "k_grid": list(K_GRID),
         "spec_methods": list(SPEC_METHODS),
+        "token_logprobs": {
+            "recorded": False,
+            "why": "synthetic branches have no sampled tokens, so no log-probabilities: the "
+            "race's confidence features read 0",
+        },
         "seed": seed,
         "splits": {"test": data.n_test, "train": len(rows) - data.n_test},
         "latency_model": latency,

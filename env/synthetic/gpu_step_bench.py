@@ -8,9 +8,10 @@ found batch-64 verification 2-3x a plain step. No vLLM runs here, but the cost i
 target's forward, which plain PyTorch reproduces: the real layer shapes, random bf16 weights (the
 values do not change the arithmetic), a KV cache holding `context` tokens per branch that each
 step appends to and attends over (torch SDPA, GQA, causal among the w new tokens), logits for all
-batch x w positions (verification needs every one), each configuration captured once as a CUDA
-graph and replayed, as engines do. A second stage adds what sampling costs per position (fp32
-softmax over the vocabulary and the exponential race vLLM samples with).
+batch x w positions (verification needs every one). As in vLLM, the model is compiled
+(`torch.compile` fuses norms, rotary, SiLU and residuals) and each configuration is captured once
+as a CUDA graph and replayed. A second stage adds what sampling costs per position (fp32 softmax
+over the vocabulary and the exponential race vLLM samples with).
 
 Only torch and the standard library are imported, so the file also runs where the project's
 dependencies are absent: ``python env/synthetic/gpu_step_bench.py --out PATH`` (or

@@ -154,3 +154,25 @@ def test_per_call_max_tokens_and_ignore_eos(draft_engine):
     rollout = draft_engine.run(PROMPT, n=2, k=1, max_tokens=7, ignore_eos=True)
     assert [b.token_count for b in rollout.branches] == [7, 7]
     assert all(b.finish_reason == "length" for b in rollout.branches)
+
+
+def test_step_hook_sees_every_step_and_logprobs_are_recorded(draft_engine):
+    """``on_step`` gets each step's tokens and finished branches; its stop ends the call;
+    ``logprobs`` gives one log-probability per sampled token."""
+    from engine.call_state import StepControl
+
+    reports = []
+
+    def hook(report):
+        reports.append(report)
+        return StepControl(stop=len(reports) >= 6)
+
+    rollout = draft_engine.run(LONG, n=2, k=2, on_step=hook, logprobs=True)
+    assert len(reports) == 6 and rollout.stopped_by == "early_stop"
+    assert sum(r.new_tokens for r in reports) == rollout.generated_tokens
+    assert [r.elapsed_s for r in reports] == sorted(r.elapsed_s for r in reports)
+    for branch in rollout.branches:
+        assert len(branch.token_logprobs) == branch.token_count
+        assert all(lp <= 0.0 for lp in branch.token_logprobs)
+    assert draft_engine.run(PROMPT, n=1, k=0, max_tokens=4).branches[0].token_logprobs is None
+    assert not draft_engine.has_unfinished_requests()

@@ -48,3 +48,26 @@ def test_confidence_is_exposed_when_present():
 def test_bad_events_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call(RaceState(deadline_s=1.0, n_max=8, k_max=4))
+
+
+def test_confidence_summary_of_token_logprobs():
+    assert BranchConfidence.from_logprobs([]) is None
+    assert BranchConfidence.from_logprobs(None) is None
+    short = BranchConfidence.from_logprobs([-1.0, -3.0], window=4)  # shorter than a window
+    assert short == BranchConfidence(-2.0, -2.0)
+    values = [-0.1] * 10 + [-2.0] * 3 + [-0.1] * 10
+    summary = BranchConfidence.from_logprobs(values, window=3)
+    assert summary.mean_logprob == pytest.approx(np.mean(values))
+    assert summary.lowest_window_logprob == pytest.approx(-2.0)  # the unsure stretch
+
+
+def test_observation_scales_can_be_overridden():
+    """A learned controller reads any race with the scales it was trained with."""
+    state = RaceState(deadline_s=1.0, n_max=16, k_max=4)
+    state.start(4, 2)
+    wide, narrow = state.observation(), state.observation(n_max=4, k_max=2)
+    assert wide[RACE_FEATURES.index("k_fraction")] == 0.5
+    assert narrow[RACE_FEATURES.index("k_fraction")] == 1.0
+    assert narrow[RACE_FEATURES.index("log2_n")] == 1.0
+    np.testing.assert_array_equal(RaceState(1.0, 4, 2).observation(), RaceState(1.0, 9, 9)
+                                  .observation(4, 2))  # fmt: skip

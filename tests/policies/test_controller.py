@@ -1,13 +1,13 @@
-"""DecodingController: policy/engine compatibility checks, and live answers on the real engine.
+"""DecodingController: policy/engine compatibility checks, and live races on the real engine.
 
-The policy is a tiny PPO trained in seconds on the FAKE test profile (grids n in (1, 2, 4), k
-in (0, 1, 2)), so its choices mean nothing; what is tested is the machinery around them.
+The policy is a tiny untrained race policy (``LatencyTTS-v1``) on the real CPU profile (grids n
+in (1, 2, 4), k in (0, 1, 2)), so its choices mean nothing; what is tested is the machinery
+around them: the learned race controller deciding inside the live engine's step loop.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,16 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from engine.vllm_engine import EngineConfig
-from env.allocation import Allocation
-from env.backends.replay import ReplayBackend
-from env.config import EnvConfig
-from env.features import ProblemFeaturizer
-from env.profiles.store import load_profile
+from env.paths import policies_dir
 from env.task.voting import VoteTally
-from env.tts_env import LatencyTTSEnv
 from policies.controller import DecodingController
-from policies.saved_policy import load_policy, save_policy
-from tests.fake_profile import make_fake_profile
+from policies.race_controllers import RuleController
+from policies.saved_policy import load_policy
+from tests.policies.test_learned_controller import tiny_race_policy
 
 N_GRID, K_GRID = (1, 2, 4), (0, 1, 2)
 PROBLEM = "What is $12 + 30$?"
@@ -34,27 +30,8 @@ SHORT_REPLY = "Reply with exactly \\boxed{7} and nothing else."
 
 
 def train_tiny_policy(folder: Path) -> Path:
-    """A PPO policy on the fake profile with grids the test engine can run (a few seconds)."""
-    from stable_baselines3 import PPO
-
-    profile = load_profile(make_fake_profile(folder.parent / "fake-profile", 120, 10, 16))
-    featurizer = ProblemFeaturizer.fit(profile.split("train"), (0.5, 10.0))
-    config = EnvConfig(n_grid=N_GRID, k_grid=K_GRID, deadline_range_s=(0.5, 10.0))
-    env = LatencyTTSEnv(ReplayBackend(profile, "train", "draft_model"), featurizer, config)
-    model = PPO(
-        "MlpPolicy",
-        env,
-        n_steps=64,
-        batch_size=64,
-        n_epochs=1,
-        seed=0,
-        device="cpu",
-        policy_kwargs={"net_arch": [16, 16]},
-    )
-    model.learn(128)
-    return save_policy(
-        folder, model, featurizer, env.resolved_config, {"spec_method": "draft_model"}
-    )
+    """A tiny race policy with grids the test engine can run (untrained: a second or two)."""
+    return tiny_race_policy(folder, N_GRID, K_GRID)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +52,14 @@ def _stub_engine(**config) -> SimpleNamespace:
     return SimpleNamespace(config=EngineConfig(**config))
 
 
-def test_schema_mismatch_is_a_clear_error(policy_dir, tmp_path):
-    copy = Path(shutil.copytree(policy_dir, tmp_path / "old-schema"))
-    manifest = json.loads((copy / "policy.json").read_text())
-    manifest["feature_schema_version"] = 0
-    (copy / "policy.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"feature schema version 0.*Retrain"):
-        DecodingController(copy, _stub_engine())
-    policy = load_policy(policy_dir)  # also when handed an already loaded policy
-    policy.info["feature_schema_version"] = 99
-    with pytest.raises(ValueError, match=r"feature schema version 99.*Retrain"):
-        DecodingController(policy, _stub_engine())
+def test_a_one_decision_policy_is_refused_with_retrain():
+    v0 = policies_dir() / "default"
+    if json.loads((v0 / "policy.json").read_text()).get("format_version") != 2:
+        pytest.skip("the default policy is no longer a one-decision (v0) policy")
+    with pytest.raises(ValueError, match=r"format version 2.*LatencyTTS-v1.*Retrain"):
+        DecodingController(v0, _stub_engine())
+    with pytest.raises(ValueError, match=r"decides once per call.*Retrain"):
+        DecodingController(load_policy(v0), _stub_engine())
 
 
 @pytest.mark.parametrize(
@@ -104,21 +78,19 @@ def test_grids_must_fit_the_engine(policy_dir, config, message):
 def test_policy_that_fits_is_accepted(policy_dir):
     controller = DecodingController(policy_dir, _stub_engine(max_n=4, k_max=2))
     assert (controller.n_grid, controller.k_grid) == (N_GRID, K_GRID)
+    assert controller.race_controller.race_scales == (8, 4)  # the profile's, recorded
+
+
+def test_a_rule_controller_can_serve():
+    rule = RuleController("margin", 4, 1, 2)
+    controller = DecodingController(rule, _stub_engine(max_n=4, k_max=2))
+    assert controller.race_controller is rule and controller.policy is None
+    assert (controller.n_grid, controller.k_grid) == ((1, 2, 3, 4), (0, 1, 2))
 
 
 @pytest.fixture(scope="module")
 def controller(policy_dir, draft_engine) -> DecodingController:
     return DecodingController(policy_dir, draft_engine)
-
-
-@pytest.mark.engine
-def test_choose_maps_actions_to_grids_at_any_deadline(controller):
-    for deadline in (0.01, 0.5, 3.0, 10.0, 1e6, None, float("inf")):
-        n, k, budget = controller.choose(PROBLEM, deadline)
-        assert n in N_GRID and k in K_GRID and budget in controller.budget_grid
-        if deadline is None or deadline == float("inf"):
-            assert budget == 1.0  # no deadline, no share of it
-    assert controller.choose(PROBLEM, 1e6) == controller.choose(PROBLEM, 10.0)  # clipped
 
 
 @pytest.mark.engine
@@ -138,22 +110,26 @@ def test_bad_input_is_rejected_before_the_engine(controller, problem, deadline, 
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("deadline", [0.3, 1.5])
-def test_solve_honours_the_deadline_and_reports_the_call(controller, deadline):
+@pytest.mark.parametrize("deadline", [0.3, 1.5, 8.0])
+def test_the_learned_race_runs_live_and_honours_the_deadline(controller, deadline):
+    """The learned race controller end to end on the live engine: (n, k) from its grids, k
+    changes from its grid, decisions inside the step loop, the deadline within 100 ms."""
     started = time.monotonic()
     solution = controller.solve(PROBLEM, deadline, max_tokens=48)
     elapsed = time.monotonic() - started
     assert elapsed <= deadline + 0.1 and solution.latency_s <= elapsed
-    assert solution.deadline_s == deadline
-    assert (solution.n, solution.k, solution.budget) == controller.choose(PROBLEM, deadline)
-    assert solution.latency_s <= solution.budget * deadline + 0.1
+    assert solution.deadline_s == deadline and solution.budget == 1.0
+    assert solution.n in N_GRID and solution.k in K_GRID
+    assert all(k in K_GRID for _, k in solution.k_changes)
     assert solution.stopped_by in ("complete", "early_stop", "deadline")
+    assert solution.stop_reason in ("decided", "controller", "deadline", "complete")
     assert [b["index"] for b in solution.branches] == list(range(solution.n))
     for branch in solution.branches:
         if branch["finish_s"] is None:
             assert branch["finish_reason"] == "aborted" and branch["answer"] is None
         else:
             assert branch["finish_s"] <= deadline and branch["finish_reason"] in ("stop", "length")
+            assert branch["lowest_window_logprob"] <= branch["mean_logprob"] <= 0.0
     answered = [b["answer"] for b in solution.branches if b["answer"] is not None]
     assert sum(solution.votes.values()) == len(answered)
     assert (solution.answer is None) == (not answered)
@@ -162,19 +138,20 @@ def test_solve_honours_the_deadline_and_reports_the_call(controller, deadline):
 
 
 @pytest.mark.engine
-def test_early_stop_once_the_vote_is_decided(controller, monkeypatch):
+def test_early_stop_once_the_vote_is_decided(draft_engine, monkeypatch):
     """16 branches; the call stops as soon as the unfinished branches can no longer change the
     winner.  The bundled 135M model rarely boxes an answer, so grading is stubbed (every
     finished branch answers "5"); the engine, the finish times and the stop decision are real.
     The prompt draws replies of varied length and k = 2 spreads the steps at which branches
     reach max_tokens (with k = 0 those would all finish in the same step)."""
     monkeypatch.setattr("env.backends.sample_vote.extract_boxed_answer", lambda text: "5")
-    monkeypatch.setattr(controller, "_choose", lambda *args: Allocation(16, 2, 1.0))
+    controller = DecodingController(RuleController("static_best", 16, 2), draft_engine)
     for _ in range(3):  # sampling is random: a few tries
         solution = controller.solve(SHORT_REPLY, 60.0, max_tokens=24)
         if solution.stopped_by == "early_stop":
             break
     assert solution.stopped_by == "early_stop", solution.branches
+    assert solution.stop_reason == "decided"
     unfinished = sum(b["finish_s"] is None for b in solution.branches)
     assert solution.answer == "5" and solution.votes == {"5": 16 - unfinished}
     assert unfinished > 0 and _unanimous_vote_decided(16 - unfinished, unfinished)
@@ -195,8 +172,9 @@ def test_cancel_aborts_the_call(controller):
 
 @pytest.mark.engine
 def test_a_problem_is_tokenized_once_per_call(controller, monkeypatch):
-    """Choosing needs the prompt's length and the engine needs its ids: one tokenization serves
-    both, and a prepared problem (the server prepares before queueing) is not tokenized again."""
+    """The policy's features need the prompt's length and the engine needs its ids: one
+    tokenization serves both, and a prepared problem (the server prepares before queueing) is
+    not tokenized again."""
     calls = []
     tokenize = controller.engine.prompt_token_ids
     monkeypatch.setattr(

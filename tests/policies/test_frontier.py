@@ -16,7 +16,7 @@ def test_frontier_drops_dominated_points():
 def test_latency_at_accuracy_interpolates_and_clamps():
     front = frontier([1.0, 2.0], [0.4, 0.6])
     assert latency_at_accuracy(front, 0.5) == pytest.approx(1.5)
-    assert latency_at_accuracy(front, 0.3) == 1.0  # below the range: the lowest point
+    assert latency_at_accuracy(front, 0.3) == pytest.approx(0.75)  # below: towards (0, 0)
     assert latency_at_accuracy(front, 0.7) == 2.0  # above: the best point's latency
 
 

@@ -7,7 +7,6 @@ import pytest
 
 from env.backends.replay import ReplayBackend
 from env.race import RaceState
-from policies.allocator import draw_rng
 from policies.race_controllers import (
     RULE_FAMILIES,
     BatchKSchedule,
@@ -17,7 +16,7 @@ from policies.race_controllers import (
     leader_posterior,
     margin_rule,
 )
-from policies.race_eval import run_race, sweep_rules, tune_controllers
+from policies.race_eval import draw_rng, run_race, sweep_rules, tune_controllers
 from tests.fake_profile import make_fake_profile
 
 
