@@ -37,7 +37,9 @@ from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from env.profiles.store import Profile, load_profile
 from env.race_env import DEFAULT_PROFILE, RaceEnv
-from policies.evaluate import evaluate_methods, print_report, write_report
+from policies.confidence_fit import Args as ConfidenceArgs
+from policies.confidence_fit import main as confidence_main
+from policies.evaluate import evaluate_methods, plot_middle_races, print_report, write_report
 from policies.learned_controller import LearnedController
 from policies.ppo_training import (
     OutcomeLoggerCallback,
@@ -174,6 +176,8 @@ def main(args: Args) -> dict:
     info = policy_info(args, profile, method, deadlines, chosen, validation, trained_s,
                        teacher_name, baselines)  # fmt: skip
     policy_dir = save_race_policy(out / "policy", candidates[chosen], featurizer, config, info)
+    calibration = fit_confidence_of(policy_dir, out / "confidence", args.seed)
+    clock.say(f"answer confidence: ECE {calibration['ece']:.3f} on the test split")
 
     # Evaluate on the held-out MATH-500 problems against every baseline, and report.
     policy = load_race_policy(policy_dir)
@@ -183,7 +187,9 @@ def main(args: Args) -> dict:
     report = evaluate_methods(methods, test_backend, deadlines, args.eval_repeats, args.seed,
                               config.latency_cost)  # fmt: skip
     report["train_seconds"] = round(trained_s, 1)
-    publish(report, out, policy_dir, run)
+    report["confidence"] = calibration
+    races = plot_middle_races(test_backend, methods["policy"], baselines, deadlines, out, args.seed)
+    publish(report, out, policy_dir, run, races)
     clock.say("done")
     return report
 
@@ -281,14 +287,22 @@ def policy_info(
     }  # fmt: skip
 
 
-def publish(report: dict, out: Path, policy_dir: Path, run) -> None:
+def fit_confidence_of(policy_dir: Path, out: Path, seed: int) -> dict:
+    """Fit the saved policy's answer confidence on its training problems (written into the
+    policy folder, ``confidence.json``) and check it on the test split; returns the expected
+    calibration error and Brier score (reliability plot in ``out``)."""
+    report = confidence_main(ConfidenceArgs(policy=str(policy_dir), out=str(out), seed=seed))
+    return {"ece": report["ece"], "brier": report["brier"], "report": str(out)}
+
+
+def publish(report: dict, out: Path, policy_dir: Path, run, races: Path) -> None:
     """Write the report files into ``out``, print the table and where everything went, and
     close the W&B ``run`` with the headline figures."""
     paths = write_report(report, out)
     print_report(report)
     run.summary.update({"targets": report.get("targets", {})})
     run.finish()
-    print("report:", *paths, f"\npolicy: {policy_dir}")
+    print("report:", *paths, races, f"\npolicy: {policy_dir}")
 
 
 if __name__ == "__main__":

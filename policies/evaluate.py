@@ -447,12 +447,27 @@ def main(args: Args) -> dict:
                         "repeats": args.tune_repeats}  # fmt: skip
     out = Path(args.out) if args.out else Path(args.policy).resolve().parent / "eval"
     json_path, png_path = write_report(report, out)
-    mid = len(deadlines) // 2
-    races = plot_races(test, {"policy": controller, REFERENCE: tuned[REFERENCE][mid]},
-                       deadlines[mid], out / "races.png", seed=args.seed)  # fmt: skip
+    races = plot_middle_races(test, controller, tuned, deadlines, out, args.seed)
     print_report(report)
     print(f"report: {json_path}\nplots:  {png_path} {races}")
     return report
+
+
+def plot_middle_races(
+    backend: ReplayBackend,
+    policy: RaceController,
+    tuned: dict[str, list[RuleController]],
+    deadlines: Sequence[float],
+    out: Path,
+    seed: int,
+) -> Path:
+    """``races.png`` in ``out``: a few races at the middle deadline of the grid, the policy
+    beside the static table and the margin rule, to show where and why each stopped."""
+    mid = len(deadlines) // 2
+    controllers = {"policy": policy, REFERENCE: tuned[REFERENCE][mid]}
+    if "margin" in tuned:
+        controllers["margin"] = tuned["margin"][mid]
+    return plot_races(backend, controllers, deadlines[mid], out / "races.png", seed=seed)
 
 
 def cli(argv: Sequence[str] | None = None) -> dict:

@@ -62,6 +62,18 @@ def run_race(
     rng: np.random.Generator,
 ) -> Outcome:
     """One call of ``controller`` on a replayed race (the evaluation loop of every method)."""
+    return run_race_with_state(backend, controller, problem, deadline_s, rng)[0]
+
+
+def run_race_with_state(
+    backend: ReplayBackend,
+    controller: RaceController,
+    problem: int,
+    deadline_s: float,
+    rng: np.random.Generator,
+) -> tuple[Outcome, RaceState]:
+    """``run_race``, also returning the race's final state (the votes, which ``Outcome``
+    does not keep; answer confidence is computed from them)."""
     race = ReplayRace(backend, problem, controller.call_deadline(deadline_s), rng)
     n, k = controller.begin(backend.problems[problem], deadline_s)
     race.begin(n, k)
@@ -74,7 +86,7 @@ def run_race(
             race.stop()
         elif decision.k is not None:
             race.set_k(decision.k)
-    return race.outcome()
+    return race.outcome(), race.state
 
 
 def evaluate_controller(

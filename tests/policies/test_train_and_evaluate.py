@@ -37,7 +37,13 @@ def trained(tmp_path_factory):
 
 def test_train_writes_report_plot_and_policy(trained):
     out, stdout = trained
-    for name in ("report.json", "report.png", "policy/policy.json", "policy/model.zip"):
+    for name in (
+        "report.json",
+        "report.png",
+        "races.png",
+        "policy/policy.json",
+        "policy/model.zip",
+    ):
         assert (out / name).is_file(), name
     assert "synthetic profile" in stdout and str(out / "report.json") in stdout
     report = json.loads((out / "report.json").read_text())
@@ -53,6 +59,7 @@ def test_train_writes_report_plot_and_policy(trained):
     for rows in report["methods"].values():
         assert all(o["accuracy"] >= r["accuracy"] for o, r in zip(oracle, rows, strict=True))
     assert report["targets"]["evaluated"] and "latency_saving_vs_static_best" in str(report)
+    assert 0 <= report["confidence"]["ece"] <= 1 and (out / "policy/confidence.json").is_file()
 
 
 def test_saved_policy_is_a_race_policy_with_its_baselines(trained):
