@@ -1,14 +1,16 @@
 """The Gymnasium environment and everything it runs on.
 
-Top level: the environment (``tts_env``), its settings and reward (``config``), what a call gets
-and what a controller sees (``allocation``), its observation features (``features``) and the
-latency model (``latency_model``).  Sub-packages own one concern each: ``backends`` (protocol,
-replay, live), ``task`` (MATH data, prompt, grading, voting), ``profiles`` (store, record,
-calibrate, validate) and ``synthetic`` (the calibrated synthetic profile generator).
+Top level: the environment (``race_env``, ``LatencyTTS-v1``), the state of a call in flight
+that every controller reads (``race``), the environment's settings and the one reward
+(``config``), the prompt features (``features``) and the latency model (``latency_model``).
+Sub-packages own one concern each: ``backends`` (the protocol; replay and the replayed race;
+the live race, sample-and-vote on the engine), ``task`` (MATH data, prompt, grading, voting),
+``profiles`` (store, record, calibrate, validate) and ``synthetic`` (the calibrated synthetic
+profile generator).
 
-Importing ``env.tts_env`` registers the environment's Gymnasium ids (``LatencyTTS-v0`` for
-replay, ``LatencyTTSLive-v0`` for the live engine; ``gymnasium.make("env.tts_env:LatencyTTS-v0")``
-imports it for you).  This package itself imports nothing, so the serving path, which needs
-``env.allocation``, ``env.config`` and ``env.features``, loads neither Gymnasium nor the data
-stack.
+Importing ``env.race_env`` registers the environment's Gymnasium id ``LatencyTTS-v1`` (replay
+of a recorded profile, event by event; deterministic, so Gymnasium's checker tests that equal
+seeds give equal episodes).  Importing ``env`` itself, or the light modules (``env.race``,
+``env.config``, ``env.features``), loads neither Gymnasium nor the data stack, so the serving
+path stays lean.
 """

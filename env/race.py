@@ -37,8 +37,11 @@ RACE_FEATURES = (
     "k_fraction",
     "leader_confidence",
     "has_confidence",
+    "load",
 )
-"""Names of ``RaceState.observation()``'s entries, in order (see its docstring for ranges)."""
+"""Names of ``RaceState.observation()``'s entries, in order (see its docstring for ranges).
+``load`` came last (observation layout 2 of ``LatencyTTS-v1``), so the others kept their
+places; a policy saved with other names is refused (``policies.saved_policy``)."""
 
 STOP_REASONS = ("decided", "deadline", "controller", "complete")
 CONTINUE, STOP = 0, 1
@@ -48,6 +51,11 @@ DEFAULT_CHECKPOINTS = (0.25, 0.5, 0.75)
 finished since the last decision point."""
 STEPS_SCALE = math.log(4097.0)
 """``log_steps_left`` divides ln(1 + steps left) by this: 4,096 steps map to 1."""
+LOAD_SCALE_BRANCHES = 255
+"""``load`` is log2(1 + background branches) / log2(1 + this): 255 other branches map to 1.
+A fixed scale rather than the training distribution's largest level, so the feature means the
+same thing to every policy and to the server, which reports whatever load it has."""
+LOAD_LOG_SCALE = math.log2(1 + LOAD_SCALE_BRANCHES)
 CONFIDENCE_WINDOW = 32
 """Tokens per window of ``BranchConfidence.lowest_window_logprob``.  DeepConf groups 2,048
 tokens of traces thousands of tokens long; the branches here are a few hundred tokens, so the
@@ -88,11 +96,17 @@ class RaceState:
     :param deadline_s: the call's wall-clock deadline, seconds from its start.
     :param n_max: the largest ``n`` a controller may start (scales the observation).
     :param k_max: the largest ``k`` (scales the observation).
+    :param background_branches: other calls' branches sharing the engine batch when this call
+        starts (the load; 0 on an idle engine).  Every engine step of this call runs at batch
+        ``running + background_branches``, and k is engine-wide: the call's k applies to the
+        whole batch.  Set once at the start: the load a controller is told, so a policy can
+        start fewer branches or draft less when the engine is busy.
     """
 
     deadline_s: float
     n_max: int
     k_max: int
+    background_branches: int = 0
     n: int = 0
     k: int = 0
     elapsed_s: float = 0.0
@@ -170,7 +184,8 @@ class RaceState:
         fractions are in [0, 1]; ``log2_n`` is log2(n) / log2(n_max); ``log_steps_left`` is
         ln(1 + remaining seconds / measured seconds per step) / ln(4097) (0 before any step);
         ``margin`` and ``leader_votes`` are divided by n; ``leader_confidence`` is the leader's
-        mean token log-probability / 2 clipped to [-1, 0] (0 without confidence).
+        mean token log-probability / 2 clipped to [-1, 0] (0 without confidence); ``load`` is
+        log2(1 + background branches) / log2(1 + ``LOAD_SCALE_BRANCHES``), clipped to 1.
 
         ``n_max`` and ``k_max`` override the state's scales: a learned controller reads every
         race (replayed, live) with the scales it was trained with, whoever built the state.
@@ -196,5 +211,6 @@ class RaceState:
             self.k / max(k_max, 1),
             0.0 if confidence is None else max(confidence / 2.0, -1.0),
             0.0 if confidence is None else 1.0,
+            min(math.log2(1 + self.background_branches) / LOAD_LOG_SCALE, 1.0),
         )
         return np.asarray(values, dtype=np.float32)

@@ -1,6 +1,6 @@
 """The sequential environment: the policy watches a replayed call and decides while it runs.
 
-``LatencyTTS-v0`` (``env.tts_env``) decides once per problem from the prompt; on the default
+Its first version, ``LatencyTTS-v0``, decided once per problem from the prompt; on the default
 profile that policy cannot beat the static (n, k) table, because prompt features explain little
 of a problem's difficulty.  What does carry per-problem information is the call as it unfolds:
 which branches finished, whether their answers agree, how much time is left.  ``LatencyTTS-v1``
@@ -20,7 +20,7 @@ from gymnasium.envs.registration import register
 
 from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
-from env.config import RACE_ENV_ID, RaceEnvConfig
+from env.config import RACE_ENV_ID, LoadDistribution, RaceEnvConfig
 from env.features import OBS_BOUND, ProblemFeaturizer
 from env.profiles.store import Profile
 from env.race import CONTINUE as CONTINUE  # the stop component's values, re-exported
@@ -54,13 +54,15 @@ class RaceEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(-5, 5, (P + 14,), float32)``: the ``P`` prompt features of
+    ``Box(-5, 5, (P + 15,), float32)``: the ``P`` prompt features of
     ``env.features.ProblemFeaturizer`` (prompt length, deadline, predicted difficulty, length,
     pass rate, agreement and acceptance), then the race features ``env.race.RACE_FEATURES``
     (each in [-1, 1], see ``RaceState.observation``): is_start, elapsed share of the deadline,
     engine steps left before the deadline at the measured step time, n, finished, answered,
-    leader share, leader votes, margin, distinct answers, live batch, k, leader confidence
-    and whether confidence is known (the synthetic profile has none).
+    leader share, leader votes, margin, distinct answers, live batch, k, leader confidence,
+    whether confidence is known (the synthetic profile has none), and the background load
+    (other calls' branches in the engine batch, log-scaled; 0 on an idle engine or when
+    ``observe_load`` is off).
 
     ## Rewards
 
@@ -71,14 +73,17 @@ class RaceEnv(gym.Env):
     ## Starting State
 
     A problem drawn uniformly from the backend's problems and a deadline drawn log-uniformly
-    from ``deadline_range_s`` (or uniformly from ``deadline_choices_s``).  ``reset(options=)``
-    may fix ``problem_index``, ``deadline_s`` and ``draw_seed`` (the replay's draw).
+    from ``deadline_range_s`` (or uniformly from ``deadline_choices_s``); with a
+    ``load_distribution``, a background load L drawn from it for the whole call (every engine
+    step then runs at batch live + L, ``ReplayBackend.under_load``).  ``reset(options=)`` may
+    fix ``problem_index``, ``deadline_s``, ``draw_seed`` (the replay's draw) and
+    ``background_branches`` (L).
 
     ## Episode End
 
     Terminates when the call ends (stop, decided vote, all finished, deadline); never
     truncated.  ``info`` at the end carries the ``Outcome`` fields plus ``deadline_s``,
-    ``problem_index`` and ``decisions``.
+    ``problem_index``, ``background_branches`` and ``decisions``.
 
     ## Arguments
 
@@ -88,9 +93,12 @@ class RaceEnv(gym.Env):
 
     ## Version History
 
+    * v1, observation layout 2: a 15th race feature, ``load`` (background branches sharing the
+      engine batch), and ``load_distribution`` / ``observe_load`` in the config; policies
+      saved with 14 race features are refused (``race_feature_names``) and must be retrained.
     * v1: the sequential race (observation: prompt features + 14 race features; actions
       (n, k, stop)); policies trained on v0 (one decision per problem) must be retrained.
-    * v0: one decision (n, k, budget) per problem (``env.tts_env``).
+    * v0 (removed): one decision (n, k, budget) per problem from the prompt alone.
 
     :param backend: the replay backend the races are replayed from.
     :param featurizer: maps prompt and deadline to the prompt features.
@@ -116,6 +124,9 @@ class RaceEnv(gym.Env):
             raise ValueError(f"k_grid {self.k_grid} not supported by backend {backend.k_grid}")
         low, high = config.deadline_range_s or featurizer.deadline_range_s
         self._log_deadline_range = (math.log(low), math.log(high))
+        self.load = LoadDistribution.parse(config.load_distribution)
+        for level in self.load.levels if self.load else ():
+            backend.under_load(level)  # refuses a load the step table does not cover
         problems = backend.problems
         texts, prompt_tokens = [p.problem for p in problems], [p.prompt_tokens for p in problems]
         predictions = featurizer.predict(texts, prompt_tokens)
@@ -150,12 +161,23 @@ class RaceEnv(gym.Env):
         else:
             problem = int(self.np_random.integers(len(self.backend.problems)))
         deadline = self._draw_deadline(options)
+        load = self._draw_load(options)
         draw = options.get("draw_seed")
         rng = self.np_random if draw is None else np.random.default_rng(draw)
-        self._race = ReplayRace(self.backend, problem, deadline, rng, self.config.checkpoints)
+        config = self.config
+        self._race = ReplayRace(self.backend.under_load(load), problem, deadline, rng,
+                                config.checkpoints, config.observe_load)  # fmt: skip
         self._prompt_obs = self.prompt_observation(problem, deadline)
         self._decisions = 0
-        return self._observe(), {"problem_index": problem, "deadline_s": deadline}
+        info = {"problem_index": problem, "deadline_s": deadline, "background_branches": load}
+        return self._observe(), info
+
+    def _draw_load(self, options: dict) -> int:
+        """The episode's background load: fixed by ``options``, else drawn (0 without a
+        distribution, drawing nothing, so episodes without load are as before)."""
+        if "background_branches" in options:
+            return int(options["background_branches"])
+        return 0 if self.load is None else self.load.draw(self.np_random)
 
     def _draw_deadline(self, options: dict) -> float:
         if "deadline_s" in options:
@@ -186,7 +208,8 @@ class RaceEnv(gym.Env):
         state = race.state
         reward = self.config.reward(outcome, state.deadline_s)
         info = outcome.to_info()
-        info.update(deadline_s=state.deadline_s, problem_index=race.p, decisions=self._decisions)
+        info.update(deadline_s=state.deadline_s, problem_index=race.p, decisions=self._decisions,
+                    background_branches=race.backend.background_branches)  # fmt: skip
         return obs, reward, True, False, info
 
 

@@ -1,14 +1,17 @@
-"""Allocation policies: the controllers, their training and evaluation, and serving them.
+"""Controllers of a race, their tuning, training and evaluation, and serving them.
 
-- ``allocator``: the interface every allocation controller implements (``Allocator``: an
-  ``env.allocation.AllocationRequest`` in, one ``Allocation`` per problem out) and the one loop
-  that scores a controller through the environment (``run_episodes``).
-- ``baselines``: plain, the static tables (the published method and its budgeted search),
-  max-fit and the oracle bound; the evaluation deadline grid.
-- ``saved_policy``: the trained policy on disk, its one compatibility check, loading (what the
-  serving path imports; no training code).
-- ``ppo_training``: PPO's environments, callbacks, warm start and model selection (``train.py``).
-- ``evaluate``: the policy against every baseline on MATH-500; table, plot, report.
+- ``race_controllers``: the ``RaceController`` interface, the tuned rules (static table, time
+  budget, ESC, Adaptive-Consistency, margin), the per-deadline table, the batch-size k rule;
+- ``learned_controller``: a trained SB3 model as a controller (light enough for serving);
+- ``race_eval``: the one loop that runs any controller on a replayed race, tuning the rules
+  per deadline, the deadline grid;
+- ``saved_policy``: the trained policy on disk, its one compatibility check, loading;
+- ``ppo_training``: PPO's environments, logging, warm start and model selection (``train.py``);
+- ``evaluate``, ``report_plots``, ``frontier``: every method on MATH-500 on the same draws,
+  the targets, tables and plots; ``confidence`` / ``confidence_fit``: the calibrated
+  probability that an answer is right (the load study, which builds on ``train.py``, is
+  ``scripts/load_study.py``);
 - ``controller``, ``server``, ``openai_api``, ``deadline_queue``: the deployed controller on the
-  live engine and its OpenAI-compatible service.
+  live engine and its OpenAI-compatible service; ``bench_server``, ``bench_decisions``: their
+  benchmarks.
 """

@@ -32,7 +32,7 @@ from env.race import DEFAULT_CHECKPOINTS
 from env.task.prompt import build_user_message
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RaceController
-from policies.saved_policy import RETRAIN, SavedPolicy, SavedRacePolicy, load_race_policy
+from policies.saved_policy import SavedRacePolicy, load_race_policy
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,6 @@ class DecodingController:
         checkpoints: tuple[float, ...] = DEFAULT_CHECKPOINTS,
         logprobs: bool = True,
     ) -> None:
-        if isinstance(policy, SavedPolicy):
-            raise ValueError(f"policy {policy.folder} decides once per call (v0). {RETRAIN}")
         if isinstance(policy, str | Path):
             policy = load_race_policy(policy)
         self.engine, self.checkpoints, self.logprobs = engine, tuple(checkpoints), logprobs

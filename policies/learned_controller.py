@@ -88,6 +88,9 @@ class LearnedController:
     :param name: the method's name in reports.
     """
 
+    reads_load = True
+    """``begin`` takes the engine's background load (``policies.race_eval.begin_call``)."""
+
     def __init__(
         self,
         model: BaseAlgorithm,
@@ -140,10 +143,14 @@ class LearnedController:
         self._net.obs[self._prompt_width :] = race.observation(*self.race_scales)
         return self._net.obs.copy()
 
-    def begin(self, problem: ProblemInfo, deadline_s: float) -> tuple[int, int]:
+    def begin(
+        self, problem: ProblemInfo, deadline_s: float, background_branches: int = 0
+    ) -> tuple[int, int]:
+        """(n, k) for the call; ``background_branches``: other calls' branches in the engine
+        batch (the observation's ``load``, as the race state will report it)."""
         self._net.obs[: self._prompt_width] = self.prompt_features(problem, deadline_s)
-        n_max, k_max = self.race_scales
-        self._net.obs[self._prompt_width :] = RaceState(deadline_s, n_max, k_max).observation()
+        start = RaceState(deadline_s, *self.race_scales, background_branches=background_branches)
+        self._net.obs[self._prompt_width :] = start.observation()
         action = self._net.act()
         return self.n_grid[action[0]], self.k_grid[action[1]]
 

@@ -10,6 +10,11 @@ heuristic with a fixed k decides on votes only, so one replay per (problem, n, k
 every threshold and every deadline: ``sweep_rules`` replays the finish sequence once, updates
 a ``RaceState`` after each engine step in which branches finished (exactly the race's decision
 points) and records when each rule would stop.  Tests check it against ``run_race``.
+
+Under background load (``env.config.LoadDistribution``) every draw also draws its load from its
+own stream (``load_rng``), so every method meets the same load on the same draw, and the draws
+of branches are those of the idle evaluation.  Tuning at a fixed load needs no parameter: sweep
+the backend's view under that load (``ReplayBackend.under_load``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from env.backends.protocol import Outcome
+from env.backends.protocol import Outcome, ProblemInfo
 from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
+from env.config import LoadDistribution
 from env.race import RaceState
 from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController
 
@@ -35,6 +41,12 @@ def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
     """The generator of one evaluation draw; equal keys give equal branches for every method
     (and every deadline)."""
     return np.random.default_rng([seed, problem, repeat])
+
+
+def load_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
+    """The generator of one evaluation draw's background load (apart from ``draw_rng``, so
+    adding load changes no branch draw)."""
+    return np.random.default_rng([seed, problem, repeat, 1])
 
 
 def default_deadlines(backend: ReplayBackend, count: int = 8) -> tuple[float, ...]:
@@ -60,9 +72,23 @@ def run_race(
     problem: int,
     deadline_s: float,
     rng: np.random.Generator,
+    observe_load: bool = True,
 ) -> Outcome:
-    """One call of ``controller`` on a replayed race (the evaluation loop of every method)."""
-    return run_race_with_state(backend, controller, problem, deadline_s, rng)[0]
+    """One call of ``controller`` on a replayed race (the evaluation loop of every method);
+    under load when ``backend`` is a view ``under_load(L)``, the controller told L unless
+    ``observe_load`` is off."""
+    return run_race_with_state(backend, controller, problem, deadline_s, rng, observe_load)[0]
+
+
+def begin_call(
+    controller: RaceController, problem: ProblemInfo, deadline_s: float, state: RaceState
+) -> tuple[int, int]:
+    """The controller's (n, k); a controller that reads the load (``reads_load``, e.g.
+    ``LearnedController``) is told the state's background branches, the others are asked as
+    the ``RaceController`` protocol has it."""
+    if getattr(controller, "reads_load", False):
+        return controller.begin(problem, deadline_s, background_branches=state.background_branches)
+    return controller.begin(problem, deadline_s)
 
 
 def run_race_with_state(
@@ -71,11 +97,13 @@ def run_race_with_state(
     problem: int,
     deadline_s: float,
     rng: np.random.Generator,
+    observe_load: bool = True,
 ) -> tuple[Outcome, RaceState]:
     """``run_race``, also returning the race's final state (the votes, which ``Outcome``
     does not keep; answer confidence is computed from them)."""
-    race = ReplayRace(backend, problem, controller.call_deadline(deadline_s), rng)
-    n, k = controller.begin(backend.problems[problem], deadline_s)
+    deadline = controller.call_deadline(deadline_s)
+    race = ReplayRace(backend, problem, deadline, rng, observe_load=observe_load)
+    n, k = begin_call(controller, backend.problems[problem], deadline_s, race.state)
     race.begin(n, k)
     while not race.done:
         race.advance()
@@ -96,11 +124,18 @@ def evaluate_controller(
     repeats: int,
     seed: int,
     problems: Sequence[int] | None = None,
+    load: LoadDistribution | None = None,
+    observe_load: bool = True,
 ) -> list[Outcome]:
-    """Outcomes of ``controller`` on every problem (or ``problems``) x ``repeats`` draws."""
+    """Outcomes of ``controller`` on every problem (or ``problems``) x ``repeats`` draws, each
+    under a background load drawn from ``load`` (None: an idle engine)."""
     problems = range(len(backend.problems)) if problems is None else problems
+
+    def loaded(p: int, r: int) -> ReplayBackend:
+        return backend if load is None else backend.under_load(load.draw(load_rng(seed, p, r)))
+
     return [
-        run_race(backend, controller, p, deadline_s, draw_rng(seed, p, r))
+        run_race(loaded(p, r), controller, p, deadline_s, draw_rng(seed, p, r), observe_load)
         for p in problems
         for r in range(repeats)
     ]

@@ -1,13 +1,13 @@
-"""The one interface the environment, the baselines and evaluation run test-time scaling through.
+"""What every source of a call shares: the problem it is asked, and the ``Outcome`` it returns.
 
-An episode asks a backend to answer one problem with ``n`` sampled branches, ``k`` draft tokens
-per verification step and a wall-clock deadline, aggregating by majority vote.  The replay
-backend (``env.backends.replay``) answers from a recorded profile in microseconds; the live
-backend (``env.backends.live``) runs the vLLM engine.  Both return the same ``Outcome`` and list
-their problems the same way, so the environment, the policies and the evaluation never know
-which one they drive.
+A call answers one problem with ``n`` sampled branches, ``k`` draft tokens per verification step
+and a wall-clock deadline, aggregating by majority vote.  The replay backend
+(``env.backends.replay``) answers from a recorded profile in microseconds, the replayed race
+(``env.backends.replay_race``) the same call step by step, the live race
+(``env.backends.live_race``) on the vLLM engine; all describe problems with ``ProblemInfo`` and
+results with ``Outcome``, so controllers and evaluation never know which one they drive.
 
-Rules every backend follows (the replay backend is the reference implementation):
+Rules every source follows (the replay backend is the reference implementation):
 
 - branches still running at the deadline are aborted and do not vote;
 - the finished ones vote by the rules of ``env.task.voting`` (``VoteTally``), and the call
@@ -84,13 +84,9 @@ class Outcome:
 class Backend(Protocol):
     """Runs majority-vote test-time scaling on a fixed list of problems.
 
-    ``LiveBackend`` in ``env.backends.live`` is constructed as
-    ``LiveBackend(split: str = "test", limit: int | None = None, **engine_options)`` and
-    implements this protocol; nothing else about it is assumed.
-
-    A backend may also set ``deterministic = True`` when equal generators give equal outcomes
-    (replay does); only such a backend runs under ``LatencyTTS-v0``, which is registered
-    deterministic (others run under ``LatencyTTSLive-v0``, see ``env.tts_env``).
+    ``env.backends.replay.ReplayBackend`` implements it; a backend sets ``deterministic =
+    True`` when equal generators give equal outcomes (replay does), which lets Gymnasium's
+    checker test determinism of an environment built on it.
     """
 
     @property

@@ -11,6 +11,11 @@ decode steps per branch for every ``k`` (from the problem's draft acceptance), s
 live batch size, answer classes and which class is right.  A call then costs a handful of small
 numpy operations, which keeps the environment above 5,000 steps per second.
 
+Background load (other calls' branches sharing the engine batch) slows every step of a call:
+the step table covers batches up to ``MAX_ENGINE_BATCH``, beyond this call's own branches, and
+``under_load(L)`` gives a view of the backend whose steps run at batch ``live + L`` (the same k
+for the whole batch: vLLM's k is engine-wide).  With no load the tables are the recorded ones.
+
 Draws are the first ``n`` entries of a random permutation of the recorded branches, so two calls
 with equally seeded generators share their branches (common random numbers across actions).
 ``n`` larger than the number of recorded branches is rejected rather than sampled with
@@ -20,6 +25,7 @@ agreement.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +36,11 @@ from env.backends.protocol import Outcome, ProblemInfo
 from env.latency_model import NO_SPECULATION, LatencyModel, StepTableKey, tokens_per_step
 from env.profiles.store import Profile, load_profile
 from env.task.voting import vote_in_finish_order
+
+MAX_ENGINE_BATCH = 512
+"""The step table covers live batches 0..max(this, recorded branches): a call's own branches
+plus background load.  The latency model extrapolates linearly past its largest calibrated
+batch (256 on the synthetic H100 profile)."""
 
 
 def choose_spec_method(profile: Profile) -> str:
@@ -89,7 +100,9 @@ class ReplayBackend:
     :ivar branch_confidence: (problems, max_branches, 2) each branch's mean and lowest windowed
         token log-probability (NaN where unknown), or None when the profile has none.
     :ivar tokens_per_step: (problems, k slots) expected tokens per decode step.
-    :ivar step_seconds: (k slots, max_branches + 1) seconds of a decode step per live batch.
+    :ivar step_seconds: (k slots, max_batch + 1) seconds of a decode step per live batch of this
+        call (on a view ``under_load(L)``, column b holds the step time at engine batch b + L).
+    :ivar background_branches: the load L this view runs under (0: the idle engine).
     :ivar start_seconds: (problems, max_branches + 1) seconds before decoding starts, per n.
 
     :param profile: a loaded ``Profile``, or a profile name or folder.
@@ -102,6 +115,7 @@ class ReplayBackend:
     """
 
     deterministic = True
+    background_branches = 0
 
     def __init__(
         self,
@@ -170,10 +184,14 @@ class ReplayBackend:
             np.maximum(self.branch_tokens, 1.0)[:, None, :] / self.tokens_per_step[:, :, None]
         )
         self._steps = list(steps.reshape(len(rows) * len(keys), n_max))
-        batch = np.arange(n_max + 1)
-        self.step_seconds = np.stack([model.step_time(batch, key.k, key.method) for key in keys])
+        batch = np.arange(max(MAX_ENGINE_BATCH, n_max) + 1)
+        self._engine_step_seconds = np.stack(
+            [model.step_time(batch, key.k, key.method) for key in keys]
+        )
+        self.step_seconds = self._engine_step_seconds
+        self._views: dict[int, ReplayBackend] = {0: self}
         prompts = np.array([[p.prompt_tokens] for p in self._problems])
-        self.start_seconds = model.call_overhead_s + model.prefill_time(prompts, batch)
+        self.start_seconds = model.call_overhead_s + model.prefill_time(prompts, batch[: n_max + 1])
 
     @property
     def name(self) -> str:
@@ -194,6 +212,32 @@ class ReplayBackend:
     @property
     def k_grid(self) -> tuple[int, ...]:
         return self._k_grid
+
+    @property
+    def max_batch(self) -> int:
+        """The largest engine batch (this call's branches plus load) the step table covers."""
+        return self._engine_step_seconds.shape[1] - 1
+
+    def under_load(self, background_branches: int) -> ReplayBackend:
+        """This backend with ``background_branches`` other branches in every engine step.
+
+        A view sharing every table but the step table, which is shifted by the load: a call of
+        n branches then replays (``run``, ``finish_times``, ``ReplayRace``) at batches
+        n + L, n - 1 + L, ..., 1 + L.  The load is absolute (not added to a view's own);
+        prefill is unchanged (it is timed per call, not per batch).  Views are cached.
+        """
+        view = self._views.get(background_branches)
+        if view is None:
+            if not 0 <= background_branches <= self.max_batch - self._max_branches:
+                raise ValueError(
+                    f"load {background_branches} outside 0..{self.max_batch - self._max_branches}"
+                    f" (the step table covers batches up to {self.max_batch})"
+                )
+            view = copy.copy(self)
+            view.background_branches = background_branches
+            view.step_seconds = self._engine_step_seconds[:, background_branches:]
+            self._views[background_branches] = view
+        return view
 
     def k_slot(self, k: int) -> int:
         """The row of ``tokens_per_step``/``step_seconds`` that draft length ``k`` uses."""

@@ -14,6 +14,12 @@ tokens per step of the problem's acceptance, as in the latency model).  Decision
 engine-step boundaries, as on the live engine: a checkpoint fraction of the deadline is taken
 at the end of the last step that ends before it.  A finished branch passes its recorded
 confidence (token log-probability summary) to the state when the profile has one.
+
+Under background load, replay a view of the backend (``ReplayBackend.under_load``): its step
+table is shifted by the load, so every step runs at batch live + L with the call's k for the
+whole batch, and the race tells its state the load (``RaceState.background_branches``) unless
+``observe_load`` is off.  With no load nothing changes, so the exactness above holds for any
+fixed load as well.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class ReplayRace:
         ``ReplayBackend.run``, so equal generators give equal branches).
     :param checkpoints: fractions of the deadline at which the race pauses when nothing
         finished since the last decision point.
+    :param observe_load: whether the state reports ``backend.background_branches`` (False:
+        the steps still run under the load, the controller is not told; a load-blind ablation).
     """
 
     def __init__(
@@ -51,11 +59,13 @@ class ReplayRace:
         deadline_s: float,
         rng: np.random.Generator,
         checkpoints: Sequence[float] = DEFAULT_CHECKPOINTS,
+        observe_load: bool = True,
     ) -> None:
         if not deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.backend, self.p, self.rng = backend, problem_index, rng
-        self.state = RaceState(deadline_s, backend.max_branches, max(backend.k_grid))
+        load = backend.background_branches if observe_load else 0
+        self.state = RaceState(deadline_s, backend.max_branches, max(backend.k_grid), load)
         self._checkpoints = [deadline_s * c for c in sorted(checkpoints)]
         self._answer_class = -1
         self._decided_at: float | None = None

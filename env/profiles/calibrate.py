@@ -141,6 +141,10 @@ def calibrate(
     :param prefill_method: engine whose prefill is timed (default: the first of ``engines``);
         the model has one prefill term, and replay's k = 0 runs on this engine.
     :param progress: show a progress bar.
+
+    Longer than the ~60-line guide on purpose: its body is one timing protocol (decode steps
+    per method, k and batch, then prefill), and splitting it would scatter the order and the
+    warm-up rules that make the timings comparable.
     """
     prefill_method = prefill_method or next(iter(engines))
     decode_plan = [

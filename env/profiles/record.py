@@ -357,6 +357,10 @@ def profile_problems(
 ) -> Path:
     """Profile ``(split, problem)`` pairs into ``out_dir``, resuming from its journal.
 
+    Over the ~60-line guide mostly by its signature and parameter list; the body is the
+    resume protocol (journal header check, skip what is recorded, append, save every few
+    problems) and reads best in one piece.
+
     :param engines: ``{method: VLLMEngine}``, including ``"ngram"`` or ``"none"``.
     :param command: the command line of this session (recorded in the manifest).
     :param startup_s: seconds this session spent starting the engines (counted in duration).

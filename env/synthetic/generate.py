@@ -329,7 +329,10 @@ def generate(
     progress: bool = True,
     command: str | None = None,
 ) -> SyntheticProfile:
-    """Generate, calibrate, check and save the synthetic profile; deterministic for a seed."""
+    """Generate, calibrate, check and save the synthetic profile; deterministic for a seed.
+
+    A little over 60 lines: the steps (fit, draw, check, save) are listed in the order the
+    manifest records them, each a call or two."""
     started = time.monotonic()
     out = Path(out) if out is not None else profiles_dir() / PROFILE_NAME
     rates, majority = load_published()

@@ -1,6 +1,7 @@
 """The calibrated answer confidence (``policies.confidence``, fitted by
-``policies.confidence_fit``) on a FAKE profile: its features, the logistic fit, the calibration metrics, the saved file, the command line, and that the
-serving path can import it without training code."""
+``policies.confidence_fit``) on a FAKE profile: its features, the logistic fit, the calibration
+metrics, the saved file, the command line, and that the serving path can import it without
+training code."""
 
 from __future__ import annotations
 

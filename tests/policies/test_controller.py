@@ -16,11 +16,9 @@ from types import SimpleNamespace
 import pytest
 
 from engine.vllm_engine import EngineConfig
-from env.paths import policies_dir
 from env.task.voting import VoteTally
 from policies.controller import DecodingController
 from policies.race_controllers import RuleController
-from policies.saved_policy import load_policy
 from tests.policies.test_learned_controller import tiny_race_policy
 
 N_GRID, K_GRID = (1, 2, 4), (0, 1, 2)
@@ -52,14 +50,13 @@ def _stub_engine(**config) -> SimpleNamespace:
     return SimpleNamespace(config=EngineConfig(**config))
 
 
-def test_a_one_decision_policy_is_refused_with_retrain():
-    v0 = policies_dir() / "default"
-    if json.loads((v0 / "policy.json").read_text()).get("format_version") != 2:
-        pytest.skip("the default policy is no longer a one-decision (v0) policy")
+def test_a_one_decision_policy_is_refused_with_retrain(tmp_path):
+    v0 = tiny_race_policy(tmp_path / "v0")
+    info = json.loads((v0 / "policy.json").read_text())
+    info.update(format_version=2, env_id="LatencyTTS-v0")
+    (v0 / "policy.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"format version 2.*LatencyTTS-v1.*Retrain"):
         DecodingController(v0, _stub_engine())
-    with pytest.raises(ValueError, match=r"decides once per call.*Retrain"):
-        DecodingController(load_policy(v0), _stub_engine())
 
 
 @pytest.mark.parametrize(
@@ -129,11 +126,19 @@ def test_the_learned_race_runs_live_and_honours_the_deadline(controller, deadlin
             assert branch["finish_reason"] == "aborted" and branch["answer"] is None
         else:
             assert branch["finish_s"] <= deadline and branch["finish_reason"] in ("stop", "length")
-            assert branch["lowest_window_logprob"] <= branch["mean_logprob"] <= 0.0
+            assert branch["mean_logprob"] <= 0.0 and branch["lowest_window_logprob"] <= 0.0
     answered = [b["answer"] for b in solution.branches if b["answer"] is not None]
     assert sum(solution.votes.values()) == len(answered)
     assert (solution.answer is None) == (not answered)
     assert solution.prompt_tokens > 10
+    assert not controller.engine.has_unfinished_requests()
+
+
+@pytest.mark.engine
+def test_no_deadline_runs_the_race_to_its_end(controller):
+    solution = controller.solve(PROBLEM, None, max_tokens=4)
+    assert solution.deadline_s is None and solution.budget == 1.0
+    assert solution.stop_reason in ("decided", "controller", "complete")
     assert not controller.engine.has_unfinished_requests()
 
 

@@ -287,3 +287,14 @@ def test_load_every_request_answered_in_time_or_refused(server):
         assert elapsed <= deadline + HTTP_SLACK_S, (status, elapsed, deadline)
     assert _healthy(server.url)["queue_length"] == 0
     assert not server.engine.has_unfinished_requests()
+
+
+def test_a_one_decision_policy_is_refused_at_start_with_retrain(tmp_path, monkeypatch):
+    """The server serves race policies (v1); an older one stops it before the engine starts."""
+    from policies.server import main
+
+    (tmp_path / "policy.json").write_text(json.dumps({"format_version": 2,
+                                                      "env_id": "LatencyTTS-v0"}))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["server", "--policy", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"cannot serve .*LatencyTTS-v1.*Retrain"):
+        main()

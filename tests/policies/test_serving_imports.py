@@ -13,15 +13,15 @@ from tests.fresh_imports import modules_loaded_by
 NOT_ON_THE_SERVING_PATH = (
     "datasets",  # MATH loading (env.task.problems); serving formats prompts with env.task.prompt
     "stable_baselines3",  # imported when a saved policy is loaded
-    "gymnasium",  # registered by env.tts_env, which serving never imports
+    "gymnasium",  # registered by env.race_env, which serving never imports
     "wandb",
-    "env.tts_env",
+    "env.race_env",
     "env.task.problems",
-    "env.backends.live",
     "env.backends.replay",
-    "policies.ppo_policy",
+    "policies.ppo_training",
+    "policies.race_eval",
     "policies.evaluate",
-    "policies.baselines",
+    "policies.confidence_fit",
     "train",
 )
 

@@ -135,6 +135,10 @@ def test_profile_loads_with_valid_columns(profiled, problems):
             assert not (correct and answer is None)
         assert set(row["accept"]) == {"draft_model", "ngram"}
         assert all(0.0 <= a < 1.0 for a in row["accept"].values())
+        mean, lowest = row["branch_mean_logprob"], row["branch_lowest_window_logprob"]
+        assert len(mean) == len(lowest) == SETTINGS.n_max
+        assert np.all(mean <= 0.0) and np.all(lowest <= 0.0)  # log-probabilities, all present
+    assert profile.has_logprobs
     spec = read_table(profiled["out"] / "spec.parquet")
     assert {(s["id"], s["method"], s["k"]) for s in spec} == {
         (p.id, m, k) for _, p in problems for m in ("draft_model", "ngram") for k in (1, 2)
@@ -159,6 +163,7 @@ def test_manifest_records_engine_calibration_and_sessions(profiled):
     assert manifest["sampling"]["max_tokens"] == SETTINGS.max_tokens
     assert manifest["draft"]["layers"] >= 1 and manifest["vllm_version"]
     assert manifest["hardware"]["cpu_count"] >= 1
+    assert manifest["token_logprobs"]["recorded"] is True
     assert [s["command"] for s in manifest["sessions"]] == ["first", "second"]
     assert manifest["command"] == "second" and manifest["duration_s"] > 3.0
     model = LatencyModel.from_dict(manifest["latency_model"])
@@ -179,6 +184,7 @@ def test_replay_runs_on_the_real_profile(profiled):
     assert backend.k_grid == (0, 1, 2) and backend.max_branches == 2
     outcome = backend.run(0, n=2, k=1, deadline_s=1e6, rng=np.random.default_rng(0))
     assert outcome.latency_s > 0 and outcome.branches_finished == 2
+    assert backend.branch_confidence.shape == (2, 2, 2)  # the race state gets them
 
 
 @pytest.mark.engine
