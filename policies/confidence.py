@@ -213,6 +213,13 @@ class ConfidenceModel:
         return path
 
     @classmethod
+    def load_if_present(cls, folder: Path | str) -> ConfidenceModel | None:
+        """The model saved in ``folder``, or None when the policy carries none (a profile on
+        which no call was ever answered has nothing to fit)."""
+        path = Path(folder) / CONFIDENCE_FILE
+        return cls.load(folder) if path.is_file() else None
+
+    @classmethod
     def load(cls, folder: Path | str) -> ConfidenceModel:
         """The model saved in ``folder`` (a race policy folder)."""
         return cls.from_dict(json.loads((Path(folder) / CONFIDENCE_FILE).read_text()))

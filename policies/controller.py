@@ -30,6 +30,7 @@ from env.backends.live_race import LiveRaceResult, run_live_race
 from env.backends.protocol import ProblemInfo
 from env.race import DEFAULT_CHECKPOINTS
 from env.task.prompt import build_user_message
+from policies.confidence import ConfidenceModel
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RaceController
 from policies.saved_policy import SavedRacePolicy, load_race_policy
@@ -80,6 +81,9 @@ class Solution:
         lowest_window_logprob (None when not recorded).
     :param prompt_tokens: prompt length after the chat template.
     :param completion_tokens: tokens generated over all branches.
+    :param confidence: the probability that ``answer`` is right, from the policy's calibrated
+        confidence model (``policies.confidence``; fitted on the profile the policy was
+        trained on); None when the policy has none (or no answer: then 0.0).
     """
 
     answer: str | None
@@ -96,6 +100,7 @@ class Solution:
     branches: list[dict]
     prompt_tokens: int
     completion_tokens: int
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,9 +135,10 @@ class DecodingController:
             self.policy = policy
             self.n_grid, self.k_grid = check_policy_fits(policy, engine)
             self.race_controller: RaceController = LearnedController.from_saved(policy)
+            self.confidence = ConfidenceModel.load_if_present(policy.folder)
             _warn_if_other_method(policy, engine)
         else:
-            self.policy = None
+            self.policy, self.confidence = None, None
             self.n_grid = tuple(range(1, config.max_n + 1))
             self.k_grid = tuple(range(config.k_max + 1))
             self.race_controller = policy
@@ -176,7 +182,10 @@ class DecodingController:
                              cancel=cancel, logprobs=self.logprobs, started_at=start)  # fmt: skip
         call_deadline = race.state.deadline_s
         budget = 1.0 if deadline is None else call_deadline / deadline
-        return _solution(race, budget, time.monotonic() - start, deadline)
+        solution = _solution(race, budget, time.monotonic() - start, deadline)
+        if self.confidence is not None:
+            solution.confidence = self.confidence.predict(race.state)
+        return solution
 
 
 def _solution(

@@ -5,7 +5,12 @@ Requests are validated by hand rather than by a schema library so that every mal
 plain sentence naming the field, in OpenAI's error shape ``{"error": {"message", "type",
 "param", "code"}}``, and so that ``deadline_s`` is checked the same way whether it comes in the
 body or in the ``X-Deadline-S`` header.  Sampling fields the controller decides itself
-(temperature, top_p, ...) are accepted and ignored; ``stream`` and ``n`` > 1 are refused.
+(temperature, top_p, ...) are accepted and ignored; ``n`` > 1 is refused.
+
+``stream: true`` is served as server-sent events in OpenAI's chunk format
+(``completion_chunks``, ``sse_events``), but only once the call is done: the answer is a vote
+over the branches, so no text is known before the race ends.  The chunks are the role (chat),
+the voted answer, and a last chunk with ``finish_reason``, ``usage`` and the ``tts`` field.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -115,12 +121,8 @@ def check_model_and_options(body: dict, served: str) -> None:
             "model",
             "model_not_found",
         )
-    if body.get("stream") not in (None, False):
-        raise APIError(
-            400,
-            "stream is not supported: the answer is a vote over finished branches",
-            param="stream",
-        )
+    if not isinstance(body.get("stream", False), bool | None):
+        raise APIError(400, f"stream must be a boolean, got {body['stream']!r}", param="stream")
     if body.get("n") not in (None, 1):
         raise APIError(
             400,
@@ -203,3 +205,41 @@ def completion_body(endpoint: str, model: str, solution: Solution, tts: dict) ->
         "usage": usage,
         "tts": tts,
     }
+
+
+def completion_chunks(body: dict) -> list[dict]:
+    """The streamed form of a ``completion_body``: the same id, created and model.
+
+    Chat: a chunk with the assistant role, one with the answer as ``delta.content`` and a last
+    one with an empty delta; completions: one with the answer as ``text`` and a last one with
+    empty text.  The last chunk carries ``finish_reason``, ``usage`` and ``tts``; the others
+    have ``finish_reason: null``.
+    """
+    chat = body["object"] == "chat.completion"
+    head = {
+        "id": body["id"],
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": body["created"],
+        "model": body["model"],
+    }
+    choice = body["choices"][0]
+
+    def chunk(part: dict, finish: str | None = None, **extra: Any) -> dict:
+        parts = {"index": 0, **part, "logprobs": None, "finish_reason": finish}
+        return {**head, "choices": [parts], **extra}
+
+    if chat:
+        parts = [{"delta": {"role": "assistant", "content": ""}}]
+        parts.append({"delta": {"content": choice["message"]["content"]}})
+        last = {"delta": {}}
+    else:
+        parts, last = [{"text": choice["text"]}], {"text": ""}
+    end = chunk(last, choice["finish_reason"], usage=body["usage"], tts=body["tts"])
+    return [*(chunk(part) for part in parts), end]
+
+
+def sse_events(chunks: list[dict]) -> Iterator[bytes]:
+    """Server-sent events: one ``data:`` event per chunk, then ``data: [DONE]``."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"

@@ -26,6 +26,11 @@ retry cannot keep the original deadline, and ``Retry-After``); an admitted one g
 left of its deadline, so it is never answered late, and is refused with 503 while it waits if
 the engine falls so far behind the queue's estimate that its deadline can no longer be met.
 A client that disconnects is dropped from the queue or has its branches aborted.
+
+``stream: true`` is answered with server-sent events in OpenAI's chunk format, sent when the
+call is done (the answer is a vote, known only when the race ends): the request waits, is
+cancelled on disconnect and is refused exactly as a non-streamed one (plain JSON errors with
+their status codes), then the chunks go out at once (``policies.openai_api.completion_chunks``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -62,10 +67,12 @@ from policies.openai_api import (
     APIError,
     check_model_and_options,
     completion_body,
+    completion_chunks,
     deadline_of,
     max_tokens_of,
     problem_of,
     read_json,
+    sse_events,
 )
 
 SERVED_MODEL_NAME = "latency-tts-smollm2"
@@ -172,7 +179,7 @@ class CompletionService:
             solution = await self._wait_for(job, request)
             reply = self._reply(endpoint, solution, job, arrival, deadline)
             status = "200"
-            return JSONResponse(reply)
+            return _response(reply, streamed=body.get("stream") is True)
         except APIError as err:
             status = str(err.status)
             raise
@@ -218,6 +225,7 @@ class CompletionService:
             "k_changes": solution.k_changes,
             "decisions": solution.decisions,
             "votes": solution.votes,
+            "confidence": solution.confidence,
             "branches": solution.branches,
         }
         return completion_body(endpoint, self.served_model_name, solution, tts)
@@ -360,6 +368,14 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+
+def _response(reply: dict, streamed: bool) -> Response:
+    """The reply as one JSON body, or (``stream: true``) as server-sent chunk events."""
+    if not streamed:
+        return JSONResponse(reply)
+    events = sse_events(completion_chunks(reply))
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 class _ClientGone(Exception):

@@ -180,3 +180,26 @@ def test_the_serving_path_can_import_it():
     heavy = {"stable_baselines3", "gymnasium", "datasets", "env.backends.replay",
              "policies.evaluate", "matplotlib"}  # fmt: skip
     assert "policies.confidence" in loaded and not loaded & heavy
+
+
+def test_the_controller_reports_the_confidence_of_a_policy_that_carries_one(tmp_path, backends):
+    """A policy folder with ``confidence.json`` makes ``DecodingController`` load the model (the
+    server puts ``Solution.confidence`` in the response's ``tts`` block); without it, None."""
+    from types import SimpleNamespace
+
+    from engine.vllm_engine import EngineConfig
+    from policies.controller import DecodingController
+    from tests.policies.test_learned_controller import tiny_race_policy
+
+    folder = tiny_race_policy(tmp_path / "policy")
+    engine = SimpleNamespace(config=EngineConfig(max_n=16, k_max=4))
+    assert DecodingController(folder, engine).confidence is None
+    controller = RuleController("margin", 4, 0, 2)
+    model = fit_confidence(backends[0], controller, DEADLINES, 20, 1, 0)
+    model.save(folder)
+    loaded = DecodingController(folder, engine).confidence
+    state = RaceState(2.0, 16, 4)
+    state.start(4, 0)
+    for c in (0, 0, 0):
+        state.record_finish(c, 1.0)
+    assert loaded is not None and loaded.predict(state) == pytest.approx(model.predict(state))

@@ -106,6 +106,66 @@ def test_completion_with_the_deadline_in_a_header(client):
     assert response.object == "text_completion"
 
 
+def test_streamed_chat_with_the_openai_client(client):
+    """``stream=True``: the role, the voted answer, then finish_reason, usage and tts."""
+    started = time.monotonic()
+    stream = client.chat.completions.create(
+        model=SERVED_MODEL_NAME,
+        messages=[{"role": "user", "content": PROBLEM}],
+        max_tokens=16,
+        stream=True,
+        extra_body={"deadline_s": 3.0},
+    )
+    chunks = list(stream)
+    assert time.monotonic() - started <= 3.0 + HTTP_SLACK_S
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert len({c.id for c in chunks}) == 1 and {c.model for c in chunks} == {SERVED_MODEL_NAME}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    last, tts = chunks[-1], chunks[-1].model_extra["tts"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (tts["answer"] or "")
+    assert last.choices[0].finish_reason == ("stop" if tts["answer"] is not None else "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert last.usage.completion_tokens == sum(b["tokens"] for b in tts["branches"])
+    assert tts["deadline_s"] == 3.0 and tts["latency_s"] <= 3.0
+
+
+def test_streamed_completion_with_the_openai_client(client):
+    chunks = list(
+        client.completions.create(
+            model=SERVED_MODEL_NAME,
+            prompt=PROBLEM,
+            max_tokens=8,
+            stream=True,
+            extra_headers={"X-Deadline-S": "2.5"},
+        )
+    )
+    last, tts = chunks[-1], chunks[-1].model_extra["tts"]
+    assert {c.object for c in chunks} == {"text_completion"} and len({c.id for c in chunks}) == 1
+    assert "".join(c.choices[0].text for c in chunks) == (tts["answer"] or "")
+    assert last.choices[0].finish_reason == ("stop" if tts["answer"] is not None else "length")
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert tts["deadline_s"] == 2.5 and tts["latency_s"] <= 2.5
+
+
+@pytest.mark.parametrize(
+    "bad", [{"deadline_s": -1}, {"model": "gpt-4o"}, {"messages": []}], ids=str
+)
+def test_a_bad_streamed_request_gets_the_same_json_error(server, client, bad):
+    url = f"{server.url}/v1/chat/completions"
+    plain = httpx.post(url, json={**GOOD, **bad})
+    streamed = httpx.post(url, json={**GOOD, **bad, "stream": True})
+    assert streamed.status_code == plain.status_code in (400, 404)
+    assert streamed.headers["content-type"] == "application/json"
+    assert streamed.json() == plain.json()
+    error = openai.NotFoundError if plain.status_code == 404 else openai.BadRequestError
+    with pytest.raises(error, match=plain.json()["error"]["message"][:20]):
+        client.chat.completions.create(
+            **{k: v for k, v in {**GOOD, **bad}.items() if k != "deadline_s"},
+            stream=True,
+            extra_body={"deadline_s": {**GOOD, **bad}["deadline_s"]},
+        )
+
+
 def test_openai_client_sees_unknown_model_as_not_found(client):
     with pytest.raises(openai.NotFoundError, match=SERVED_MODEL_NAME) as info:
         client.chat.completions.create(
@@ -152,7 +212,7 @@ CASES = [  # (path, body as dict or raw bytes, headers, status, message fragment
     ("chat", {**GOOD, "max_tokens": 0}, {}, 400, "max_tokens must be an integer in 1..48"),
     ("chat", {**GOOD, "max_tokens": "8"}, {}, 400, "max_tokens must be an integer"),
     ("chat", {**GOOD, "max_completion_tokens": 10**6}, {}, 400, "max_completion_tokens must"),
-    ("chat", {**GOOD, "stream": True}, {}, 400, "stream is not supported"),
+    ("chat", {**GOOD, "stream": "yes"}, {}, 400, "stream must be a boolean"),
     ("chat", {**GOOD, "n": 3}, {}, 400, "n must be 1"),
     ("chat", b"x" * 1_100_000, {}, 413, "limit"),
     ("completions", {"model": SERVED_MODEL_NAME, "deadline_s": 1.0}, {}, 400, "'prompt' must be"),
@@ -202,8 +262,10 @@ def test_health_models_and_metrics(server):
     assert _metric(base, 'tts_requests_total{endpoint="chat",status="400"}') > 0
 
 
-def test_client_disconnect_aborts_its_branches(server, monkeypatch):
-    """The client gives up after 1 s of a 60 s request: the server aborts the engine call."""
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_client_disconnect_aborts_its_branches(server, monkeypatch, stream):
+    """The client gives up after 1 s of a 60 s request (streamed or not): the server aborts
+    the engine call."""
     calls = []
     solve = server.controller.solve
 
@@ -214,6 +276,7 @@ def test_client_disconnect_aborts_its_branches(server, monkeypatch):
     monkeypatch.setattr(server.controller, "solve", recorded_solve)
     before = _metric(server.url, 'tts_cancellations_total{stage="running"}')
     body = {**GOOD, "messages": [{"role": "user", "content": LONG}], "deadline_s": 60.0}
+    body["stream"] = stream
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.0)
     gone = time.monotonic()

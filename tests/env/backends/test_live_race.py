@@ -129,18 +129,30 @@ def test_finish_counts_late_branches_and_ignores_later_steps():
 
 
 # ------------------------------------------------------------------------- the real engine
+@pytest.fixture(scope="module")
+def counted_engine():
+    """A draft-model engine of this module's own, so that its counters are the ones vLLM
+    reports: each new engine re-registers vLLM's Prometheus metrics, so ``get_metrics`` shows
+    only the newest engine's (the session's engines may be older than others built since)."""
+    from engine.vllm_engine import EngineConfig, VLLMEngine
+
+    engine = VLLMEngine(EngineConfig(spec_method="draft_model", k_max=4, max_n=16, max_tokens=48))
+    yield engine
+    engine.shutdown()
+
+
 @pytest.mark.engine
-def test_drafted_tokens_per_step_follow_the_controllers_k(draft_engine, monkeypatch):
+def test_drafted_tokens_per_step_follow_the_controllers_k(counted_engine, monkeypatch):
     """One call: k = 2, then 1 after the 4th decode step, then 0 after the 10th.  vLLM's
     counters, read after every step, show the drafted tokens per draft of each step: k, with
     one step of lag (drafts verified in step t + 1 were proposed during step t)."""
     per_step: list[tuple[float, float, int]] = []  # (drafts, draft tokens, k in force)
     original = LiveRace.on_step
-    last = draft_engine.spec_counters()
+    last = counted_engine.spec_counters()
 
     def counting(self, report):
         nonlocal last
-        now = draft_engine.spec_counters()
+        now = counted_engine.spec_counters()
         per_step.append((now["drafts"] - last["drafts"],
                          now["draft_tokens"] - last["draft_tokens"], self.state.k))  # fmt: skip
         last = now
@@ -151,9 +163,9 @@ def test_drafted_tokens_per_step_follow_the_controllers_k(draft_engine, monkeypa
         2, 2, lambda s: Decision(k=2 if s.steps < 4 else 1 if s.steps < 10 else 0)
     )
     checkpoints = tuple(i / 400 for i in range(1, 400))  # a decision point at every step
-    ids = draft_engine.prompt_token_ids(LONG)
+    ids = counted_engine.prompt_token_ids(LONG)
     result = run_live_race(
-        draft_engine, controller, _problem(), ids, 120.0, checkpoints=checkpoints
+        counted_engine, controller, _problem(), ids, 120.0, checkpoints=checkpoints
     )
     changes = [k for _, k in result.rollout.k_changes]
     assert changes == [1, 0], (result.rollout.k_changes, per_step)
@@ -162,7 +174,7 @@ def test_drafted_tokens_per_step_follow_the_controllers_k(draft_engine, monkeypa
     # the k set at step t's decision is in force at step t + 1 and drafted with in step t + 2
     for (ratio, _), (_, k_set) in zip(ratios[2:], ratios[1:], strict=False):
         assert ratio == pytest.approx(k_set)
-    assert {k for _, k in ratios} == {0, 1, 2} and not draft_engine.has_unfinished_requests()
+    assert {k for _, k in ratios} == {0, 1, 2} and not counted_engine.has_unfinished_requests()
 
 
 @pytest.mark.engine
