@@ -131,6 +131,20 @@ def _default_texts() -> list[str]:
     return [p.problem for p in load_math500()[:40]]
 
 
+def _time_prefill(engine, method: str, texts: Sequence[str], length: int, n: int) -> dict:
+    """One-token call of n branches on a fresh prompt of about ``length`` tokens: prefill plus
+    one k = 0 step, as ``fit_factors`` predicts it."""
+    n = min(n, engine.config.max_n)
+    prompt = _unique_prompt(texts, engine, length)
+    rollout = engine.run(prompt, n=n, k=0, max_tokens=1, ignore_eos=True)
+    return {
+        "method": method,
+        "n": n,
+        "wall_s": rollout.wall_s,
+        "prompt_tokens": rollout.prompt_tokens,
+    }
+
+
 def quick_calibration(
     engine,
     latency_model: LatencyModel,
@@ -168,19 +182,7 @@ def quick_calibration(
         disable=not progress,
     ) as bar:
         for length, n in prefill_plan:
-            e = engines[prefill_method]
-            n = min(n, e.config.max_n)
-            rollout = e.run(
-                _unique_prompt(texts, e, length), n=n, k=0, max_tokens=1, ignore_eos=True
-            )
-            prefill.append(
-                {
-                    "method": prefill_method,
-                    "n": n,
-                    "wall_s": rollout.wall_s,
-                    "prompt_tokens": rollout.prompt_tokens,
-                }
-            )
+            prefill.append(_time_prefill(engines[prefill_method], prefill_method, texts, length, n))
             bar.update()
         for method, k, batch in plan:
             if time.monotonic() - started > budget_s:
@@ -207,9 +209,11 @@ class OnlineCorrection:
 
     The ratios multiply ``base`` (the start-calibrated model, usually): ``corrected(base)``
     is the model to predict with now.  Each update is a few float operations under a lock
-    (safe from the engine thread while other threads read).  Ratios are averaged in log space
-    and a single step's ratio is clipped to ``[1/clip, clip]`` times the current one, so a
-    step stalled by a page fault or another process does not swing the model.
+    (safe from the engine thread while other threads read).  Ratios are averaged in log space:
+    a plain mean over a key's first ``1/alpha`` steps (a start-up model far off, e.g. timed
+    while another process held the cores, is fixed within one call), then an exponential
+    average in which one step's ratio is clipped to ``[1/clip, clip]`` times the current
+    one, so a step stalled by a page fault or another process does not swing the model.
 
     :param base: the model whose predictions the ratios correct.
     :param alpha: weight of a new step (about 1/alpha steps of memory).
@@ -239,14 +243,18 @@ class OnlineCorrection:
             self._add(PREFILL, math.log(first_step_s / predicted))
 
     def _add(self, key: StepTableKey, log_ratio: float) -> None:
+        """Running mean of the log ratio for a key's first ``1/alpha`` steps (so a start-up
+        model that is far off is fixed within one call), then an exponential average whose
+        input is clipped to ``clip`` around the current value (so one stall cannot swing it)."""
         with self._lock:
-            current = self._log_ratio.get(key)
-            if current is None:  # first sample: taken as is (clipped to the clip band)
-                self._log_ratio[key] = max(-self._log_clip, min(self._log_clip, log_ratio))
-            else:
-                x = max(current - self._log_clip, min(current + self._log_clip, log_ratio))
-                self._log_ratio[key] = current + self.alpha * (x - current)
-            self._count[key] += 1
+            count = self._count[key]
+            current = self._log_ratio.get(key, 0.0)
+            weight = max(self.alpha, 1.0 / (count + 1))
+            if weight <= self.alpha:
+                lo, hi = current - self._log_clip, current + self._log_clip
+                log_ratio = max(lo, min(hi, log_ratio))
+            self._log_ratio[key] = current + weight * (log_ratio - current)
+            self._count[key] = count + 1
 
     def factors(self) -> dict[StepTableKey, float]:
         """Current ratio per key that has seen a step."""
@@ -255,12 +263,15 @@ class OnlineCorrection:
 
     def corrected(self, model: LatencyModel | None = None) -> LatencyModel:
         """``model`` (default: ``base``; it should be the model the ratios were measured
-        against) with the current ratios applied; keys without a step keep factor 1."""
-        model = model or self.base
+        against) with the current ratios applied; a table without steps yet takes the median
+        ratio of its method's tables that have them (else of all), as ``rescaled`` does: the
+        machine's speed shows in every table."""
         factors = self.factors()
-        known = {StepTableKey(m, k) for m, ks in model.steps.items() for k in ks} | {PREFILL}
-        full = {key: factors.get(key, 1.0) for key in known}
-        return rescaled(model, full, "online_correction")
+        return (
+            rescaled(model or self.base, factors, "online_correction")
+            if factors
+            else (model or self.base)
+        )
 
     def predict_wall_time(self, *args, **kwargs) -> float:
         """``LatencyModel.predict_wall_time`` of the corrected model."""

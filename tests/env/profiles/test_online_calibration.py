@@ -154,8 +154,19 @@ def test_online_correction_converges_to_a_known_ratio_and_resists_outliers():
     assert float(corrected.step_time(4, 2, "ngram")) == pytest.approx(
         0.4 * float(model.step_time(4, 2, "ngram")), rel=0.08
     )
-    assert float(corrected.step_time(4, 0, "ngram")) == float(model.step_time(4, 0, "ngram"))
+    # a k without steps yet moves with the machine too (its method's median ratio)
+    assert float(corrected.step_time(4, 0, "ngram")) == pytest.approx(
+        0.4 * float(model.step_time(4, 0, "ngram")), rel=0.08
+    )
     assert PREFILL not in online.factors()
+
+
+def test_online_correction_fixes_a_far_off_start_within_one_call():
+    model = profile_model()
+    online = OnlineCorrection(model, alpha=0.02)
+    for _ in range(30):  # one call's worth of steps, the start model 12x too slow
+        online.update("ngram", 1, 4, float(model.step_time(4, 1, "ngram")) / 12)
+    assert online.factors()[StepTableKey("ngram", 1)] == pytest.approx(1 / 12, rel=0.01)
 
 
 def test_online_hook_feeds_prefill_then_decode_steps_at_the_live_batch():
