@@ -30,7 +30,7 @@ from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.config import LoadDistribution
 from env.race import RaceState
-from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController
+from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController, StopRule
 
 TUNING_TOLERANCE = 0.005
 """A heuristic's tuned configuration may be this much (0.5 point) less accurate on the
@@ -160,8 +160,19 @@ class SweepResult:
         return float(self.latency[config][d].mean())
 
 
+def _vote_rules() -> list[tuple[str, float, StopRule]]:
+    """(family, threshold, rule) of every family that stops on the votes, built once per sweep."""
+    return [(f, t, factory(t)) for f, (factory, ts) in RULE_FAMILIES.items()
+            if factory is not None for t in ts]  # fmt: skip
+
+
 def _stops_of_draw(
-    backend: ReplayBackend, problem: int, n: int, k: int, rng: np.random.Generator
+    backend: ReplayBackend,
+    problem: int,
+    n: int,
+    k: int,
+    rng: np.random.Generator,
+    rules: list[tuple[str, float, StopRule]],
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple, tuple[float, bool]]]:
     """Replay one draw without early stops: the end time of each finishing engine step, whether
     the leader is right after it, and per (family, threshold) the first (time, correct) at
@@ -173,8 +184,7 @@ def _stops_of_draw(
     right = backend.class_correct[problem]
     state = RaceState(float("inf"), backend.max_branches, max(backend.k_grid))
     state.start(n, k)
-    pending = [(f, t, factory(t)) for f, (factory, ts) in RULE_FAMILIES.items()
-               if factory is not None for t in ts]  # fmt: skip
+    pending = list(rules)
     stops: dict[tuple, tuple[float, bool]] = {}
     times, correct = [], []
     i = 0
@@ -216,9 +226,10 @@ def sweep_rules(
     correct: dict[tuple, np.ndarray] = {}
     latency: dict[tuple, np.ndarray] = {}
     grid = [(n, k) for n in n_grid for k in k_grid]
+    rules = _vote_rules()
     for n, k in tqdm(grid, desc="tuning sweep (n, k)", disable=not progress):
         for j, (p, r) in enumerate(draws):
-            times, right, stops = _stops_of_draw(backend, p, n, k, draw_rng(seed, p, r))
+            times, right, stops = _stops_of_draw(backend, p, n, k, draw_rng(seed, p, r), rules)
             for budget in RULE_FAMILIES["static_budget"][1]:
                 stops[("static_budget", budget)] = stops[("static_best", None)]
             for (family, threshold), (stop_s, stop_right) in stops.items():

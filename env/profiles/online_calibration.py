@@ -353,9 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     """Calibrate the profile's engines at start, then validate on held-out live calls."""
     from datetime import UTC, datetime
 
-    from env.profiles.record import build_engines
     from env.profiles.store import load_profile, write_json
-    from env.profiles.validate import plan_calls, profile_models, profile_settings
+    from env.profiles.validate import plan_calls, profile_engines
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", required=True, help="profile name or folder")
@@ -365,11 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
-    methods = list(profile.manifest["spec_methods"])
     started = time.monotonic()
-    engines = build_engines(
-        methods, profile_settings(profile), args.kv_cache_gb, args.seed, *profile_models(profile)
-    )
+    engines = profile_engines(profile, args.kv_cache_gb, args.seed)
     try:
         shipped = profile.latency_model()
         t0 = time.monotonic()

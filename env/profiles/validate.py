@@ -66,6 +66,17 @@ def profile_models(profile: Profile) -> tuple[str | None, str | None]:
     return model, bundled_or_name(draft)
 
 
+def profile_engines(profile: Profile, kv_cache_gb: float, seed: int) -> dict:
+    """Start the engines a real profile was recorded with (its methods, settings and models),
+    ``{method: VLLMEngine}``; a synthetic profile has none and is refused."""
+    if profile.synthetic:
+        raise SystemExit(f"{profile.label} has no engine to validate against")
+    methods = list(profile.manifest["spec_methods"])
+    return build_engines(
+        methods, profile_settings(profile), kv_cache_gb, seed, *profile_models(profile)
+    )
+
+
 def plan_calls(profile: Profile, methods: list[str], calls: int, seed: int) -> list[dict]:
     """Random (problem, method, n, k) on MATH-500 problems absent from the profile."""
     rng = np.random.default_rng(seed)
@@ -184,12 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = "python -m env.profiles.validate " + " ".join(sys.argv[1:] if argv is None else argv)
     profile = load_profile(args.profile)
-    if profile.synthetic:
-        raise SystemExit(f"{profile.label} has no engine to validate against")
-    methods = list(profile.manifest["spec_methods"])
-    engines = build_engines(
-        methods, profile_settings(profile), args.kv_cache_gb, args.seed, *profile_models(profile)
-    )
+    engines = profile_engines(profile, args.kv_cache_gb, args.seed)
     started, load_at_start = time.monotonic(), os.getloadavg()
     try:
         result = validate(
