@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from engine import engine_thread
 from engine.call_state import CallState, StepControl, StepReport
 from engine.cpu_fixes import apply_cpu_fixes, guard_llvmlite_for_kernel_scan
+from engine.distributed import check_distributed_options, distributed_kwargs
 from engine.model_assets import DEFAULT_DRAFT_LAYERS, resolve_draft, resolve_model
 from engine.rollout import NO_SPECULATION, BranchResult, Rollout
 
@@ -70,6 +71,11 @@ class EngineConfig:
         process (vLLM's automatic CPU sizing subtracts the whole process's memory).
     :param seed: engine-wide seed (per-request seeds are never used: they crash the CPU build
         when a prompt is chunked).
+    :param tensor_parallel_size: GPUs a layer is split over (vLLM's tensor parallelism).
+    :param pipeline_parallel_size: GPUs the layers are split over (pipeline stages).
+    :param distributed_executor_backend: ``"mp"`` or ``"ray"`` (vLLM's executors for more than
+        one GPU), ``None`` = vLLM's choice.  ``engine.distributed`` checks the combination,
+        including what per-call k needs.
     """
 
     model: str | None = None
@@ -89,6 +95,9 @@ class EngineConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.spec_method not in (None, *SPEC_METHODS):
@@ -105,6 +114,7 @@ class EngineConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.spec_method in ("eagle", "eagle3") and not self.draft_model:
             raise ValueError(f"spec_method {self.spec_method!r} needs draft_model (the EAGLE head)")
+        check_distributed_options(self)
 
     @property
     def method_name(self) -> str:
@@ -149,6 +159,7 @@ class VLLMEngine:
             disable_log_stats=False,
             per_request_spec_decode_metrics="summary" if speculative else "none",
             enforce_eager=cfg.enforce_eager,
+            **distributed_kwargs(cfg),
         )
 
     def _speculative_config(self) -> dict | None:
