@@ -69,6 +69,7 @@ class CallState:
     cancelled: bool = False
     error: BaseException | None = None
     counters_before: dict[str, float] = field(default_factory=dict)
+    k_wanted: int = field(init=False)  # the k this call asks the batch for
     live: set[str] = field(init=False)  # request ids still running
     pieces: dict[str, list[str]] = field(init=False)  # request id -> text deltas so far
     done: threading.Event = field(default_factory=threading.Event)
@@ -77,6 +78,13 @@ class CallState:
     def __post_init__(self) -> None:
         self.live = set(self.branch_of)
         self.pieces = {request_id: [] for request_id in self.branch_of}
+        self.k_wanted = self.rollout.k
+
+    def want_k(self, k: int, elapsed_s: float) -> None:
+        """Ask for k drafts per step from the next step on (recorded in ``k_changes``)."""
+        if k != self.k_wanted:
+            self.k_wanted = k
+            self.rollout.k_changes.append((elapsed_s, k))
 
     def record_outputs(self, outputs: list, at: float, step_s: float) -> StepReport:
         """Add one step (ended at monotonic time ``at``) to its branches (under mutex)."""

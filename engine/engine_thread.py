@@ -40,6 +40,12 @@ def submit(fn: Callable[..., T], *args, **kwargs) -> Future[T]:
     return _executor.submit(fn, *args, **kwargs)
 
 
+def defer(fn: Callable[..., T], *args, **kwargs) -> Future[T]:
+    """Queue ``fn`` on the engine thread behind the work already queued, even when called from
+    the engine thread itself (a loop that re-queues itself lets other work run in between)."""
+    return _executor.submit(fn, *args, **kwargs)
+
+
 def call(fn: Callable[..., T], *args, **kwargs) -> T:
     """Run ``fn(*args, **kwargs)`` on the engine thread and return (or raise) its result."""
     if on_engine_thread():

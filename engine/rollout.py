@@ -56,8 +56,11 @@ class Rollout:
     stopped_by: str = "complete"  # "complete", "deadline", "early_stop", "cancelled", "error"
     spec_counters: dict[str, float] = field(default_factory=dict)
     k_changes: list[tuple[float, int]] = field(default_factory=list)
-    """(seconds from the call's start, new k) for each change of k during the call (``on_step``);
-    a change applies from the engine step after that time."""
+    """(seconds from the call's start, new k) for each change of k the call asked for during the
+    call (``on_step``); a change applies from the engine step after that time (alone in the
+    engine; shared with other calls, the step drafts ``engine.batch_loop.batch_k`` of them)."""
+    batch_max: int = 0
+    """The largest engine batch (live branches of every call) in a step of this call."""
 
     @property
     def finished(self) -> list[BranchResult]:

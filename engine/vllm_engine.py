@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine import engine_thread
+from engine.batch_loop import BatchLoop, BatchStep
 from engine.call_state import CallState, StepControl, StepReport
 from engine.cpu_fixes import apply_cpu_fixes, guard_llvmlite_for_kernel_scan
 from engine.distributed import check_distributed_options, distributed_kwargs
@@ -63,6 +64,8 @@ class EngineConfig:
         bundled self-speculative draft (first ``draft_layers`` layers of the target).
     :param k_max: largest number of draft tokens per step (fixed at start-up).
     :param max_n: largest number of parallel branches a call may ask for.
+    :param max_batch: most sequences the engine steps at once, over all concurrent calls
+        (vLLM's ``max_num_seqs``; more wait in its queue).
     :param max_tokens: generation limit per branch.
     :param max_model_len: context length the engine is sized for.
     :param dtype: weights/activations dtype; float32 keeps greedy speculation exact.
@@ -84,6 +87,7 @@ class EngineConfig:
     draft_layers: int = DEFAULT_DRAFT_LAYERS
     k_max: int = 4
     max_n: int = 16
+    max_batch: int = 64
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
@@ -110,6 +114,8 @@ class EngineConfig:
             raise ValueError(f"k_max must be in 1..16 with speculation on, got {self.k_max}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.max_batch < self.max_n:
+            raise ValueError(f"max_batch must be >= max_n ({self.max_n}), got {self.max_batch}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.spec_method in ("eagle", "eagle3") and not self.draft_model:
@@ -123,7 +129,8 @@ class EngineConfig:
 
 
 class VLLMEngine:
-    """A running vLLM engine that answers one problem per ``run`` call."""
+    """A running vLLM engine; ``run`` answers one problem, and concurrent ``run`` calls share
+    its batch (``engine.batch_loop``)."""
 
     _alive = 0  # engines started and not shut down, in this process
 
@@ -131,11 +138,11 @@ class VLLMEngine:
         self.config = config or EngineConfig()
         engine_thread.call(self._start)
         VLLMEngine._alive += 1
-        self._engine = self.llm.llm_engine
+        self.llm_engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         self._ids = itertools.count()
         self._k: int | None = None
-        self._lock = threading.Lock()  # held from a call's start until its abort is done
+        self.batch = BatchLoop(self)
 
     def _start(self) -> None:
         """Build the vLLM engine (on the engine thread, which will also step it)."""
@@ -151,7 +158,7 @@ class VLLMEngine:
             model=self.model_path,
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
-            max_num_seqs=max(cfg.max_n, 1),
+            max_num_seqs=cfg.max_batch,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30),
             seed=cfg.seed,
@@ -178,15 +185,15 @@ class VLLMEngine:
     # ----------------------------------------------------------------------------- controls
     @property
     def _scheduler(self):
-        return self._engine.engine_core.engine_core.scheduler
+        return self.llm_engine.engine_core.engine_core.scheduler
 
     def set_k(self, k: int) -> None:
         """Draft exactly k tokens per step from the next step on (k_max restores the default)."""
-        self._check_k(k)
+        self.check_k(k)
         if self.config.k_max == 0 or k == self._k:
             return
         scheduler = self._scheduler
-        table_len = self.config.max_n + 1
+        table_len = self.config.max_batch + 1
         scheduler.dynamic_sd_lookup = None if k == self.config.k_max else [k] * table_len
         self._k = k
 
@@ -199,10 +206,15 @@ class VLLMEngine:
                 totals[key] += float(getattr(metric, "value", 0.0))
         return totals
 
-    def has_unfinished_requests(self) -> bool:
-        """Whether any request is in the engine (waits for an in-flight call's clean-up)."""
-        with self._lock:
-            return self._engine.has_unfinished_requests()
+    def has_unfinished_requests(self, timeout: float | None = 60.0) -> bool:
+        """Whether any request is in the engine once no call is in flight (waits up to
+        ``timeout`` for the calls in flight to end and their aborts to be done)."""
+        self.batch.wait_idle(timeout)
+        return engine_thread.call(self.llm_engine.has_unfinished_requests)
+
+    def add_step_listener(self, listener: Callable[[BatchStep], None]) -> None:
+        """Call ``listener(step)`` on the engine thread after every engine step (all calls)."""
+        self.batch.listeners.append(listener)
 
     def shutdown(self) -> None:
         """Stop the engine core and free its memory (the object is unusable afterwards).
@@ -221,18 +233,19 @@ class VLLMEngine:
             if not last:
                 core.cleanup_dist_env_and_memory = gc.collect
             try:
-                self._engine.engine_core.shutdown()
+                self.llm_engine.engine_core.shutdown()
             finally:
                 core.cleanup_dist_env_and_memory = teardown
 
-        with self._lock:
-            engine_thread.call(stop, VLLMEngine._alive <= 1)
-            VLLMEngine._alive -= 1
-            del self.llm, self._engine
+        self.batch.wait_idle()
+        engine_thread.call(stop, VLLMEngine._alive <= 1)
+        VLLMEngine._alive -= 1
+        del self.llm, self.llm_engine
         engine_thread.call(gc.collect)
 
     # ----------------------------------------------------------------------------- validation
-    def _check_k(self, k: int) -> None:
+    def check_k(self, k: int) -> None:
+        """Raise ValueError unless 0 <= k <= k_max."""
         hint = " speculation is off in this engine" if self.config.k_max == 0 else ""
         _require_int("k", k, 0, self.config.k_max, hint)
 
@@ -288,12 +301,13 @@ class VLLMEngine:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
         ``prompt`` is the user message, or its token ids from ``prompt_token_ids``.  The
-        deadline counts from the moment ``run`` is called.  Engine steps run on the engine
+        deadline counts from the moment ``run`` is called.  Calls made at the same time from
+        several threads run in the same engine batch (``engine.batch_loop``: each keeps its own
+        branches, stops and deadline; k is shared per step).  Engine steps run on the engine
         thread (``engine.engine_thread``) because a step (a long prefill, say) cannot be
         interrupted: at the deadline ``run`` returns at once with the branches finished by
-        then, and the worker aborts the rest as soon as the step in flight ends.  The engine
-        lock is held until that abort is done, so the next call and
-        ``has_unfinished_requests`` never see a leftover request.
+        then, and the loop aborts the rest as soon as the step in flight ends
+        (``has_unfinished_requests`` waits for that).
         ``should_stop(finished_branches)`` is called whenever a branch finishes; returning
         True aborts the remaining branches (early stop once a vote is decided).
         ``temperature`` and ``max_tokens`` override the configured values for this call (0 =
@@ -302,8 +316,9 @@ class VLLMEngine:
         step; it then returns what finished, with ``stopped_by == "cancelled"``.
         ``on_step(report)`` runs on the engine thread after every step of this call (not once
         the caller has returned at the deadline); it may return a ``StepControl``: ``stop``
-        aborts the remaining branches (``stopped_by == "early_stop"``), ``k`` (0..k_max) sets
-        the drafts per step from the next step on (recorded in ``Rollout.k_changes``).
+        aborts the remaining branches (``stopped_by == "early_stop"``), ``k`` (0..k_max) asks
+        for that many drafts per step from the next step on (recorded in
+        ``Rollout.k_changes``; exact while the call is alone in the engine).
         ``logprobs`` records each sampled token's log-probability in
         ``BranchResult.token_logprobs``.
 
@@ -313,12 +328,7 @@ class VLLMEngine:
         call = self._new_call(prompt, n, k, deadline_s, temperature, max_tokens, start)
         call.ignore_eos, call.should_stop, call.cancel = ignore_eos, should_stop, cancel
         call.on_step, call.logprobs = on_step, logprobs
-        self._lock.acquire()
-        try:
-            engine_thread.submit(self._drive, call)  # releases the lock when done
-        except BaseException:
-            self._lock.release()
-            raise
+        self.batch.submit(call)
         return self._wait_for(call)
 
     def _new_call(
@@ -333,7 +343,7 @@ class VLLMEngine:
     ) -> CallState:
         """Check a call's arguments and set up its state (caller thread)."""
         _require_int("n", n, 1, self.config.max_n)
-        self._check_k(k)
+        self.check_k(k)
         deadline = self.check_deadline(deadline_s)
         if temperature is not None and not (
             isinstance(temperature, int | float) and 0 <= temperature <= 2
@@ -383,45 +393,11 @@ class VLLMEngine:
             raise call.error
         return result
 
-    def _drive(self, call: CallState) -> None:
-        """Engine thread: add the branches, step the engine, abort what is left, release."""
-        try:
-            self._add_branches(call)
-            while call.live and not call.cancelled:
-                step_start = time.monotonic()
-                outputs = self._engine.step()
-                now = time.monotonic()
-                with call.mutex:
-                    report = call.record_outputs(outputs, now, now - step_start)
-                    hook = None if call.cancelled else call.on_step
-                control = hook(report) if hook is not None else None  # outside the mutex
-                with call.mutex:
-                    if call.stops_after_step(report, control):
-                        break
-                    if control is not None and control.k is not None:
-                        self._change_k(call, control.k, report.elapsed_s)
-        except BaseException as exc:  # re-raised by run() in the caller's thread
-            call.error = exc
-        finally:
-            try:
-                self._end_call(call)
-            finally:
-                call.done.set()
-                self._lock.release()
-
-    def _change_k(self, call: CallState, k: int, elapsed_s: float) -> None:
-        """Engine thread: draft k tokens per step from the next step of ``call`` on."""
-        changes = call.rollout.k_changes
-        if k != (changes[-1][1] if changes else call.rollout.k):
-            self.set_k(k)  # checks 0 <= k <= k_max (the scheduler's buffers are sized for k_max)
-            changes.append((elapsed_s, k))
-
-    def _add_branches(self, call: CallState) -> None:
-        """Engine thread: set k, note the counters and add one request per branch."""
+    def add_branches(self, call: CallState) -> None:
+        """Engine thread: note the counters and add one request per branch (the batch loop)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        self.set_k(call.rollout.k)
         call.counters_before = self.spec_counters() if self.config.k_max else {}
         params = SamplingParams(
             n=1,
@@ -433,12 +409,13 @@ class VLLMEngine:
             logprobs=0 if call.logprobs else None,  # 0: the sampled token's only
         )
         for request_id in call.branch_of:
-            self._engine.add_request(request_id, {"prompt_token_ids": call.prompt_ids}, params)
+            self.llm_engine.add_request(request_id, {"prompt_token_ids": call.prompt_ids}, params)
 
-    def _end_call(self, call: CallState) -> None:
-        """Engine thread: abort the branches still running and record the call's counters."""
+    def end_call(self, call: CallState) -> None:
+        """Engine thread: abort the call's branches still running and record the counters
+        (engine-wide: with other calls in the batch they include their drafts too)."""
         if call.live:
-            self._engine.abort_request(sorted(call.live))
+            self.llm_engine.abort_request(sorted(call.live))
         before = call.counters_before
         after = self.spec_counters() if before else {}
         with call.mutex:

@@ -214,3 +214,14 @@ class RaceState:
             min(math.log2(1 + self.background_branches) / LOAD_LOG_SCALE, 1.0),
         )
         return np.asarray(values, dtype=np.float32)
+
+
+def begin_call(controller, problem, deadline_s: float, state: RaceState) -> tuple[int, int]:
+    """The controller's (n, k) for a call whose state is ``state`` (not started yet): a
+    controller that reads the load (``reads_load``, e.g. ``policies.LearnedController``) is told
+    the state's background branches, the others are asked as the ``RaceController`` protocol
+    has it.  Replay (``policies.race_eval``) and the live race (``env.backends.live_race``)
+    both start calls through here."""
+    if getattr(controller, "reads_load", False):
+        return controller.begin(problem, deadline_s, background_branches=state.background_branches)
+    return controller.begin(problem, deadline_s)

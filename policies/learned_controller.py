@@ -17,6 +17,13 @@ Decisions sit inside the engine's step loop, so they must be cheap: ``PolicyNetw
 actor directly under ``torch.inference_mode`` on a preallocated tensor instead of SB3's
 ``predict`` (which converts and checks the observation and builds a distribution object every
 call); ``python -m policies.bench_decisions`` measures both.
+
+A policy may also be a ``policies.stop_value.StopValuePolicy`` (a value network fitted on
+counterfactual replays, with n, k, a stop price and a budget per deadline) in place of an SB3
+model: the controller then takes (n, k) from the setting of the call's deadline and, at each
+decision point where branches finished, stops when the predicted accuracy still to gain is
+worth less than the time it costs.  Both kinds are served by this one class, so every caller
+(evaluation, answer confidence, the live controller) handles either.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import torch
 from env.backends.protocol import ProblemInfo
 from env.features import ProblemFeaturizer
 from env.race import STOP, RaceState
-from policies.race_controllers import Decision
+from policies.race_controllers import CONTINUE, Decision
+from policies.stop_value import StopValuePolicy, state_features
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -78,7 +86,8 @@ class LearnedController:
     Build it from an environment (``LearnedController(model, env)``: the env's featurizer,
     grids, race scales and prompt table) or from a saved policy (``from_saved``).
 
-    :param model: the trained model (actions ``MultiDiscrete([n, k, stop])``).
+    :param model: the trained model (actions ``MultiDiscrete([n, k, stop])``), or a
+        ``StopValuePolicy``.
     :param env: a race environment (``env.race_env.RaceEnv``) the model was trained with;
         optional when the keyword arguments are given.
     :param featurizer: computes the prompt features of any prompt.
@@ -89,7 +98,7 @@ class LearnedController:
     """
 
     reads_load = True
-    """``begin`` takes the engine's background load (``policies.race_eval.begin_call``)."""
+    """``begin`` takes the engine's background load (``env.race.begin_call``)."""
 
     def __init__(
         self,
@@ -111,8 +120,13 @@ class LearnedController:
         self.model, self.env, self.featurizer, self.name = model, env, featurizer, name
         self.n_grid, self.k_grid = tuple(n_grid), tuple(k_grid)
         self.race_scales = (int(race_scales[0]), int(race_scales[1]))
-        self._net = PolicyNetwork(model)
         self._prompt_width = len(featurizer.feature_names)
+        self.stop_value = model if isinstance(model, StopValuePolicy) else None
+        if self.stop_value is None:
+            self._net = PolicyNetwork(model)
+        else:
+            self._prompt = np.zeros(self._prompt_width, dtype=np.float32)
+            self._seen = 0
 
     @classmethod
     def from_saved(cls, policy: SavedRacePolicy, name: str = "policy") -> LearnedController:
@@ -139,7 +153,10 @@ class LearnedController:
         return self.featurizer.transform(problem.problem, problem.prompt_tokens, deadline_s)
 
     def observation(self, race: RaceState) -> np.ndarray:
-        """The full observation of ``race`` (after ``begin``): prompt features, race features."""
+        """The full observation of ``race`` (after ``begin``): prompt features, race features
+        (for a stop-value policy: its value network's input, race features first)."""
+        if self.stop_value is not None:
+            return np.concatenate([state_features(race), self._prompt])
         self._net.obs[self._prompt_width :] = race.observation(*self.race_scales)
         return self._net.obs.copy()
 
@@ -147,7 +164,14 @@ class LearnedController:
         self, problem: ProblemInfo, deadline_s: float, background_branches: int = 0
     ) -> tuple[int, int]:
         """(n, k) for the call; ``background_branches``: other calls' branches in the engine
-        batch (the observation's ``load``, as the race state will report it)."""
+        batch (the observation's ``load``, as the race state will report it; a stop-value
+        policy does not read it)."""
+        if self.stop_value is not None:
+            setting = self.stop_value.setting(deadline_s)
+            # the value network was fitted with the call's own deadline (budget x deadline)
+            self._prompt = self.prompt_features(problem, setting.budget * deadline_s)
+            self._price, self._seen = setting.price, 0
+            return setting.n, setting.k
         self._net.obs[: self._prompt_width] = self.prompt_features(problem, deadline_s)
         start = RaceState(deadline_s, *self.race_scales, background_branches=background_branches)
         self._net.obs[self._prompt_width :] = start.observation()
@@ -155,9 +179,19 @@ class LearnedController:
         return self.n_grid[action[0]], self.k_grid[action[1]]
 
     def decide(self, state: RaceState) -> Decision:
+        if self.stop_value is not None:
+            # only where branches finished: a checkpoint changes nothing but the time, and the
+            # stop prices were tuned on the finish points alone
+            if state.tally.finished == self._seen:
+                return CONTINUE
+            self._seen = state.tally.finished
+            return Decision(stop=self.stop_value.stop(state, self._prompt, self._price))
         self._net.obs[self._prompt_width :] = state.observation(*self.race_scales)
         action = self._net.act()
         return Decision(stop=action[2] == STOP, k=self.k_grid[action[1]])
 
     def call_deadline(self, deadline_s: float) -> float:
+        """The deadline, or for a stop-value policy its setting's budget x the deadline."""
+        if self.stop_value is not None:
+            return self.stop_value.call_deadline(deadline_s)
         return deadline_s

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from env.backends.protocol import Outcome, ProblemInfo
+from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.config import LoadDistribution
-from env.race import RaceState
+from env.race import RaceState, begin_call
 from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController, StopRule
 
 TUNING_TOLERANCE = 0.005
@@ -78,17 +78,6 @@ def run_race(
     under load when ``backend`` is a view ``under_load(L)``, the controller told L unless
     ``observe_load`` is off."""
     return run_race_with_state(backend, controller, problem, deadline_s, rng, observe_load)[0]
-
-
-def begin_call(
-    controller: RaceController, problem: ProblemInfo, deadline_s: float, state: RaceState
-) -> tuple[int, int]:
-    """The controller's (n, k); a controller that reads the load (``reads_load``, e.g.
-    ``LearnedController``) is told the state's background branches, the others are asked as
-    the ``RaceController`` protocol has it."""
-    if getattr(controller, "reads_load", False):
-        return controller.begin(problem, deadline_s, background_branches=state.background_branches)
-    return controller.begin(problem, deadline_s)
 
 
 def run_race_with_state(

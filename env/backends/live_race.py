@@ -39,7 +39,13 @@ from engine.rollout import BranchResult, Rollout
 from engine.vllm_engine import VLLMEngine
 from env.backends.protocol import ProblemInfo
 from env.backends.sample_vote import RolloutVote
-from env.race import CONFIDENCE_WINDOW, DEFAULT_CHECKPOINTS, BranchConfidence, RaceState
+from env.race import (
+    CONFIDENCE_WINDOW,
+    DEFAULT_CHECKPOINTS,
+    BranchConfidence,
+    RaceState,
+    begin_call,
+)
 
 
 class Controller(Protocol):
@@ -199,9 +205,14 @@ def run_live_race(
     cancel: threading.Event | None = None,
     logprobs: bool = True,
     started_at: float | None = None,
+    max_n: int | None = None,
 ) -> LiveRaceResult:
     """Run ``controller`` on one call of ``problem`` (``prompt_ids``: its chat-formatted
     prompt, ``VLLMEngine.prompt_token_ids``) under ``deadline_s`` (None: none).
+
+    Other calls running on the engine share its batch; the branches they hold when this one
+    starts are the race's load (``RaceState.background_branches``), which a controller that
+    reads it (``env.race.begin_call``) is told.
 
     The deadline counts from ``started_at`` (default: now) and includes ``begin``.  The state's
     scales are the engine's (largest n and k); a learned controller reads it with its own.
@@ -210,13 +221,19 @@ def run_live_race(
     :param max_tokens: per-branch cap (at most the engine's ``max_tokens``).
     :param cancel: set to abort the call after the engine step in flight.
     :param logprobs: ask the engine for sampled-token log-probabilities (branch confidence).
+    :param max_n: most branches the call may start, whatever the controller picks (the
+        server's admission degrades a call to fit the engine's load this way).
     :raises ValueError: for a bad argument or a controller choice the engine cannot run.
     """
     started = time.monotonic() if started_at is None else started_at
     deadline = math.inf if deadline_s is None else deadline_s
-    n, k = engine_thread.call(controller.begin, problem, deadline)  # torch on the engine thread
     stop_at = controller.call_deadline(deadline)
-    state = RaceState(stop_at, engine.config.max_n, engine.config.k_max)
+    _, load = engine.batch.load  # other calls' branches in the batch: the race's load
+    state = RaceState(stop_at, engine.config.max_n, engine.config.k_max, background_branches=load)
+    # torch on the engine thread (between two steps of the calls in flight)
+    n, k = engine_thread.call(begin_call, controller, problem, deadline, state)
+    if max_n is not None:
+        n = min(n, max_n)
     state.start(n, k, at_s=time.monotonic() - started)
     race = LiveRace(controller, state, started, checkpoints)
     left = None if math.isinf(stop_at) else max(stop_at - (time.monotonic() - started), 1e-6)

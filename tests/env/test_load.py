@@ -13,10 +13,10 @@ from env.backends.replay import MAX_ENGINE_BATCH, ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.config import LoadDistribution, RaceEnvConfig
 from env.features import ProblemFeaturizer
-from env.race import LOAD_SCALE_BRANCHES, RACE_FEATURES, RaceState
+from env.race import LOAD_SCALE_BRANCHES, RACE_FEATURES, RaceState, begin_call
 from env.race_env import RaceEnv
 from policies.race_controllers import RuleController
-from policies.race_eval import begin_call, evaluate_controller, run_race
+from policies.race_eval import evaluate_controller, run_race
 from tests.fake_profile import make_fake_profile
 
 LOAD = RACE_FEATURES.index("load")
