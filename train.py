@@ -1,16 +1,24 @@
 """Train the race controller on a profile, then evaluate it on MATH-500 against every baseline.
 
     python train.py                      # the bundled default profile, default settings
-    python train.py --profile NAME_OR_DIR --deadlines 0.3 0.6 1.2 --timesteps 200000 --seed 1
+    python train.py --profile NAME_OR_DIR --deadlines 0.3 0.6 1.2 --seed 1
+    python train.py --learner ppo --timesteps 200000    # the PPO race policy instead
 
 Reads top to bottom, like CleanRL's ppo.py: the arguments (``Args``, parsed by tyro); the
 profile, its deadline grid and the training problems held back for validation; the baselines
 tuned per deadline on the training problems (the published static table, the budget table,
 ESC, Adaptive-Consistency, the margin rule); the featurizer and the race environments
-(``LatencyTTS-v1``: the policy decides while each call runs); PPO, warm-started by cloning the
-best tuned heuristic; learning with checkpoints (TensorBoard and Weights & Biases logs);
-keeping the model validation supports and saving it; evaluating everything on the held-out
-MATH-500 problems; the report.  Numbers from a synthetic profile say so.
+(``LatencyTTS-v1``: the policy decides while each call runs); the learner; saving the policy;
+evaluating everything on the held-out MATH-500 problems; the report.  Numbers from a synthetic
+profile say so.
+
+Two learners (``--learner``).  The default, ``stop_value`` (``policies.stop_value``), fits a
+value network on counterfactual replays (at each branch finish: what answering now and what
+waiting would give) and tunes n, k, a stop price and a budget per deadline on training
+problems; it beat the PPO policy on every target of issue 13 on the synthetic profile.
+``ppo`` is Stable-Baselines3 PPO warm-started by cloning the best tuned heuristic, with
+checkpoints, TensorBoard and Weights & Biases logs, keeping the fine-tuned model only when
+validation supports it: its 0/1 rewards were too noisy to improve on the clone.
 
 Recording a profile of a real model on the live engine is a job of its own
 (``python -m env.profiles.record``, resumable); train on the result with ``--profile FOLDER``.
@@ -52,6 +60,7 @@ from policies.ppo_training import (
 from policies.race_controllers import DeadlineTable
 from policies.race_eval import default_deadlines, tune_baselines
 from policies.saved_policy import load_race_policy, save_race_policy
+from policies.stop_value_training import StopValueArgs, learn_stop_value
 
 HEURISTICS = ("margin", "esc", "adaptive_consistency")
 
@@ -62,10 +71,13 @@ class Args:
 
     profile: str = DEFAULT_PROFILE
     """profile name (under data/profiles) or folder to replay"""
+    learner: Literal["stop_value", "ppo"] = "stop_value"
+    """stop_value: value regression on counterfactual replays, settings tuned per deadline;
+    ppo: PPO warm-started by cloning a tuned heuristic (the options below marked PPO)"""
     deadlines: tuple[float, ...] | None = None
     """evaluation deadlines in seconds (default: a grid spanning where (n, k) matters)"""
     timesteps: int = 100_000
-    """PPO decisions after the warm start"""
+    """PPO decisions after the warm start (PPO)"""
     seed: int = 0
     wandb: Literal["online", "offline", "disabled"] = "offline"
     """Weights & Biases mode (offline runs are kept under <out>/wandb for `wandb sync`)"""
@@ -95,9 +107,11 @@ class Args:
     """warm start: clone this tuned controller (best_heuristic: the heuristic with the best
     validation reward; static_best: wait for the deadline or the decided vote)"""
     teach_episodes: int = 6000
-    """warm-start races"""
+    """warm-start races (PPO)"""
     checkpoint_every: int = 50_000
-    """save a checkpoint every this many decisions"""
+    """save a checkpoint every this many decisions (PPO)"""
+    value: StopValueArgs = dataclasses.field(default_factory=StopValueArgs)
+    """the stop-value learner's fitting and tuning (stop_value)"""
     eval_repeats: int = 4
     """MATH-500 draws per problem and deadline in the final evaluation"""
 
@@ -136,47 +150,34 @@ def main(args: Args) -> dict:
     deadlines = args.deadlines or default_deadlines(fit_backend)
     clock.say(f"evaluation deadlines (s): {deadlines}")
 
-    # Environments: the race replayed on the fitting problems, deadlines log-uniform around
-    # the grid so the policy also works between its points.
+    # The race settings: deadlines log-uniform around the grid so the policy also works between
+    # its points; the prompt featurizer fitted on the fitting problems.
     featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
-    env = RaceEnv(fit_backend, featurizer, config)
-    vec_env = make_vec_env(lambda: RaceEnv(fit_backend, featurizer, config), args.n_envs, args.seed)
 
-    # The baselines to beat, tuned per deadline on the training problems, and the teacher.
+    # The baselines to beat, tuned per deadline on the training problems.
     baselines = tune_baselines(fit_backend, deadlines, args.tune_problems, 2, args.seed,
                                config.n_grid, config.k_grid)  # fmt: skip
     for name, table in baselines.items():
         clock.say(f"{name} (n, k, threshold) per deadline:",
                   [(c.n, c.k, c.threshold) for c in table])  # fmt: skip
-    teacher_name = choose_teacher(args, baselines, val_backend, deadlines, config)
-    teacher = DeadlineTable(deadlines, baselines[teacher_name], teacher_name)
 
-    # Model: PPO warm-started by cloning the teacher, then fine-tuned.
+    # Learn: the stop-value policy (default) or PPO, then the validation figures.
     run = init_wandb(args.wandb, args.wandb_project, out.name, dataclasses.asdict(args), out)
-    model = build_model(args, vec_env, out)
-    if args.teacher != "none":
-        agree = teach(model, env, teacher, args.teach_episodes, seed=args.seed)
-        clock.say(f"warm start: the actor repeats {teacher_name}'s decisions {agree:.1%}")
-    model.save(out / "start_model.zip")  # before any PPO update, for the selection below
-    checkpoints = CheckpointCallback(max(args.checkpoint_every // args.n_envs, 1),
-                                     str(out / "checkpoints"), name_prefix="policy")  # fmt: skip
-    callbacks = CallbackList([OutcomeLoggerCallback(), checkpoints])
-    model.learn(args.timesteps, callback=callbacks, tb_log_name="ppo", progress_bar=True)
+    if args.learner == "stop_value":
+        model = learn_stop_value(fit_backend, featurizer, config.n_grid, deadlines,
+                                 config.deadline_range_s, args.value, args.seed)  # fmt: skip
+        clock.say("stop-value settings (n, k, price, budget) per deadline:",
+                  [(s.n, s.k, s.price, round(s.budget, 3)) for s in model.settings])  # fmt: skip
+        selection = validate_stop_value(model, baselines, val_backend, featurizer, config,
+                                        deadlines, args.seed)  # fmt: skip
+    else:
+        model, selection = learn_ppo(args, fit_backend, val_backend, baselines, featurizer,
+                                     config, deadlines, out, clock)  # fmt: skip
     trained_s = clock.elapsed()
-
-    # Keep the fine-tuned model only if paired validation shows it beats the warm start.
-    start = PPO.load(out / "start_model.zip", device="cpu")
-    candidates = {"start": start, "final": model}
-    controllers = {name: LearnedController(m, RaceEnv(val_backend, featurizer, config))
-                   for name, m in candidates.items()}  # fmt: skip
-    rewards = validation_rewards(controllers, val_backend, deadlines, config.latency_cost,
-                                 args.seed)  # fmt: skip
-    chosen, validation = select_on_validation(rewards, "start")
-    clock.say("validation:", json.dumps(validation), f"-> keeping {chosen!r}")
-    info = policy_info(args, profile, method, deadlines, chosen, validation, trained_s,
-                       teacher_name, baselines)  # fmt: skip
+    clock.say("validation:", json.dumps(selection))
+    info = policy_info(args, profile, method, deadlines, selection, trained_s, baselines)
     info["race_scales"] = [fit_backend.max_branches, max(fit_backend.k_grid)]  # observation scales
-    policy_dir = save_race_policy(out / "policy", candidates[chosen], featurizer, config, info)
+    policy_dir = save_race_policy(out / "policy", model, featurizer, config, info)
     calibration = fit_confidence_of(policy_dir, out / "confidence", args.seed)
     clock.say("answer confidence:", calibration["summary"])
 
@@ -193,6 +194,65 @@ def main(args: Args) -> dict:
     publish(report, out, policy_dir, run, races)
     clock.say("done")
     return report
+
+
+def learn_ppo(
+    args: Args,
+    fit_backend: ReplayBackend,
+    val_backend: ReplayBackend,
+    baselines: dict,
+    featurizer: ProblemFeaturizer,
+    config: RaceEnvConfig,
+    deadlines: tuple[float, ...],
+    out: Path,
+    clock: Stopwatch,
+) -> tuple[PPO, dict]:
+    """PPO on the replayed races, warm-started by cloning the teacher, kept over the warm
+    start only if paired validation shows it beats it; returns the model and the selection."""
+    env = RaceEnv(fit_backend, featurizer, config)
+    vec_env = make_vec_env(lambda: RaceEnv(fit_backend, featurizer, config), args.n_envs, args.seed)
+    teacher_name = choose_teacher(args, baselines, val_backend, deadlines, config)
+    teacher = DeadlineTable(deadlines, baselines[teacher_name], teacher_name)
+    model = build_model(args, vec_env, out)
+    if args.teacher != "none":
+        agree = teach(model, env, teacher, args.teach_episodes, seed=args.seed)
+        clock.say(f"warm start: the actor repeats {teacher_name}'s decisions {agree:.1%}")
+    model.save(out / "start_model.zip")  # before any PPO update, for the selection below
+    checkpoints = CheckpointCallback(max(args.checkpoint_every // args.n_envs, 1),
+                                     str(out / "checkpoints"), name_prefix="policy")  # fmt: skip
+    callbacks = CallbackList([OutcomeLoggerCallback(), checkpoints])
+    model.learn(args.timesteps, callback=callbacks, tb_log_name="ppo", progress_bar=True)
+    start = PPO.load(out / "start_model.zip", device="cpu")
+    candidates = {"start": start, "final": model}
+    controllers = {name: LearnedController(m, RaceEnv(val_backend, featurizer, config))
+                   for name, m in candidates.items()}  # fmt: skip
+    rewards = validation_rewards(controllers, val_backend, deadlines, config.latency_cost,
+                                 args.seed)  # fmt: skip
+    chosen, validation = select_on_validation(rewards, "start")
+    clock.say(f"PPO: keeping {chosen!r}")
+    selection = {"learner": "ppo", "teacher": teacher_name, "kept": chosen,
+                 "validation": validation}  # fmt: skip
+    return candidates[chosen], selection
+
+
+def validate_stop_value(
+    model,
+    baselines: dict,
+    val_backend: ReplayBackend,
+    featurizer: ProblemFeaturizer,
+    config: RaceEnvConfig,
+    deadlines: tuple[float, ...],
+    seed: int,
+) -> dict:
+    """The stop-value policy's validation reward beside each tuned heuristic's, on the same
+    draws of the held-back problems (a check recorded in ``policy.json``, not a selection:
+    the settings were tuned for accuracy and latency, not for this reward)."""
+    controllers = {"stop_value": LearnedController(model, RaceEnv(val_backend, featurizer, config))}
+    controllers.update({name: DeadlineTable(deadlines, baselines[name], name)
+                        for name in HEURISTICS})  # fmt: skip
+    rewards = validation_rewards(controllers, val_backend, deadlines, config.latency_cost, seed)
+    _, validation = select_on_validation(rewards, "stop_value")
+    return {"learner": "stop_value", "kept": "stop_value", "validation": validation}
 
 
 def hold_out_validation(
@@ -268,10 +328,8 @@ def policy_info(
     profile: Profile,
     method: str,
     deadlines: tuple[float, ...],
-    chosen: str,
-    validation: dict,
+    selection: dict,
     trained_s: float,
-    teacher: str,
     baselines: dict,
 ) -> dict:
     """What ``policy.json`` records beside the format: where the policy came from and how."""
@@ -282,7 +340,7 @@ def policy_info(
         "deadlines_s": list(deadlines),
         "baselines": {name: [[c.n, c.k, c.threshold] for c in table]
                       for name, table in baselines.items()},
-        "selection": {"teacher": teacher, "kept": chosen, "validation": validation},
+        "selection": selection,
         "train": {"timesteps": args.timesteps, "seed": args.seed,
                   "seconds": round(trained_s, 1), "args": dataclasses.asdict(args)},
     }  # fmt: skip

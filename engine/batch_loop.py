@@ -26,6 +26,7 @@ from them (``env.profiles.online_calibration``).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -38,6 +39,8 @@ from engine.call_state import CallState
 
 if TYPE_CHECKING:
     from engine.vllm_engine import VLLMEngine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,11 @@ class BatchLoop:
             return
         step = BatchStep(now - started, batch, k or 0, len(self._active), bool(added),
                          sum(len(call.prompt_ids) * call.rollout.n for call in added))  # fmt: skip
-        for listener in self.listeners:
-            listener(step)
+        for listener in list(self.listeners):
+            try:
+                listener(step)
+            except Exception:  # an observer's failure must not cost the calls their step
+                log.exception("step listener %r failed", listener)
         for call in list(self._active):
             call.rollout.batch_max = max(call.rollout.batch_max, batch)
             self._hand_out(call, outputs, now, step.step_s)

@@ -11,7 +11,7 @@
   the targets, tables and plots; ``confidence`` / ``confidence_fit``: the calibrated
   probability that an answer is right (the load study, which builds on ``train.py``, is
   ``scripts/load_study.py``);
-- ``controller``, ``server``, ``openai_api``, ``deadline_queue``: the deployed controller on the
-  live engine and its OpenAI-compatible service; ``bench_server``, ``bench_decisions``: their
-  benchmarks.
+- ``controller``, ``server``, ``openai_api``, ``admission``, ``serving_latency``: the deployed
+  controller on the live engine and its OpenAI-compatible service (many calls at once,
+  admitted by predicted latency); ``bench_server``, ``bench_decisions``: their benchmarks.
 """

@@ -1,92 +1,290 @@
-"""Should the server run one problem at a time or batch several?  Measure it on this engine.
+"""How many requests does the server answer in time as clients grow?  Batched vs one at a time.
 
-    python -m policies.bench_server [--n 4] [--tokens 32] [--repeats 3]
+    python -m policies.bench_server                      # 1 2 5 10 20 clients, 30 s deadlines
+    python -m policies.bench_server --clients 10 --duration 60 --out runs/bench_server
 
-Two requests (two MATH-500 problems, n branches each, exactly ``tokens`` tokens per branch so
-that the work is fixed) are served three ways:
+One engine and one policy (the shipped default) serve two ways, in the same run:
 
-* serial: one call after the other, as ``policies.server`` does;
-* threads: both calls issued at once from two threads; the engine's lock serialises them, so
-  this shows that concurrency without merging gains nothing;
-* merged: one call with 2n branches, the best case for batching two problems together (same
-  batch, same lengths; the engine's run takes one prompt, so both halves use problem A's).
+* ``batched``: the server as shipped: every admitted call runs at once in the engine's batch
+  (``engine.batch_loop``), admitted by predicted latency (``policies.admission``);
+* ``serial``: the same server with ``max_calls=1``: one call at a time, any request arriving
+  while one runs is refused (429), as a single-call server must.
 
-It prints when each request finished (the second is the total wall time) and their mean
-latency, medians over the repeats.  Batching
-only pays when a step with 2n sequences costs much less than two steps with n; even then both
-requests finish at the merged time (the first one later than when served alone), and merged
-problems must share one k, which defeats choosing k per problem.
+At each concurrency level each client sends MATH-500 problems one after the other (its own
+slice of the 500), each with the same deadline; after a refusal it pauses ``--pause-s`` (0.5 s)
+and sends its next problem, so in both modes the engine always has work waiting.  A level runs
+``--duration`` seconds (requests still in flight then are awaited and counted).  Modes alternate
+within each level, so drifts in the machine's load hit both.  The clients run in their own
+process.  A stress level follows (``--stress 50:8``: 50 clients, 8 s deadlines, batched only):
+every request must be answered in time or refused within 50 ms.
 
-The README records the measured figures and the decision they support.
+Per level and mode it prints and writes (``bench_server.json``, ``bench_server.png``):
+answered in time (200 within deadline + 0.1 s) per minute, how many had an answer and how many
+were right (MATH-500's gold answer, ``env.task.grading``), refused and how fast, late,
+p50/p95 latency of the answered ones, the largest engine batch, the server's memory before
+and after, and whether any request was left in the engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
-from engine.vllm_engine import EngineConfig, VLLMEngine
-from env.task.problems import load_math500
-from env.task.prompt import build_user_message
-
-
-def _fixed_work(engine: VLLMEngine, prompt: str, n: int, tokens: int) -> None:
-    """One call of exactly ``tokens`` tokens per branch, without speculation."""
-    engine.run(prompt, n=n, k=0, max_tokens=tokens, ignore_eos=True)
+IN_TIME_SLACK_S = 0.1
+FAST_REFUSAL_S = 0.05
 
 
-def _serial(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:
-    start, done = time.monotonic(), []
-    for prompt in prompts:
-        _fixed_work(engine, prompt, n, tokens)
-        done.append(time.monotonic() - start)
-    return done
+# ------------------------------------------------------------------------ client process
+async def _client(http, url: str, problems: list[str], deadline: float, stop_at: float,
+                  pause_s: float, out: list) -> None:  # fmt: skip
+    for problem in problems:
+        if time.monotonic() >= stop_at:
+            return
+        body = {"model": "latency-tts-smollm2", "deadline_s": deadline,
+                "messages": [{"role": "user", "content": problem}]}  # fmt: skip
+        sent = time.monotonic()
+        try:
+            response = await http.post(url + "/v1/chat/completions", json=body)
+            status, reply = response.status_code, response.json()
+        except Exception as exc:  # a broken connection is a result too
+            status, reply = 0, {"error": {"message": repr(exc)}}
+        elapsed = time.monotonic() - sent
+        tts = reply.get("tts") or {}
+        out.append({
+            "problem": problem, "status": status, "elapsed_s": elapsed,
+            "answer": tts.get("answer"), "batch_max": tts.get("batch_max"),
+            "admission": (tts.get("admission") or {}).get("reason"),
+            "error": (reply.get("error") or {}).get("code"),
+        })  # fmt: skip
+        if status != 200:
+            await asyncio.sleep(pause_s)
 
 
-def _threads(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:
-    start, done = time.monotonic(), [0.0] * len(prompts)
+async def _clients(url: str, slices: list[list[str]], deadline: float, duration: float,
+                   pause_s: float) -> list[dict]:  # fmt: skip
+    import httpx
 
-    def call(i: int) -> None:
-        _fixed_work(engine, prompts[i], n, tokens)
-        done[i] = time.monotonic() - start
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sorted(done)
-
-
-def _merged(engine: VLLMEngine, prompts: list[str], n: int, tokens: int) -> list[float]:
-    start = time.monotonic()
-    _fixed_work(engine, prompts[0], n * len(prompts), tokens)
-    return [time.monotonic() - start] * len(prompts)
+    out: list[dict] = []
+    limits = httpx.Limits(max_connections=len(slices) + 1)
+    async with httpx.AsyncClient(limits=limits, timeout=deadline + 30.0) as http:
+        await http.get(url + "/health")
+        stop_at = time.monotonic() + duration
+        await asyncio.gather(*(_client(http, url, s, deadline, stop_at, pause_s, out)
+                               for s in slices))  # fmt: skip
+    return out
 
 
-def main() -> None:
+def _client_process(url, slices, deadline, duration, pause_s, path) -> None:
+    results = asyncio.run(_clients(url, slices, deadline, duration, pause_s))
+    Path(path).write_text(json.dumps(results))
+
+
+# ------------------------------------------------------------------------ server side
+class _Server:
+    """A uvicorn server for an app, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.uv = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        while not self.uv.started:
+            time.sleep(0.05)
+        port = self.uv.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _level(app, clients, deadline, duration, pause_s, problems, workdir) -> list[dict]:
+    server = _Server(app)
+    slices = [problems[i::clients] for i in range(clients)]
+    path = Path(workdir) / f"clients-{clients}.json"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=_client_process, args=(server.url, slices, deadline, duration, pause_s, str(path))
+    )
+    proc.start()
+    proc.join()
+    server.stop()
+    if proc.exitcode != 0:
+        raise SystemExit(f"the client process failed (exit {proc.exitcode})")
+    return json.loads(path.read_text())
+
+
+def summarize(results: list[dict], deadline: float, duration: float, gold: dict) -> dict:
+    """The figures of one level and mode (see the module docstring)."""
+    from env.task.grading import matches_gold
+
+    ok = [r for r in results if r["status"] == 200]
+    in_time = [r for r in ok if r["elapsed_s"] <= deadline + IN_TIME_SLACK_S]
+    refused = [r for r in results if r["status"] == 429]
+    latencies = sorted(r["elapsed_s"] for r in ok)
+    refusal_s = sorted(r["elapsed_s"] for r in refused)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    return {
+        "requests": len(results),
+        "answered_in_time": len(in_time),
+        "answered_in_time_share": len(in_time) / max(len(results), 1),
+        "answered_in_time_per_min": 60.0 * len(in_time) / duration,
+        "with_answer": sum(r["answer"] is not None for r in in_time),
+        "correct": sum(
+            matches_gold(gold[r["problem"]], r["answer"])
+            for r in in_time
+            if r["answer"] is not None
+        ),
+        "refused": len(refused),
+        "refusal_p95_s": pct(refusal_s, 0.95),
+        "refusal_max_s": refusal_s[-1] if refusal_s else None,
+        "late": len(ok) - len(in_time),
+        "errors": sum(r["status"] not in (200, 429) for r in results),
+        "latency_p50_s": statistics.median(latencies) if latencies else None,
+        "latency_p95_s": pct(latencies, 0.95),
+        "batch_max": max((r["batch_max"] or 0 for r in ok), default=0),
+        "degraded": sum(r["admission"] == "degraded" for r in ok),
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("| clients | mode | deadline s | requests | in time | in time / min | with answer | "
+            "correct | refused | refusal p95 ms | late | p50 s | p95 s | batch max |")  # fmt: skip
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        s = r["summary"]
+
+        def ms(v):
+            return "-" if v is None else f"{1000 * v:.0f}"
+
+        def sec(v):
+            return "-" if v is None else f"{v:.1f}"
+
+        lines.append(
+            f"| {r['clients']} | {r['mode']} | {r['deadline_s']:g} | {s['requests']} | "
+            f"{s['answered_in_time']} ({s['answered_in_time_share']:.0%}) | "
+            f"{s['answered_in_time_per_min']:.1f} | {s['with_answer']} | {s['correct']} | "
+            f"{s['refused']} | {ms(s['refusal_p95_s'])} | {s['late']} | "
+            f"{sec(s['latency_p50_s'])} | {sec(s['latency_p95_s'])} | {s['batch_max']} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("batched", "serial"):
+        mine = [r for r in rows if r["mode"] == mode and not r.get("stress")]
+        x = [r["clients"] for r in mine]
+        left.plot(x, [r["summary"]["answered_in_time_per_min"] for r in mine], "o-", label=mode)
+        right.plot(x, [r["summary"]["latency_p95_s"] or 0 for r in mine], "o-", label=mode)
+    left.set(xlabel="concurrent clients", ylabel="answered within deadline per minute",
+             title="Throughput in time")  # fmt: skip
+    right.set(xlabel="concurrent clients", ylabel="p95 latency of answered requests (s)",
+              title="Latency")  # fmt: skip
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("policies.bench_server: one engine, bundled SmolLM2-135M on this CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=4, help="branches per request")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per branch")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    engine = VLLMEngine(EngineConfig(max_n=2 * args.n, max_tokens=args.tokens))
-    prompts = [build_user_message(p.problem) for p in load_math500("bundled")[:2]]
-    engine.run(prompts[0], n=2 * args.n, k=0, max_tokens=4)  # warm-up
-    modes = {"serial": _serial, "threads": _threads, "merged": _merged}
-    times: dict[str, list[list[float]]] = {mode: [] for mode in modes}
-    for _ in range(args.repeats):  # interleaved, so load drifts hit every mode alike
-        for mode, run in modes.items():
-            times[mode].append(run(engine, prompts, args.n, args.tokens))
-    print(f"2 requests x n={args.n} branches x {args.tokens} tokens, k=0, median of {args.repeats}")
-    print(f"{'mode':8} {'request 1 s':>12} {'request 2 s':>12} {'mean s':>8}")
-    for mode, runs in times.items():
-        first = statistics.median(r[0] for r in runs)
-        second = statistics.median(r[1] for r in runs)
-        print(f"{mode:8} {first:12.2f} {second:12.2f} {(first + second) / 2:8.2f}")
-    engine.shutdown()
+    parser.add_argument("--policy", default=None, help="policy folder (default: shipped)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--deadline", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per level/mode")
+    parser.add_argument("--pause-s", type=float, default=0.5, help="client pause after a 429")
+    parser.add_argument("--max-tokens", type=int, default=256, help="engine limit per branch")
+    parser.add_argument("--stress", default="50:8", help="CLIENTS:DEADLINE, batched ('' = none)")
+    parser.add_argument("--calibrate-s", type=float, default=60.0)
+    parser.add_argument("--modes", nargs="+", default=["serial", "batched"],
+                        choices=["serial", "batched"])  # fmt: skip
+    parser.add_argument("--out", default="runs/bench_server")
+    args = parser.parse_args(argv)
+    if min(args.clients) < 1 or args.deadline <= 0 or args.duration <= 0:
+        parser.error("--clients must be >= 1, --deadline and --duration > 0")
+
+    from env.paths import policies_dir
+    from env.task.problems import load_math500
+    from policies.server import app_for_policy, create_app
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = load_math500("bundled")
+    texts = [p.problem for p in problems]
+    gold = {p.problem: p.answer for p in problems}
+    app = app_for_policy(args.policy or policies_dir() / "default", max_tokens=args.max_tokens,
+                         calibrate_s=args.calibrate_s)  # fmt: skip
+    service = app.state.service
+    apps = {"batched": app,
+            "serial": create_app(service.controller, service.latency, max_calls=1)}  # fmt: skip
+    engine = service.engine
+    levels = [(c, args.deadline, False) for c in args.clients]
+    if args.stress:
+        clients, deadline = args.stress.split(":")
+        levels.append((int(clients), float(deadline), True))
+    rows = []
+    for clients, deadline, stress in levels:
+        for mode in ["batched"] if stress else args.modes:
+            rss_before = _rss_mb()
+            started = time.monotonic()
+            results = _level(apps[mode], clients, deadline, args.duration, args.pause_s,
+                             texts, out)  # fmt: skip
+            row = {
+                "clients": clients, "mode": mode, "deadline_s": deadline, "stress": stress,
+                "wall_s": time.monotonic() - started,
+                "summary": summarize(results, deadline, args.duration, gold),
+                "engine_left_requests": engine.has_unfinished_requests(),
+                "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
+            }  # fmt: skip
+            rows.append(row)
+            print(_table([row]).splitlines()[-1], flush=True)
+    report = {
+        "command": "python -m policies.bench_server " + " ".join(argv or sys.argv[1:]),
+        "cpu_count": os.cpu_count(),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rows": rows,
+    }
+    tmp = out / "bench_server.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "bench_server.json")
+    _plot(rows, out / "bench_server.png")
+    print(_table(rows))
+    by = {(r["clients"], r["mode"]): r["summary"] for r in rows if not r["stress"]}
+    for clients in args.clients:
+        if (clients, "serial") in by and (clients, "batched") in by:
+            serial = by[clients, "serial"]["answered_in_time_per_min"]
+            batched = by[clients, "batched"]["answered_in_time_per_min"]
+            ratio = batched / serial if serial else float("inf")
+            print(f"{clients} clients: batched answers {ratio:.2f}x as many in time as serial")
+    print(f"wrote {out / 'bench_server.json'} and {out / 'bench_server.png'}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Solution:
         1.0 for the learned policy and when there is no deadline).
     :param latency_s: seconds from the ``solve`` call to its return.
     :param deadline_s: the deadline the call honoured (None: none).
+    :param batch_max: the largest engine batch (branches of every call in flight) it ran in.
     :param stopped_by: ``"complete"``, ``"early_stop"`` (the vote was decided or the
         controller answered), ``"deadline"`` or ``"cancelled"`` (the engine's
         ``Rollout.stopped_by``).
@@ -101,6 +103,7 @@ class Solution:
     prompt_tokens: int
     completion_tokens: int
     confidence: float | None = None
+    batch_max: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +163,8 @@ class DecodingController:
         deadline_s: float | None,
         cancel: threading.Event | None = None,
         max_tokens: int | None = None,
+        max_n: int | None = None,
+        on_start: Callable[[int, int], None] | None = None,
     ) -> Solution:
         """Run the race on the live engine and return the majority vote of the branches
         finished when it ended.
@@ -169,7 +174,9 @@ class DecodingController:
         branches finished by then; None or inf mean no deadline.  The call stops as soon as
         the controller answers or the unfinished branches can no longer change the winner.
         Setting ``cancel`` aborts the call after the current engine step.  ``max_tokens`` caps
-        each branch (at most the engine's ``max_tokens``).
+        each branch (at most the engine's ``max_tokens``), ``max_n`` the branches (the server's
+        admission); ``on_start(n, k)`` is called once the controller chose them.  Calls made
+        at the same time (from several threads) share the engine's batch.
 
         :raises ValueError: for a bad problem, deadline or max_tokens (before the engine runs).
         """
@@ -179,7 +186,8 @@ class DecodingController:
         info = ProblemInfo(-1, "", prepared.text, prepared.prompt_tokens)
         race = run_live_race(self.engine, self.race_controller, info, prepared.prompt_ids,
                              deadline, checkpoints=self.checkpoints, max_tokens=max_tokens,
-                             cancel=cancel, logprobs=self.logprobs, started_at=start)  # fmt: skip
+                             cancel=cancel, logprobs=self.logprobs, started_at=start,
+                             max_n=max_n, on_start=on_start)  # fmt: skip
         call_deadline = race.state.deadline_s
         budget = 1.0 if deadline is None else call_deadline / deadline
         solution = _solution(race, budget, time.monotonic() - start, deadline)
@@ -221,6 +229,7 @@ def _solution(
         branches=branches,
         prompt_tokens=rollout.prompt_tokens,
         completion_tokens=rollout.generated_tokens,
+        batch_max=rollout.batch_max,
     )
 
 

@@ -168,8 +168,9 @@ class LearnedController:
         policy does not read it)."""
         if self.stop_value is not None:
             setting = self.stop_value.setting(deadline_s)
-            # the value network was fitted with the call's own deadline (budget x deadline)
-            self._prompt = self.prompt_features(problem, setting.budget * deadline_s)
+            # the value network was fitted with the call's own deadline (its horizon)
+            call_deadline = self.stop_value.call_deadline(deadline_s)
+            self._prompt = self.prompt_features(problem, call_deadline)
             self._price, self._seen = setting.price, 0
             return setting.n, setting.k
         self._net.obs[: self._prompt_width] = self.prompt_features(problem, deadline_s)
@@ -191,7 +192,7 @@ class LearnedController:
         return Decision(stop=action[2] == STOP, k=self.k_grid[action[1]])
 
     def call_deadline(self, deadline_s: float) -> float:
-        """The deadline, or for a stop-value policy its setting's budget x the deadline."""
+        """The deadline, or for a stop-value policy its setting's horizon when that is sooner."""
         if self.stop_value is not None:
             return self.stop_value.call_deadline(deadline_s)
         return deadline_s

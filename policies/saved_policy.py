@@ -10,7 +10,9 @@ A saved policy is a folder (written to a temporary sibling and renamed into plac
                       version, race feature names, env config (grids, deadline range, latency
                       cost), race scales, speculative method, profile, evaluation deadlines,
                       the tuned baselines, model selection and training settings
-    model.zip         the SB3 model (``PPO.save``)
+    model.zip         the SB3 model (``PPO.save``), or for a stop-value policy
+    stop_value.json   (``algorithm`` "StopValue", ``policies.stop_value``) its per-deadline
+    stop_value.npz    settings and its value network instead
     featurizer.json   the observation featurizer (``env.features``), with
     featurizer.npz    its weights
     confidence.json   the calibrated answer confidence (``policies.confidence``), when fitted
@@ -33,23 +35,29 @@ from typing import TYPE_CHECKING
 from env.config import RACE_ENV_ID, RaceEnvConfig
 from env.features import FEATURE_SCHEMA_VERSION, ProblemFeaturizer, check_feature_schema
 from env.race import RACE_FEATURES
+from policies.stop_value import STOP_VALUE_ALGORITHM, StopValuePolicy
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
+
+    RaceModel = BaseAlgorithm | StopValuePolicy
 
 RACE_POLICY_FORMAT_VERSION = 3  # 3: the race (LatencyTTS-v1); 2 was one (n, k, budget) per call
 RETRAIN = "Retrain the policy (python train.py)."
 
 
 def _write_policy_folder(
-    folder: Path, model: BaseAlgorithm, featurizer: ProblemFeaturizer, manifest: dict
+    folder: Path, model: RaceModel, featurizer: ProblemFeaturizer, manifest: dict
 ) -> Path:
     """Write model, featurizer and ``policy.json`` to a temporary sibling, then rename it into
     place (an existing folder is replaced only once the new one is complete)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save(tmp / "model.zip")
+        if isinstance(model, StopValuePolicy):
+            model.save(tmp)
+        else:
+            model.save(tmp / "model.zip")
         featurizer.save(tmp)
         (tmp / "policy.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if folder.exists():
@@ -73,6 +81,8 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _load_model_and_featurizer(folder: Path, info: dict):
+    if info.get("algorithm") == STOP_VALUE_ALGORITHM:
+        return StopValuePolicy.load(folder), ProblemFeaturizer.load(folder)
     from stable_baselines3 import PPO
 
     algorithms: dict[str, type[BaseAlgorithm]] = {"PPO": PPO}
@@ -86,23 +96,35 @@ def _load_model_and_featurizer(folder: Path, info: dict):
 class SavedRacePolicy:
     """A loaded race policy (``LatencyTTS-v1``): the model, its featurizer and env settings.
 
-    :param model: the SB3 model (actions ``MultiDiscrete([n, k, stop])``).
+    :param model: the SB3 model (actions ``MultiDiscrete([n, k, stop])``), or a
+        ``StopValuePolicy`` (``policies.stop_value``).
     :param featurizer: computes the prompt part of its observations.
     :param env_config: the race environment settings it was trained with.
     :param info: the rest of ``policy.json`` (profile, deadlines, tuned baselines, training).
     :param folder: where it was loaded from.
     """
 
-    model: BaseAlgorithm
+    model: RaceModel
     featurizer: ProblemFeaturizer
     env_config: RaceEnvConfig
     info: dict
     folder: Path
 
 
+def _check_stop_value_fits(policy: StopValuePolicy, featurizer, env_config, where: str) -> None:
+    """A stop-value policy's settings must lie in the grids and read the featurizer's width."""
+    for s in policy.settings:
+        if s.n not in env_config.n_grid or s.k not in env_config.k_grid:
+            raise ValueError(f"{where}: setting (n={s.n}, k={s.k}) outside the grids "
+                             f"{env_config.n_grid} x {env_config.k_grid}")  # fmt: skip
+    if policy.prompt_width != len(featurizer.feature_names):
+        raise ValueError(f"{where} reads {policy.prompt_width} prompt features, its featurizer "
+                         f"gives {len(featurizer.feature_names)}. {RETRAIN}")  # fmt: skip
+
+
 def save_race_policy(
     folder: Path,
-    model: BaseAlgorithm,
+    model: RaceModel,
     featurizer: ProblemFeaturizer,
     env_config: RaceEnvConfig,
     info: dict,
@@ -111,11 +133,15 @@ def save_race_policy(
     if env_config.n_grid is None or env_config.k_grid is None:
         raise ValueError("save_race_policy needs an env config with explicit n_grid and k_grid")
     grids = (len(env_config.n_grid), len(env_config.k_grid), 2)
-    if tuple(model.action_space.nvec) != grids:
+    if isinstance(model, StopValuePolicy):
+        _check_stop_value_fits(model, featurizer, env_config, "save_race_policy")
+    elif tuple(model.action_space.nvec) != grids:
         raise ValueError(f"model actions {tuple(model.action_space.nvec)} != env grids {grids}")
     manifest = {
         "format_version": RACE_POLICY_FORMAT_VERSION,
-        "algorithm": type(model).__name__,
+        "algorithm": (
+            STOP_VALUE_ALGORITHM if isinstance(model, StopValuePolicy) else type(model).__name__
+        ),
         "env_id": RACE_ENV_ID,
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
         "race_feature_names": list(RACE_FEATURES),
@@ -141,10 +167,13 @@ def load_race_policy(folder: Path | str) -> SavedRacePolicy:
     model, featurizer = _load_model_and_featurizer(folder, info)
     expected = len(featurizer.feature_names) + len(RACE_FEATURES)
     check_feature_schema(info.get("feature_schema_version"), f"policy {folder}", RETRAIN)
+    env_config = RaceEnvConfig.from_dict(info["env_config"])
+    if isinstance(model, StopValuePolicy):
+        _check_stop_value_fits(model, featurizer, env_config, f"policy {folder}")
+        return SavedRacePolicy(model, featurizer, env_config, info, folder)
     if tuple(model.observation_space.shape) != (expected,):
         raise ValueError(
             f"policy {folder} expects observations of shape {model.observation_space.shape}, "
             f"its featurizer and the race give {expected}. {RETRAIN}"
         )
-    return SavedRacePolicy(model, featurizer, RaceEnvConfig.from_dict(info["env_config"]),
-                           info, folder)  # fmt: skip
+    return SavedRacePolicy(model, featurizer, env_config, info, folder)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP service for the decoding controller, with deadline admission control.
+"""OpenAI-compatible HTTP service for the decoding controller: many calls at once on one
+engine, admitted by prediction.
 
     python -m policies.server                        # bundled model, data/policies/default
     python -m policies.server --policy runs/<run>/policy --port 8000
@@ -6,26 +7,23 @@
 ``POST /v1/chat/completions`` (the last user message is the problem) and ``POST
 /v1/completions`` (``prompt``) take the usual OpenAI fields plus a required ``deadline_s``:
 seconds from the server receiving the request, in the body or else the ``X-Deadline-S``
-header, finite, > 0 and at most ``max_deadline_s`` (600 s by default; an open-ended request
-could hold the single engine indefinitely).  The voted answer is the completion text (empty,
-with ``finish_reason == "length"``, when no branch answered in time); the ``tts`` field carries
-the race (n and k at the start, k changes, why it stopped), timings, votes and branches.  The
-policy is a race policy (``LatencyTTS-v1``): it decides while the call runs
-(``policies.controller``); an older one-decision policy is refused at start with a "retrain"
-error.  ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/models`` complete the
-API; request parsing and the error shape are in ``policies.openai_api``.
+header, finite, > 0 and at most ``max_deadline_s`` (600 s by default).  The voted answer is
+the completion text (empty, with ``finish_reason == "length"``, when no branch answered in
+time); the ``tts`` field carries the race (n and k at the start, k changes, why it stopped),
+timings, votes, branches, the answer's calibrated ``confidence``, the engine batch it shared
+and the admission verdict.  The policy is a race policy (``LatencyTTS-v1``): it decides while
+the call runs (``policies.controller``); an older one-decision policy is refused at start with
+a "retrain" error.  ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/models``
+complete the API; request parsing and the error shape are in ``policies.openai_api``.
 
-One engine call runs at a time.  The engine's k is engine-wide, so problems batched together
-would have to share one k (the race sets it step by step), and the policy was trained on
-latencies measured with the engine to itself; batching two problems here raised throughput
-but not mean latency and delayed the first one (``python -m policies.bench_server`` measures
-it; README).  So
-requests queue FIFO for one worker thread (``policies.deadline_queue``): one that cannot meet
-its deadline given the queue is refused at once with 429 (plus ``x-should-retry: false``, as a
-retry cannot keep the original deadline, and ``Retry-After``); an admitted one gets what is
-left of its deadline, so it is never answered late, and is refused with 503 while it waits if
-the engine falls so far behind the queue's estimate that its deadline can no longer be met.
-A client that disconnects is dropped from the queue or has its branches aborted.
+Every admitted request runs at once on its own worker thread; the engine steps the branches of
+all of them in one batch (``engine.batch_loop``: each call keeps its own race, stops and
+deadline; a disconnect aborts that call only).  A request is admitted when the latency model,
+corrected on this machine (``policies.serving_latency``), predicts that it and every call
+already running still answer before their deadlines with ``margin_s`` to spare, with as many
+branches as fit (degraded to fewer when the engine is busy); otherwise it is refused at once
+with 429, a message saying why and a ``Retry-After`` (``policies.admission``).  An admitted call
+gets what is left of its deadline less a response margin, so it is never answered late.
 
 ``stream: true`` is answered with server-sent events in OpenAI's chunk format, sent when the
 call is done (the answer is a vote, known only when the race ends): the request waits, is
@@ -40,8 +38,10 @@ import asyncio
 import contextlib
 import functools
 import math
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,8 +60,8 @@ from starlette.requests import ClientDisconnect
 
 from engine.rollout import NO_SPECULATION
 from env.paths import policies_dir
+from policies.admission import Admission, Verdict
 from policies.controller import DecodingController, PreparedProblem, Solution
-from policies.deadline_queue import DeadlineExpired, DeadlineQueue, Job, Refused
 from policies.openai_api import (
     PROBLEM_FIELD,
     APIError,
@@ -74,11 +74,18 @@ from policies.openai_api import (
     read_json,
     sse_events,
 )
+from policies.serving_latency import ServingLatency
 
 SERVED_MODEL_NAME = "latency-tts-smollm2"
 MAX_DEADLINE_S = 600.0
 DISCONNECT_POLL_S = 0.1
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+LATENESS_WINDOW = 16
+"""Recent calls over which the largest lateness of a result reaching the event loop is kept."""
+CHARS_PER_TOKEN = 3.0
+"""Admission predicts before tokenizing (so a refusal costs no tokenizer time): a prompt is
+taken as its characters / this, plus the chat template's tokens."""
+TEMPLATE_TOKENS = 40
 
 
 class ServiceMetrics:
@@ -93,20 +100,16 @@ class ServiceMetrics:
             registry=r,
         )
         self.refusals = Counter("tts_refusals", "Requests refused", ["reason"], registry=r)
-        self.cancellations = Counter(
-            "tts_cancellations",
-            "Requests whose client disconnected, by stage (queued: dropped; running: aborted)",
-            ["stage"],
+        self.degraded = Counter(
+            "tts_degraded",
+            "Requests admitted with fewer branches than the policy's most",
             registry=r,
+        )
+        self.cancellations = Counter(
+            "tts_cancellations", "Requests whose client disconnected while running", registry=r
         )
         self.latency = Histogram(
             "tts_latency_seconds", "Arrival to answer", buckets=LATENCY_BUCKETS_S, registry=r
-        )
-        self.queue_wait = Histogram(
-            "tts_queue_wait_seconds",
-            "Arrival to engine start",
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
         self.chosen_n = Histogram(
             "tts_chosen_n", "Branches the policy chose", registry=r, buckets=sorted(n_grid)
@@ -117,50 +120,63 @@ class ServiceMetrics:
             registry=r,
             buckets=sorted(k_grid),
         )
-        self.queue_length = Gauge("tts_queue_length", "Requests waiting", registry=r)
+        self.running = Gauge("tts_running_calls", "Calls admitted and not answered", registry=r)
+        self.live_branches = Gauge("tts_live_branches", "Branches in the engine batch", registry=r)
 
 
 class CompletionService:
-    """What the routes do: admit, prepare, queue and await a request, and reply or refuse.
+    """What the routes do: check, admit, run and await a request, and reply or refuse.
 
-    A request is checked field by field (``policies.openai_api``), refused at once if the queue
-    cannot meet its deadline, tokenized once (``DecodingController.prepare``, off the event
-    loop), queued (``policies.deadline_queue``) and, when its turn comes, solved by the
-    controller with what is left of its deadline.  Parameters as in ``create_app``.
+    A request is checked field by field (``policies.openai_api``), admitted or refused by
+    ``policies.admission`` at once, tokenized once (``DecodingController.prepare``, off the
+    event loop) and solved by the controller on a worker thread with what is left of its
+    deadline, beside every other call in flight.  Parameters as in ``create_app``.
     """
 
     def __init__(
         self,
         controller: DecodingController,
+        latency: ServingLatency,
         served_model_name: str,
-        max_queue: int,
-        min_service_s: float,
-        overrun_s: float,
+        max_calls: int,
+        margin_s: float,
         response_margin_s: float,
         max_deadline_s: float,
         max_body_bytes: int,
     ) -> None:
-        self.controller, self.engine = controller, controller.engine
-        self.served_model_name = served_model_name
+        if max_calls < 1 or margin_s < 0 or response_margin_s < 0:
+            raise ValueError("max_calls must be >= 1 and the margins >= 0")
+        self.controller, self.engine, self.latency = controller, controller.engine, latency
+        self.served_model_name, self.max_calls = served_model_name, max_calls
         self.max_deadline_s, self.max_body_bytes = max_deadline_s, max_body_bytes
+        self.response_margin_s = response_margin_s
         self.metrics = ServiceMetrics(controller.n_grid, controller.k_grid)
-        self.engine_clean_after_last_call = True
-        self.queue = DeadlineQueue(
-            max_queue, min_service_s, overrun_s, response_margin_s, self._check_engine_after_call
-        )
-        self.metrics.queue_length.set_function(lambda: self.queue.waiting)
+        self.admission = Admission(
+            latency.model, latency.method, latency.expected_tokens, latency.acceptance,
+            controller.n_grid, self.engine.config.max_batch, margin_s,
+            self.engine.batch.calls_in_flight,
+        )  # fmt: skip
+        self._running = 0
+        self._last_k = min(controller.k_grid)  # the k admission expects the next call to ask
+        self._lateness: deque[float] = deque(maxlen=LATENESS_WINDOW)
+        self._lock = threading.Lock()
+        self.metrics.running.set_function(lambda: self._running)
+        self.metrics.live_branches.set_function(lambda: self.engine.batch.load[1])
+        self._workers = ThreadPoolExecutor(max_workers=max_calls, thread_name_prefix="tts-call")
         # Prompts are tokenized off the event loop on one long-lived thread: starting a thread
         # per request (a default thread pool under a burst) stalls the loop while each starts.
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-tokenize")
         self._tokenizer.submit(lambda: None).result()
 
-    def _check_engine_after_call(self) -> None:
-        """On the queue's worker after each call (it waits for the call's abort to finish)."""
-        self.engine_clean_after_last_call = not self.engine.has_unfinished_requests()
-
     def close(self) -> None:
-        self.queue.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self._tokenizer.shutdown(wait=False)
+
+    def _margin(self) -> float:
+        """Time kept back from a deadline for handing the answer back: the configured margin
+        plus how late recent answers reached the event loop (a busy loop, the last step)."""
+        with self._lock:
+            return self.response_margin_s + max([0.0, *self._lateness])
 
     async def complete(self, request: Request, endpoint: str) -> Response:
         """Serve one completion request of ``endpoint`` (``"chat"`` or ``"completions"``)."""
@@ -172,12 +188,18 @@ class CompletionService:
             check_model_and_options(body, self.served_model_name)
             deadline = deadline_of(body, request.headers.get("x-deadline-s"), self.max_deadline_s)
             max_tokens = max_tokens_of(body, self.engine.config.max_tokens)
-            prepared = await self._admit_and_prepare(problem, endpoint, arrival + deadline)
-            with self._refused_as_429():
-                work = functools.partial(self.controller.solve, prepared, max_tokens=max_tokens)
-                job = self.queue.submit(arrival + deadline, work)  # work(seconds left, cancel)
-            solution = await self._wait_for(job, request)
-            reply = self._reply(endpoint, solution, job, arrival, deadline)
+            prepared = None
+            long = self._estimated_prompt_tokens(problem) >= self.engine.config.max_model_len
+            if long or not problem.strip():  # a 400 (blank, too long) comes before admission
+                prepared = await self._prepare(problem, endpoint)
+            verdict, ticket = self._admit(problem, prepared, max_tokens, arrival + deadline)
+            try:
+                prepared = prepared or await self._prepare(problem, endpoint)
+                solution = await self._run(prepared, max_tokens, verdict, ticket, arrival +
+                                           deadline, request)  # fmt: skip
+            finally:
+                self._done(ticket)
+            reply = self._reply(endpoint, solution, verdict, arrival, deadline)
             status = "200"
             return _response(reply, streamed=body.get("stream") is True)
         except APIError as err:
@@ -189,26 +211,108 @@ class CompletionService:
         finally:
             self.metrics.requests.labels(endpoint, status).inc()
 
-    async def _admit_and_prepare(
-        self, problem: str, endpoint: str, deadline_at: float
-    ) -> PreparedProblem:
-        """Refuse before the work of tokenizing, then check and tokenize the problem (once)."""
-        with self._refused_as_429():
-            self.queue.admit(deadline_at)
+    @staticmethod
+    def _estimated_prompt_tokens(problem: str) -> int:
+        return int(len(problem) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS
+
+    def _admit(
+        self,
+        problem: str,
+        prepared: PreparedProblem | None,
+        max_tokens: int | None,
+        deadline_at: float,
+    ) -> tuple[Verdict, int]:
+        """Admit the request (holding its place) or raise its 429; before tokenizing, the
+        prompt's length is estimated (``CHARS_PER_TOKEN``)."""
+        now = time.monotonic()
+        tokens = max_tokens or self.engine.config.max_tokens
+        prompt_tokens = (
+            prepared.prompt_tokens if prepared else self._estimated_prompt_tokens(problem)
+        )
+        with self._lock:
+            if self._running >= self.max_calls:
+                self._refuse("server_full", f"server busy: {self._running} calls running "
+                             f"(max_calls={self.max_calls})", 1.0)  # fmt: skip
+            left = deadline_at - now - self.response_margin_s - max([0.0, *self._lateness])
+            verdict = self.admission.decide(prompt_tokens, self._last_k, tokens, left, now)
+            if not verdict.admitted:
+                self._refuse(verdict.reason, verdict.message, verdict.retry_after_s)
+            self._running += 1
+        if verdict.reason == "degraded":
+            self.metrics.degraded.inc()
+        return verdict, self.admission.reserve(verdict, self._last_k, tokens, now + left)
+
+    def _done(self, ticket: int) -> None:
+        """An admitted request ended (answered, failed or gone)."""
+        self.admission.release(ticket)
+        with self._lock:
+            self._running -= 1
+
+    def _refuse(self, reason: str, message: str, retry_after_s: float) -> None:
+        self.metrics.refusals.labels(reason).inc()
+        retry = math.ceil(retry_after_s) if math.isfinite(retry_after_s) else None
+        headers = {"x-should-retry": "false"}
+        if retry is not None:
+            headers["retry-after"] = str(max(1, retry))
+        message += "; retry later or with a longer deadline"
+        param = None if reason == "server_full" else "deadline_s"
+        raise APIError(429, message, "overloaded_error", param, reason, headers)
+
+    async def _prepare(self, problem: str, endpoint: str) -> PreparedProblem:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._tokenizer, self.controller.prepare, problem)
         except ValueError as exc:
             raise APIError(400, str(exc), param=PROBLEM_FIELD[endpoint]) from exc
 
+    async def _run(
+        self,
+        prepared: PreparedProblem,
+        max_tokens: int | None,
+        verdict: Verdict,
+        ticket: int,
+        deadline_at: float,
+        request: Request,
+    ) -> Solution:
+        """Solve on a worker thread with what is left of the deadline; abort on disconnect."""
+        cancel = threading.Event()
+        work_deadline = deadline_at - self._margin()
+
+        def started(n: int, k: int) -> None:
+            self.admission.release(ticket)  # the engine counts the call from now on
+            self._last_k = k
+
+        loop = asyncio.get_running_loop()
+        try:
+            left = work_deadline - time.monotonic()
+            if left <= 0:
+                raise APIError(503, "the deadline passed before the call could start",
+                               "overloaded_error", code="deadline_expired")  # fmt: skip
+            work = functools.partial(self.controller.solve, prepared, left, cancel,
+                                     max_tokens=max_tokens, max_n=verdict.max_n,
+                                     on_start=started)  # fmt: skip
+            future = loop.run_in_executor(self._workers, work)
+            while not future.done():
+                await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+                if not future.done() and await request.is_disconnected():
+                    cancel.set()
+                    self.metrics.cancellations.inc()
+                    raise _ClientGone
+            solution = future.result()
+            with self._lock:
+                self._lateness.append(max(0.0, time.monotonic() - work_deadline))
+            return solution
+        except ValueError as exc:  # the controller refused the request before the engine ran
+            raise APIError(400, str(exc)) from exc
+        finally:
+            cancel.set()  # no-op once answered; aborts the call if the handler was cancelled
+
     def _reply(
-        self, endpoint: str, solution: Solution, job: Job, arrival: float, deadline: float
+        self, endpoint: str, solution: Solution, verdict: Verdict, arrival: float, deadline: float
     ) -> dict:
         """Record the served request's metrics and build its OpenAI body with the tts field."""
         latency = time.monotonic() - arrival
-        queue_wait = job.started_at - arrival
         self.metrics.latency.observe(latency)
-        self.metrics.queue_wait.observe(queue_wait)
         self.metrics.chosen_n.observe(solution.n)
         self.metrics.chosen_k.observe(solution.k)
         tts = {
@@ -219,98 +323,69 @@ class CompletionService:
             "latency_s": latency,
             "engine_latency_s": solution.latency_s,
             "deadline_s": deadline,
-            "queue_wait_s": queue_wait,
             "stopped_by": solution.stopped_by,
             "stop_reason": solution.stop_reason,
             "k_changes": solution.k_changes,
             "decisions": solution.decisions,
             "votes": solution.votes,
             "confidence": solution.confidence,
+            "batch_max": solution.batch_max,
+            "admission": {
+                "reason": verdict.reason,
+                "max_n": verdict.max_n,
+                "predicted_s": verdict.predicted_s,
+            },
             "branches": solution.branches,
         }
         return completion_body(endpoint, self.served_model_name, solution, tts)
 
-    def _refusal_error(self, refusal: Refused, status: int) -> APIError:
-        self.metrics.refusals.labels(refusal.reason).inc()
-        retry_after = str(max(1, math.ceil(refusal.retry_after_s)))
-        headers = {"x-should-retry": "false", "retry-after": retry_after}
-        message = f"{refusal}; retry later or with a longer deadline"
-        param = None if refusal.reason == "queue_full" else "deadline_s"
-        return APIError(status, message, "overloaded_error", param, refusal.reason, headers)
-
-    @contextlib.contextmanager
-    def _refused_as_429(self) -> Iterator[None]:
-        try:
-            yield
-        except Refused as refusal:
-            raise self._refusal_error(refusal, 429) from None
-
-    async def _wait_for(self, job: Job, request: Request) -> Solution:
-        """The job's result; drops it if the client goes or the engine falls behind."""
-        try:
-            while not job.future.done():
-                await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
-                if job.future.done():
-                    break
-                if await request.is_disconnected():
-                    self.metrics.cancellations.labels(self.queue.cancel(job)).inc()
-                    raise _ClientGone
-                refusal = self.queue.drop_if_behind(job)
-                if refusal is not None:
-                    raise self._refusal_error(refusal, 503)
-            return job.future.result()
-        except DeadlineExpired as exc:
-            self.metrics.refusals.labels("deadline_expired").inc()
-            raise APIError(503, str(exc), "overloaded_error", code="deadline_expired") from exc
-        except ValueError as exc:  # the controller refused the request before the engine ran
-            raise APIError(400, str(exc)) from exc
-        finally:
-            if not job.future.done():  # the handler was cancelled (shutdown): abort the call
-                self.queue.cancel(job)
-
     def health(self) -> dict:
-        running, now = self.queue.running, time.monotonic()
+        calls, branches = self.engine.batch.load
         return {
             "status": "ok",
             "model": self.served_model_name,
-            "queue_length": self.queue.waiting,
-            "running": running,
-            "engine_idle": self.engine_clean_after_last_call and not running,
-            "worst_case_wait_s": self.queue.latest_start(now) - now,
-            "overrun_estimate_s": self.queue.overrun_estimate_s,
+            "running": self._running,
+            "engine_calls": calls,
+            "live_branches": branches,
+            "engine_idle": self._running == 0 and calls == 0,
+            "latency_factors": {
+                f"{key.method}/{key.k}": round(f, 3)
+                for key, f in self.latency.correction.factors().items()
+            },
         }
 
 
 def create_app(
     controller: DecodingController,
+    latency: ServingLatency,
     served_model_name: str = SERVED_MODEL_NAME,
-    max_queue: int = 64,
-    min_service_s: float = 0.5,
-    overrun_s: float = 0.3,
+    max_calls: int = 64,
+    margin_s: float = 0.5,
     response_margin_s: float = 0.2,
     max_deadline_s: float = MAX_DEADLINE_S,
     max_body_bytes: int = 1_000_000,
 ) -> FastAPI:
     """The FastAPI app serving ``controller`` (see the module docstring for the API).
 
-    :param controller: the decoding controller; its engine serves one call at a time.
+    :param controller: the decoding controller; concurrent calls share its engine's batch.
+    :param latency: the corrected latency model and profile figures admission predicts with
+        (``ServingLatency.from_profile``; it listens to the engine's steps).
     :param served_model_name: the only ``model`` accepted (others get 404 model_not_found).
-    :param max_queue: most requests waiting at once; more are refused (429 queue_full).
-    :param min_service_s: least engine time a request must be sure to get before its deadline
-        to be admitted (else 429 deadline_unmeetable).
-    :param overrun_s: per request ahead, least allowance for the engine step in flight when its
-        call stops (a step cannot be interrupted); the queue raises it to what it measures.
+    :param max_calls: most calls running at once; more are refused (429 server_full).
+        1 serves one call at a time.
+    :param margin_s: least time every call must be predicted to have left at its answer for a
+        new one to be admitted (else 429 engine_busy or deadline_unmeetable).
     :param response_margin_s: least time kept back from each deadline for building and sending
-        the reply; the queue adds how late recent results reached the event loop.
+        the reply; raised by how late recent answers reached the event loop.
     :param max_deadline_s: largest accepted ``deadline_s``.
     :param max_body_bytes: largest accepted request body (413 beyond).
     """
     service = CompletionService(
         controller,
+        latency,
         served_model_name,
-        max_queue,
-        min_service_s,
-        overrun_s,
+        max_calls,
+        margin_s,
         response_margin_s,
         max_deadline_s,
         max_body_bytes,
@@ -322,6 +397,7 @@ def create_app(
         service.close()
 
     app = FastAPI(title="Latency-aware test-time scaling", lifespan=lifespan)
+    app.state.service = service
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -382,13 +458,58 @@ class _ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
 
 
-def main() -> None:
-    """Command line: load the policy, start an engine sized for its grids and speculative
-    method, serve."""
-    import uvicorn
+def app_for_policy(
+    policy_dir: str | Path,
+    spec_method: str | None = None,
+    max_tokens: int = 512,
+    max_batch: int = 64,
+    kv_cache_gb: float = 2.0,
+    calibrate_s: float = 60.0,
+    **app_options,
+) -> FastAPI:
+    """Load a saved race policy, start an engine sized for its grids and speculative method,
+    fit the latency model of the policy's profile to this machine (``calibrate_s``, progress
+    shown) and build the app (``app_options``: ``create_app``'s).
 
+    :raises SystemExit: with the reason, when there is no policy, it must be retrained, or its
+        profile is missing.
+    """
     from engine.vllm_engine import EngineConfig, VLLMEngine
     from policies.saved_policy import load_race_policy
+
+    if not (Path(policy_dir) / "policy.json").is_file():
+        raise SystemExit(
+            f"no policy at {policy_dir}: train one (python train.py) and pass its policy "
+            "folder with --policy (or copy it there)"
+        )
+    try:
+        policy = load_race_policy(policy_dir)
+    except ValueError as error:  # e.g. a one-decision (v0) policy: the message says retrain
+        raise SystemExit(f"cannot serve {policy_dir}: {error}") from None
+    profile = (policy.info.get("profile") or {}).get("name")
+    if not profile:
+        raise SystemExit(f"policy {policy_dir} does not name the profile it was trained on")
+    n_grid, k_grid = policy.env_config.n_grid or (1,), policy.env_config.k_grid or (0,)
+    method = spec_method or policy.info.get("spec_method") or "draft_model"
+    config = EngineConfig(
+        spec_method=None if method == NO_SPECULATION else method,
+        max_n=max(n_grid),
+        k_max=max(max(k_grid), 1),
+        max_tokens=max_tokens,
+        max_batch=max_batch,
+        kv_cache_gb=kv_cache_gb,
+    )
+    controller = DecodingController(policy, VLLMEngine(config))
+    try:
+        latency = ServingLatency.from_profile(profile, controller.engine, calibrate_s=calibrate_s)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"cannot predict latency from profile {profile!r}: {error}") from None
+    return create_app(controller, latency, **app_options)
+
+
+def main() -> None:
+    """Command line: build the app for a policy (``app_for_policy``) and serve it."""
+    import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
@@ -401,35 +522,22 @@ def main() -> None:
         "draft_model)",
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="per branch")
-    parser.add_argument("--max-queue", type=int, default=64)
-    parser.add_argument("--min-service-s", type=float, default=0.5)
+    parser.add_argument("--max-calls", type=int, default=64, help="calls running at once")
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences per engine step")
+    parser.add_argument("--margin-s", type=float, default=0.5, help="admission margin")
+    parser.add_argument(
+        "--calibrate-s",
+        type=float,
+        default=60.0,
+        help="start-up latency calibration budget (0: online correction only)",
+    )
     parser.add_argument("--max-deadline-s", type=float, default=MAX_DEADLINE_S)
     args = parser.parse_args()
-    if not (Path(args.policy) / "policy.json").is_file():
-        raise SystemExit(
-            f"no policy at {args.policy}: train one (python train.py) and pass its policy "
-            "folder with --policy (or copy it there)"
-        )
-    try:
-        policy = load_race_policy(args.policy)
-    except ValueError as error:  # e.g. a one-decision (v0) policy: the message says retrain
-        raise SystemExit(f"cannot serve {args.policy}: {error}") from None
-    n_grid, k_grid = policy.env_config.n_grid or (1,), policy.env_config.k_grid or (0,)
-    method = args.spec_method or policy.info.get("spec_method") or "draft_model"
-    config = EngineConfig(
-        spec_method=None if method == NO_SPECULATION else method,
-        max_n=max(n_grid),
-        k_max=max(max(k_grid), 1),
-        max_tokens=args.max_tokens,
-    )
-    controller = DecodingController(policy, VLLMEngine(config))
-    app = create_app(
-        controller,
-        args.served_model_name,
-        args.max_queue,
-        args.min_service_s,
-        max_deadline_s=args.max_deadline_s,
-    )
+    app = app_for_policy(
+        args.policy, args.spec_method, args.max_tokens, args.max_batch,
+        calibrate_s=args.calibrate_s, served_model_name=args.served_model_name,
+        max_calls=args.max_calls, margin_s=args.margin_s, max_deadline_s=args.max_deadline_s,
+    )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -206,6 +206,7 @@ def run_live_race(
     logprobs: bool = True,
     started_at: float | None = None,
     max_n: int | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> LiveRaceResult:
     """Run ``controller`` on one call of ``problem`` (``prompt_ids``: its chat-formatted
     prompt, ``VLLMEngine.prompt_token_ids``) under ``deadline_s`` (None: none).
@@ -223,6 +224,8 @@ def run_live_race(
     :param logprobs: ask the engine for sampled-token log-probabilities (branch confidence).
     :param max_n: most branches the call may start, whatever the controller picks (the
         server's admission degrades a call to fit the engine's load this way).
+    :param on_start: called with (n, k) once the controller chose them, just before the
+        branches go to the engine (the server's admission stops reserving room for the call).
     :raises ValueError: for a bad argument or a controller choice the engine cannot run.
     """
     started = time.monotonic() if started_at is None else started_at
@@ -235,6 +238,8 @@ def run_live_race(
     if max_n is not None:
         n = min(n, max_n)
     state.start(n, k, at_s=time.monotonic() - started)
+    if on_start is not None:
+        on_start(n, k)
     race = LiveRace(controller, state, started, checkpoints)
     left = None if math.isinf(stop_at) else max(stop_at - (time.monotonic() - started), 1e-6)
     rollout = engine.run(list(prompt_ids), n, k, left, max_tokens=max_tokens, cancel=cancel,

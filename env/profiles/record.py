@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -215,6 +215,16 @@ def profile_problem(
     return row, spec_rows
 
 
+def problem_record(
+    engines: dict, problem: MathProblem, split: str, settings: ProfileSettings
+) -> dict:
+    """Profile one problem and return its journal record (row, speculative rows, seconds)."""
+    started = time.monotonic()
+    row, spec_rows = profile_problem(engines, problem, split, settings)
+    seconds = round(time.monotonic() - started, 2)
+    return {"kind": "problem", "row": row, "spec": spec_rows, "seconds": seconds}
+
+
 def _confidence_columns(branches: Sequence) -> dict:
     """The optional log-probability columns of a row (``OPTIONAL_PROBLEM_COLUMNS``)."""
     summaries = [BranchConfidence.from_logprobs(b.token_logprobs) for b in branches]
@@ -344,6 +354,64 @@ def write_profile(
     return save_profile(out_dir, manifest, rows, spec_rows)
 
 
+def profile_header(engines: dict, settings: ProfileSettings) -> dict:
+    """The journal's header: what every problem of the profile is recorded with."""
+    return {
+        "kind": "header",
+        "settings": json.loads(json.dumps(asdict(settings))),
+        "identity": _engine_identity(engines),
+        "methods": list(engines),
+        "base_method": base_method(engines),
+    }
+
+
+def open_session(
+    out_dir: Path, header: dict, machine: Callable[[], dict], command: str, startup_s: float
+) -> Journal:
+    """Open ``out_dir``'s journal for a new session: check (or write) the header, note the
+    session.  ``machine()`` describes the hardware; called only for a new journal.
+
+    :raises ValueError: when the journal was recorded with other settings, engines or methods.
+    """
+    journal = Journal(Path(out_dir) / JOURNAL)
+    previous = journal.of_kind("header")
+    if previous:
+        for key in ("settings", "identity", "methods"):
+            if _recorded_part(previous[0][key]) != _recorded_part(header[key]):
+                raise ValueError(
+                    f"{out_dir} holds a profile recorded with other {key} "
+                    f"({previous[0][key]} != {header[key]}); use another --out"
+                )
+    else:
+        journal.append({**header, **machine()})
+    journal.append(
+        {
+            "kind": "session",
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command,
+            "startup_s": round(startup_s, 2),
+        }
+    )
+    return journal
+
+
+def calibration_record(
+    engines: dict, problems: Sequence[tuple[str, MathProblem]], settings: ProfileSettings,
+    progress=True,
+) -> dict:  # fmt: skip
+    """Time the engines once and return the journal's calibration record."""
+    started, load, date = time.monotonic(), os.getloadavg(), datetime.now(UTC)
+    calibration = _run_calibration(engines, problems, settings, progress)
+    return {
+        "kind": "calibration",
+        "calibration": calibration,
+        "seconds": round(time.monotonic() - started, 2),
+        "started": date.isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],  # start, end
+        "settings": _calibration_part(asdict(settings)),
+    }
+
+
 def profile_problems(
     engines: dict,
     problems: Sequence[tuple[str, MathProblem]],
@@ -368,55 +436,17 @@ def profile_problems(
     :param recalibrate: time the engines again even if the journal has a calibration.
     """
     out_dir = Path(out_dir)
-    journal = Journal(out_dir / JOURNAL)
-    header = {
-        "kind": "header",
-        "settings": json.loads(json.dumps(asdict(settings))),
-        "identity": _engine_identity(engines),
-        "methods": list(engines),
-        "base_method": base_method(engines),
-    }
-    previous = journal.of_kind("header")
-    if previous:
-        for key in ("settings", "identity", "methods"):
-            if _recorded_part(previous[0][key]) != _recorded_part(header[key]):
-                raise ValueError(
-                    f"{out_dir} holds a profile recorded with other {key} "
-                    f"({previous[0][key]} != {header[key]}); use another --out"
-                )
-    else:
-        journal.append({**header, **_machine()})
-    journal.append(
-        {
-            "kind": "session",
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": command,
-            "startup_s": round(startup_s, 2),
-        }
-    )
+    header = profile_header(engines, settings)
+    journal = open_session(out_dir, header, _machine, command, startup_s)
     if recalibrate or not journal.of_kind("calibration"):
-        started, load, date = time.monotonic(), os.getloadavg(), datetime.now(UTC)
-        calibration = _run_calibration(engines, problems, settings, progress)
-        journal.append(
-            {
-                "kind": "calibration",
-                "calibration": calibration,
-                "seconds": round(time.monotonic() - started, 2),
-                "started": date.isoformat(timespec="seconds"),
-                "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],  # start, end
-                "settings": _calibration_part(asdict(settings)),
-            }
-        )
+        journal.append(calibration_record(engines, problems, settings, progress))
     done = {r["row"]["id"] for r in journal.of_kind("problem")}
     todo = [(s, p) for s, p in problems if p.id not in done][:limit]
     initial = sum(p.id in done for _, p in problems)
     with tqdm(total=len(problems), initial=initial, desc="profile", unit="problem",
               disable=not progress) as bar:  # fmt: skip
         for count, (split, problem) in enumerate(todo, 1):
-            started = time.monotonic()
-            row, spec_rows = profile_problem(engines, problem, split, settings)
-            seconds = round(time.monotonic() - started, 2)
-            journal.append({"kind": "problem", "row": row, "spec": spec_rows, "seconds": seconds})
+            journal.append(problem_record(engines, problem, split, settings))
             bar.update()
             if count % settings.save_every == 0:
                 write_profile(out_dir, journal, problems)
@@ -442,12 +472,15 @@ def build_engines(
     seed: int = 0,
     model: str | None = None,
     draft: str | None = None,
+    engine_options: dict | None = None,
 ) -> dict:
     """One engine per method, plus one without speculation when n-gram is not among them.
 
     :param model: target model id or folder; None = the bundled SmolLM2-135M-Instruct.
     :param draft: draft model for ``draft_model``; None = the bundled self-draft (bundled
         target only).
+    :param engine_options: further ``EngineConfig`` fields for every engine (e.g.
+        ``tensor_parallel_size`` for a large target, ``temperature``), as replicas pass them.
     """
     from engine.vllm_engine import EngineConfig, VLLMEngine
 
@@ -463,6 +496,7 @@ def build_engines(
                 max_tokens=settings.engine_max_tokens,
                 kv_cache_gb=kv_cache_gb,
                 seed=seed,
+                **(engine_options or {}),
             )
         )
         for m in names
@@ -531,8 +565,9 @@ def profile_model(
             engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recording options (folder, model, problems, settings), shared with
+    ``env.profiles.replicas`` so that both commands take a profile's arguments alike."""
     parser.add_argument("--out", type=Path, help="profile folder (default: by model name)")
     parser.add_argument("--model", help="target model id or folder (default: the bundled one)")
     parser.add_argument("--draft", help="draft model for draft_model (default: bundled self-draft)")
@@ -553,6 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
     command = "python -m env.profiles.record " + " ".join(sys.argv[1:] if argv is None else argv)
     path = profile_model(

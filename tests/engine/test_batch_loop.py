@@ -45,6 +45,7 @@ def test_concurrent_calls_run_in_one_batch(draft_engine):
     steps: list[BatchStep] = []
     draft_engine.add_step_listener(steps.append)
     try:
+
         def call():
             return draft_engine.run(LONG, n=2, k=0, max_tokens=24, ignore_eos=True)
 

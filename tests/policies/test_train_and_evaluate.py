@@ -18,14 +18,12 @@ METHODS = {"policy", "static_best", "static_budget", "margin", "esc", "adaptive_
            "plain", "oracle"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One short train.py run (a few hundred PPO decisions, W&B disabled)."""
-    root = tmp_path_factory.mktemp("train")
+def _train(root: Path, *extra: str) -> tuple[Path, str]:
+    """One short train.py run on a fake profile (W&B disabled); returns its folder and output."""
     profile = make_fake_profile(root / "fake-train", n_train=200, n_test=30, n_branches=8)
     out = root / "run"
     command = [
-        sys.executable, "train.py", "--profile", str(profile), "--timesteps", "512",
+        sys.executable, "train.py", "--profile", str(profile), *extra, "--timesteps", "512",
         "--wandb", "disabled", "--out", str(out), "--deadlines", "0.5", "1", "2", "4",
         "--n-envs", "2", "--n-steps", "64", "--batch-size", "64", "--val-problems", "30",
         "--tune-problems", "60", "--teach-episodes", "200", "--eval-repeats", "1",
@@ -35,6 +33,19 @@ def trained(tmp_path_factory):
     return out, done.stdout
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short train.py run with the default learner (stop-value)."""
+    return _train(tmp_path_factory.mktemp("train"))
+
+
+def test_the_ppo_learner_still_trains_and_saves_an_sb3_policy(tmp_path):
+    out, _ = _train(tmp_path, "--learner", "ppo")
+    policy = load_race_policy(out / "policy")
+    assert policy.info["algorithm"] == "PPO" and (out / "policy/model.zip").is_file()
+    assert policy.info["selection"]["kept"] in {"start", "final"}
+
+
 def test_train_writes_report_plot_and_policy(trained):
     out, stdout = trained
     for name in (
@@ -42,7 +53,7 @@ def test_train_writes_report_plot_and_policy(trained):
         "report.png",
         "races.png",
         "policy/policy.json",
-        "policy/model.zip",
+        "policy/stop_value.json",  # the default learner's policy (policies.stop_value)
     ):
         assert (out / name).is_file(), name
     assert "synthetic profile" in stdout and str(out / "report.json") in stdout
@@ -67,7 +78,8 @@ def test_saved_policy_is_a_race_policy_with_its_baselines(trained):
     policy = load_race_policy(out / "policy")
     assert policy.info["env_id"] == RACE_ENV_ID
     assert policy.env_config.n_grid == (1, 2, 4, 8) and policy.env_config.k_grid
-    assert policy.info["selection"]["kept"] in {"start", "final"}
+    assert policy.info["selection"]["kept"] == "stop_value"
+    assert policy.info["algorithm"] == "StopValue"  # the default learner
     assert set(policy.info["baselines"]) >= {"static_best", "margin", "esc"}
 
 

@@ -1,0 +1,233 @@
+"""Admit a request when the latency model predicts that it, and every call already running,
+still answer before their deadlines; otherwise degrade it or refuse it at once.
+
+The engine batches every call in flight (``engine.batch_loop``), so a new call does not wait
+for the others: it slows every step a little (a step's time grows with the batch).  Admitting
+by the worst case (each call may hold the engine for its whole deadline) refused a second
+user while the engine had room; here the decision is a prediction:
+
+* each call in flight still needs ``remaining`` tokens per branch: the *expected length* of an
+  answer (a quantile of the branch lengths in the profile the policy was trained on, at most
+  the call's ``max_tokens``) less what its longest live branch has generated, at least a few
+  tokens while it runs;
+* the calls then share the batch: at each phase the step time is the latency model's at the
+  live batch and the batch's k (``engine.batch_loop.batch_k``), every call advances by the
+  tokens a step emits, and the call needing the fewest tokens finishes next and leaves the
+  batch (a new call first adds its prefill to every call's time);
+* the model is the profile's, corrected on this machine at start-up and from every step the
+  engine reports (``env.profiles.online_calibration``), so the prediction follows the machine
+  that serves.
+
+A call is admitted with n branches when every call, the new one included, is predicted to be
+done at least ``margin_s`` before its deadline.  The controller picks n itself; admission gives
+it a cap: the most branches (up to the policy's largest) that keep every prediction on time.
+Rule between refusing and degrading: degrade (cap the branches) whenever at least one branch
+fits, since that answers this request and, by construction, still every admitted one in
+time; refuse only when not even one branch fits, as admitting then is predicted to miss a
+deadline, the new call's or an admitted one's (a swap at best).  A refusal says why and when
+to retry: the predicted time at which enough of the running calls will have finished.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engine.batch_loop import CallLoad, batch_k
+from env.latency_model import LatencyModel, tokens_per_step
+
+MIN_REMAINING_TOKENS = 8
+"""Tokens a running call is taken to still need once it passed its expected length."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Admission's answer for one request.
+
+    :param admitted: whether to run it.
+    :param max_n: the most branches it may start (the cap; the controller may pick fewer).
+    :param reason: ``"fits"``, ``"degraded"`` (the cap is below the policy's largest n),
+        ``"deadline_unmeetable"`` (not even an idle engine answers in time) or
+        ``"engine_busy"`` (the calls in flight leave no room in time).
+    :param predicted_s: predicted seconds until the new call answers (with ``max_n``
+        branches; the idle-engine prediction when refused).
+    :param retry_after_s: when a retry is predicted to fit (refusals only).
+    """
+
+    admitted: bool
+    max_n: int
+    reason: str
+    predicted_s: float
+    retry_after_s: float = 0.0
+
+    @property
+    def message(self) -> str:
+        if self.reason == "deadline_unmeetable":
+            return (f"deadline cannot be met: even on an idle engine an answer is predicted to "
+                    f"take {self.predicted_s:.1f} s")  # fmt: skip
+        return (f"server busy: the calls in flight leave no room to answer within the deadline "
+                f"(predicted to fit in {self.retry_after_s:.1f} s)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Call:
+    branches: int
+    remaining: float
+    k: int
+    seconds_left: float
+
+
+class Admission:
+    """Predictive admission for one engine (see the module docstring).
+
+    :param model: the latency model to predict with now (called per decision, e.g. the online
+        corrected one).
+    :param method: the engine's speculative method (its step tables).
+    :param expected_tokens: expected answer length per branch (tokens), before ``max_tokens``.
+    :param acceptance: the draft acceptance rate (tokens per step at k > 0).
+    :param n_grid: the branch counts the controller may pick.
+    :param max_batch: the most sequences the engine steps at once.
+    :param margin_s: least time each call must be predicted to have left at its answer.
+    :param in_flight: the calls in the engine now (``VLLMEngine.batch.calls_in_flight``).
+    """
+
+    def __init__(
+        self,
+        model: Callable[[], LatencyModel],
+        method: str,
+        expected_tokens: float,
+        acceptance: float,
+        n_grid: Sequence[int],
+        max_batch: int,
+        margin_s: float,
+        in_flight: Callable[[], list[CallLoad]],
+    ) -> None:
+        if expected_tokens <= 0 or margin_s < 0 or not n_grid:
+            raise ValueError("expected_tokens must be > 0, margin_s >= 0 and n_grid non-empty")
+        self.model, self.method, self.expected_tokens = model, method, float(expected_tokens)
+        self.acceptance, self.n_grid = acceptance, tuple(sorted(set(n_grid)))
+        self.max_batch, self.margin_s, self.in_flight = max_batch, margin_s, in_flight
+        self._reserved: dict[int, CallLoad] = {}  # admitted, not yet in the engine
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------------- bookkeeping
+    def reserve(self, verdict: Verdict, k: int, max_tokens: int, deadline_at: float) -> int:
+        """Hold an admitted call's place until the engine has it (``release`` it then); admission
+        decisions in between count it."""
+        with self._lock:
+            self._ids += 1
+            self._reserved[self._ids] = CallLoad(verdict.max_n, 0, max_tokens, k, deadline_at)
+            return self._ids
+
+    def release(self, ticket: int) -> None:
+        with self._lock:
+            self._reserved.pop(ticket, None)
+
+    # --------------------------------------------------------------------- the decision
+    def decide(
+        self,
+        prompt_tokens: int,
+        k: int,
+        max_tokens: int,
+        deadline_s: float,
+        now: float | None = None,
+    ) -> Verdict:
+        """Admit (with a branch cap), or refuse, a call of ``prompt_tokens`` asking for answers
+        of at most ``max_tokens`` at k drafts within ``deadline_s`` from now."""
+        now = time.monotonic() if now is None else now
+        model = self.model()
+        with self._lock:
+            reserved = [
+                CallLoad(c.live, 0, c.max_tokens, c.k, c.seconds_left - now)
+                for c in self._reserved.values()
+            ]
+        calls = [self._as_call(c) for c in [*self.in_flight(), *reserved]]
+        busy = sum(c.branches for c in calls)
+        need = self._remaining(max_tokens, 0)
+        for n in reversed(self.n_grid):
+            if busy + n > self.max_batch:
+                continue
+            on_time, predicted = self._joins(calls, _Call(n, need, k, deadline_s), model,
+                                             prompt_tokens)  # fmt: skip
+            if on_time:
+                reason = "fits" if n == self.n_grid[-1] else "degraded"
+                return Verdict(True, n, reason, predicted)
+        alone = self._finish_times(
+            [_Call(self.n_grid[0], need, k, deadline_s)], model,
+            float(model.prefill_time(prompt_tokens, self.n_grid[0])),
+        )[0]  # fmt: skip
+        if alone > deadline_s - self.margin_s:
+            return Verdict(False, 0, "deadline_unmeetable", alone, math.inf)
+        retry = self._retry_after(calls, model, prompt_tokens, need, k, deadline_s)
+        return Verdict(False, 0, "engine_busy", alone, retry)
+
+    def _remaining(self, max_tokens: int, done: int) -> float:
+        expected = min(self.expected_tokens, max_tokens)
+        if done < expected:
+            return expected - done
+        return float(min(MIN_REMAINING_TOKENS, max(max_tokens - done, 1)))
+
+    def _as_call(self, load: CallLoad) -> _Call:
+        return _Call(load.live, self._remaining(load.max_tokens, load.tokens_done), load.k,
+                     load.seconds_left)  # fmt: skip
+
+    def _joins(
+        self, calls: list[_Call], new: _Call, model: LatencyModel, prompt_tokens: int
+    ) -> tuple[bool, float]:
+        """Whether every call (``calls`` and ``new``, which first prefills) is predicted on time
+        with ``new`` in the batch, and ``new``'s predicted seconds to its answer."""
+        everyone = [*calls, new]
+        prefill = float(model.prefill_time(prompt_tokens, new.branches))
+        finish = self._finish_times(everyone, model, prefill)
+        on_time = all(
+            t <= c.seconds_left - self.margin_s for t, c in zip(finish, everyone, strict=True)
+        )
+        return on_time, finish[-1]
+
+    def _finish_times(
+        self, calls: list[_Call], model: LatencyModel, prefill_s: float
+    ) -> list[float]:
+        """Predicted seconds from now until each call is done, the calls sharing the batch."""
+        finish = [0.0] * len(calls)
+        order = sorted(range(len(calls)), key=lambda i: calls[i].remaining)
+        t, advanced = prefill_s, 0.0
+        for position, i in enumerate(order):  # calls leave the batch in order of need
+            live = [calls[j] for j in order[position:]]
+            k = batch_k((c.k, c.branches) for c in live) or 0
+            batch = sum(c.branches for c in live)
+            tokens = calls[i].remaining - advanced
+            if tokens > 0:
+                step_s = float(model.step_time(batch, k, self.method))
+                t += math.ceil(tokens / tokens_per_step(self.acceptance, k) - 1e-9) * step_s
+                advanced = calls[i].remaining
+            finish[i] = t
+        return finish
+
+    def _retry_after(
+        self,
+        calls: list[_Call],
+        model: LatencyModel,
+        prompt_tokens: int,
+        need: float,
+        k: int,
+        deadline_s: float,
+    ) -> float:
+        """Predicted seconds until a new call like this one would be admitted: the finish
+        times of the calls in flight, in order, until the ones left make room."""
+        finish = self._finish_times(calls, model, 0.0)
+        order = sorted(range(len(calls)), key=finish.__getitem__)
+        for position, i in enumerate(order):
+            done = calls[i].remaining  # every call advanced as many tokens by then
+            later = [
+                _Call(calls[j].branches, max(calls[j].remaining - done, 1.0), calls[j].k,
+                      calls[j].seconds_left - finish[i])
+                for j in order[position + 1 :]
+            ]  # fmt: skip
+            if self._joins(later, _Call(self.n_grid[0], need, k, deadline_s), model,
+                           prompt_tokens)[0]:  # fmt: skip
+                return finish[i]
+        return max(finish, default=0.0)

@@ -1,0 +1,284 @@
+"""The stop-value controller: a learned estimate of what waiting is worth, at every branch finish.
+
+Why not only PPO: a call's reward is 0 or 1, so policy-gradient updates that must tell apart
+stopping rules half a point apart drown in noise (PPO fine-tuning lowered the validation reward
+of its warm start).  Replay, however, is exact: for every decision point of a replayed race we
+can compute what *would* happen if the call answered now (is the current leader right, at what
+time) and if it went on without stopping (the leader at the deadline or the decided vote, and
+when).  Those counterfactual pairs turn "when to stop" into supervised regression with far less
+variance than a 0/1 return:
+
+- ``gain``: E[correct at the end - correct now | race state], the accuracy that waiting can
+  still add (near 0 both when the vote is settled and when the problem is hopeless, which the
+  vote-margin rules cannot tell apart from an open race);
+- ``wait``: E[(end time - now) / deadline | race state], the share of the deadline waiting costs.
+
+The controller stops at a branch finish when ``gain <= price * wait``: it answers once the
+expected accuracy still to gain is worth less than the time it costs.  ``price`` (and the
+call's n and k) are tuned per deadline on training problems exactly as generously as the
+heuristics' thresholds are (``policies.stop_value_training``).
+
+This module is the serving half (numpy only): the features, the value network, the policy
+(network + per-deadline table) and its files.  Fitting and tuning live in
+``policies.stop_value_training``, which needs the replay backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from env.race import STEPS_SCALE, RaceState
+
+STOP_VALUE_ALGORITHM = "StopValue"
+"""``policy.json``'s ``algorithm`` of a stop-value policy (a PPO policy says ``PPO``)."""
+STOP_FEATURES = (
+    "elapsed_fraction",
+    "log_steps_left",
+    "log_steps_done",
+    "log2_n",
+    "finished_fraction",
+    "answered_fraction",
+    "leader_share",
+    "leader_votes_fraction",
+    "runner_up_fraction",
+    "margin_fraction",
+    "distinct_fraction",
+    "log_leader_votes",
+    "log_runner_up_votes",
+    "log_answered",
+    "log_distinct",
+    "leader_posterior",
+    "remaining_over_margin",
+)
+"""The race part of the value network's input (the prompt features follow).  Counts appear
+both as fractions of n and as log counts: the posterior that a leader is real depends on the
+counts, how much the rest of the race can change depends on the fractions."""
+POSTERIOR_TABLE_SIZE = 257
+
+
+@functools.lru_cache(maxsize=1)
+def _posterior_table() -> np.ndarray:
+    """P[p > 1/2] for p ~ Beta(v1 + 1, v2 + 1) for all v1, v2 < ``POSTERIOR_TABLE_SIZE``
+    (Adaptive-Consistency's statistic), by the binomial identity, in log space."""
+    size = POSTERIOR_TABLE_SIZE
+    table = np.zeros((size, size))
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 2 * size + 2)))])
+    for v1 in range(size):
+        for v2 in range(size):
+            total = v1 + v2 + 1  # a + b - 1 with a = v1 + 1, b = v2 + 1
+            i = np.arange(v1 + 1)
+            log_terms = log_fact[total] - log_fact[i] - log_fact[total - i] - total * math.log(2)
+            table[v1, v2] = min(float(np.exp(log_terms).sum()), 1.0)
+    return table
+
+
+def race_feature_rows(
+    elapsed_s: np.ndarray,
+    deadline_s: np.ndarray,
+    seconds_per_step: np.ndarray,
+    steps: np.ndarray,
+    n: np.ndarray,
+    finished: np.ndarray,
+    answered: np.ndarray,
+    leader_votes: np.ndarray,
+    runner_up_votes: np.ndarray,
+    distinct: np.ndarray,
+) -> np.ndarray:
+    """``STOP_FEATURES`` for many decision points at once (every argument one value per row).
+
+    The one implementation: ``state_features`` (a live or replayed race) and the training
+    traces both call it, so the network reads the same numbers in training and in serving.
+    Time is relative to the deadline and to the measured seconds per step, as in
+    ``RaceState.observation``, so decisions carry over to a faster or slower machine.
+    """
+    elapsed, deadline = np.asarray(elapsed_s, float), np.asarray(deadline_s, float)
+    per_step = np.asarray(seconds_per_step, float)
+    n, finished = np.maximum(np.asarray(n, float), 1.0), np.asarray(finished, float)
+    answered, v1 = np.asarray(answered, float), np.asarray(leader_votes, float)
+    v2, distinct = np.asarray(runner_up_votes, float), np.asarray(distinct, float)
+    remaining = np.maximum(deadline - elapsed, 0.0)
+    steps_left = np.where(per_step > 0, remaining / np.where(per_step > 0, per_step, 1.0), 0.0)
+    table = _posterior_table()
+    top = POSTERIOR_TABLE_SIZE - 1
+    posterior = table[np.minimum(v1, top).astype(int), np.minimum(v2, top).astype(int)]
+    running = n - finished
+    columns = (
+        np.minimum(elapsed / deadline, 1.0),
+        np.minimum(np.log1p(steps_left) / STEPS_SCALE, 1.0),
+        np.minimum(np.log1p(np.asarray(steps, float)) / STEPS_SCALE, 1.0),
+        np.log2(n) / 8.0,
+        finished / n,
+        answered / np.maximum(finished, 1.0),
+        v1 / np.maximum(answered, 1.0),
+        v1 / n,
+        v2 / n,
+        (v1 - v2) / n,
+        distinct / np.maximum(answered, 1.0),
+        np.log1p(v1) / 4.0,
+        np.log1p(v2) / 4.0,
+        np.log1p(answered) / 4.0,
+        np.log1p(distinct) / 4.0,
+        np.where(answered > 0, posterior, 0.0),
+        np.minimum(running / np.maximum(v1 - v2, 1.0), n) / n,
+    )
+    return np.column_stack(columns).astype(np.float32)
+
+
+def state_features(state: RaceState) -> np.ndarray:
+    """``STOP_FEATURES`` of one race in flight (one row)."""
+    t = state.tally
+    per_step = state.seconds_per_step or 0.0
+    return race_feature_rows(
+        *([v] for v in (state.elapsed_s, state.deadline_s, per_step, state.steps, state.n,
+                        t.finished, t.answered, t.leader_votes, t.runner_up_votes, t.distinct))
+    )[0]  # fmt: skip
+
+
+@dataclass
+class ValueNet:
+    """A small MLP (tanh hidden layers, linear output) on standardized inputs, in numpy.
+
+    Outputs are (gain, wait) as described in the module docstring.
+
+    :param weights: one (in, out) matrix per layer.
+    :param biases: one vector per layer.
+    :param mean: input means (standardization).
+    :param scale: input standard deviations (1 where constant).
+    """
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(gain, wait) per row of ``x`` (rows of race features then prompt features)."""
+        h = (np.asarray(x, dtype=np.float32) - self.mean) / self.scale
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                h = np.tanh(h)
+        return h
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"mean": self.mean, "scale": self.scale}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out[f"w{i}"], out[f"b{i}"] = w, b
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ValueNet:
+        layers = sum(1 for key in arrays if key.startswith("w"))
+        return cls([np.asarray(arrays[f"w{i}"], np.float32) for i in range(layers)],
+                   [np.asarray(arrays[f"b{i}"], np.float32) for i in range(layers)],
+                   np.asarray(arrays["mean"], np.float32),
+                   np.asarray(arrays["scale"], np.float32))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StopSetting:
+    """What the stop-value controller does under one deadline of its grid.
+
+    :param n: branches to start.
+    :param k: drafts per step (held for the whole call).
+    :param price: stop once predicted gain <= price x predicted wait (a negative price stops
+        only where waiting is predicted to lose accuracy).
+    :param budget: share of its grid deadline the call may use (the call's own deadline is
+        budget x that grid deadline, at most the caller's).  A longer deadline can only help
+        if its controller may act as under a shorter one: on this profile the full vote of
+        late, longer (more often wrong) branches is slightly *less* accurate than the vote at a
+        mid deadline.
+    """
+
+    n: int
+    k: int
+    price: float
+    budget: float = 1.0
+
+
+@dataclass
+class StopValuePolicy:
+    """The value network with one ``StopSetting`` per deadline of a grid (the nearest grid
+    deadline in log time serves any other deadline, as ``DeadlineTable`` does for the
+    heuristics).
+
+    :param net: the value network.
+    :param deadlines_s: the grid the settings were tuned at.
+    :param settings: one per grid deadline.
+    :param prompt_width: how many prompt features follow the race features in the input.
+    :param info: how it was fitted and tuned (sizes, fit losses, tuning tolerance).
+    """
+
+    net: ValueNet
+    deadlines_s: tuple[float, ...]
+    settings: list[StopSetting]
+    prompt_width: int
+    info: dict = field(default_factory=dict)
+
+    def setting(self, deadline_s: float) -> StopSetting:
+        """The setting of the grid deadline nearest ``deadline_s`` (in log time)."""
+        return self.settings[nearest(self.deadlines_s, deadline_s)]
+
+    def call_deadline(self, deadline_s: float) -> float:
+        """When a call under ``deadline_s`` ends at the latest: the grid deadline its setting
+        was tuned for x its budget (an absolute horizon, so that a deadline between grid points
+        acts as under the tuned one), never after ``deadline_s``."""
+        index = nearest(self.deadlines_s, deadline_s)
+        horizon = self.settings[index].budget * self.deadlines_s[index]
+        return min(deadline_s, horizon) if self.settings[index].budget < 1.0 else deadline_s
+
+    def stop(self, state: RaceState, prompt: np.ndarray, price: float) -> bool:
+        """Whether to answer now: predicted gain of waiting <= ``price`` x predicted wait."""
+        if state.tally.answered == 0:
+            return False
+        x = np.concatenate([state_features(state), prompt])[None, :]
+        gain, wait = self.net(x)[0]
+        return bool(gain <= price * max(float(wait), 0.0))
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        """``stop_value.npz`` (the network) and ``stop_value.json`` (grid, settings, info)."""
+        folder = Path(folder)
+        np.savez(folder / "stop_value.npz", **self.net.arrays())
+        manifest = {
+            "race_features": list(STOP_FEATURES),
+            "prompt_width": self.prompt_width,
+            "deadlines_s": list(self.deadlines_s),
+            "settings": [[s.n, s.k, s.price, s.budget] for s in self.settings],
+            "info": self.info,
+        }
+        (folder / "stop_value.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> StopValuePolicy:
+        """Read what ``save`` wrote; refuses other race features (retrain)."""
+        folder = Path(folder)
+        manifest = json.loads((folder / "stop_value.json").read_text())
+        if manifest.get("race_features") != list(STOP_FEATURES):
+            raise ValueError(f"stop-value policy {folder} was fitted on other race features; "
+                             "retrain it (python train.py)")  # fmt: skip
+        with np.load(folder / "stop_value.npz") as arrays:
+            net = ValueNet.from_arrays(dict(arrays))
+        settings = [StopSetting(int(n), int(k), float(p), float(b))
+                    for n, k, p, b in manifest["settings"]]  # fmt: skip
+        return cls(net, tuple(manifest["deadlines_s"]), settings, int(manifest["prompt_width"]),
+                   manifest.get("info", {}))  # fmt: skip
+
+
+def stop_mask(gain: np.ndarray, wait: np.ndarray, price: float) -> np.ndarray:
+    """``StopValuePolicy.stop``'s rule on many rows (the tuning sweep uses it)."""
+    return gain <= price * np.maximum(wait, 0.0)
+
+
+def nearest(values: Sequence[float], x: float) -> int:
+    """Index of the value nearest ``x`` in log space."""
+    logs = np.log(np.asarray(values, dtype=float))
+    return int(np.abs(logs - math.log(x)).argmin())

@@ -1,0 +1,423 @@
+"""Fitting and tuning the stop-value controller (``policies.stop_value``) on replayed races.
+
+1. Traces (``race_traces``): every training draw of every (n, k) replayed once without early
+   stops, recording at each decision point (an engine step in which branches finished, the
+   points ``ReplayRace`` pauses at) the vote, the time, the measured steps, and whether the
+   leader is right.  A trace serves every deadline: under deadline D the race sees the points
+   with time <= D, and ends at the decided vote or at D.
+2. Fitting (``fit_value_net``): at each decision point under a deadline, the counterfactual
+   targets ``gain = correct at the end - correct now`` and ``wait = (end - now) / D``; a small
+   MLP regresses both (mean squared error: it estimates their conditional means).
+3. Tuning (``tune_stop_value``): on other training problems, for every (n, k, price) and
+   deadline, the accuracy and mean latency of the rule, read off the traces; per deadline the
+   fastest setting within ``tolerance`` of the static table's best training accuracy (as
+   ``policies.race_eval.tune_controllers`` tunes the heuristics, whose tolerance is
+   ``TUNING_TOLERANCE``).
+
+Tests check the traces and the tuned accuracies against ``policies.race_eval.run_race``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from env.backends.replay import ReplayBackend
+from env.features import ProblemFeaturizer
+from env.task.voting import VoteTally
+from policies.race_eval import draw_rng
+from policies.stop_value import (
+    StopSetting,
+    StopValuePolicy,
+    ValueNet,
+    race_feature_rows,
+    stop_mask,
+)
+
+PRICES = (-1.0, 0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5, 1.0)
+"""Prices the tuning searches (accuracy per deadline-share of waiting); -1: never stop early
+unless waiting is predicted to lose accuracy, 1: stop almost at the first answer."""
+
+
+@dataclass
+class Traces:
+    """Decision points of many no-stop replays, concatenated (see the module docstring).
+
+    Per point: ``time_s``, ``steps`` (engine steps so far), ``finished``, ``answered``,
+    ``leader_votes``, ``runner_up_votes``, ``distinct``, ``correct`` (leader right now),
+    ``decided`` (the race ends here).  Per trace: ``offsets`` (first point; one more entry at
+    the end), ``problem``, ``repeat`` (its draw), ``n``, ``k``, ``start_s`` (decoding
+    starts) and ``config`` (index of (n, k) in ``configs``).
+    """
+
+    time_s: np.ndarray
+    steps: np.ndarray
+    finished: np.ndarray
+    answered: np.ndarray
+    leader_votes: np.ndarray
+    runner_up_votes: np.ndarray
+    distinct: np.ndarray
+    correct: np.ndarray
+    decided: np.ndarray
+    offsets: np.ndarray
+    problem: np.ndarray
+    repeat: np.ndarray
+    n: np.ndarray
+    k: np.ndarray
+    start_s: np.ndarray
+    config: np.ndarray
+    configs: list[tuple[int, int]]
+
+    @property
+    def trace_of_point(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.problem)), np.diff(self.offsets))
+
+    def at_deadline(self, deadline_s: np.ndarray | float) -> DeadlineView:
+        """What each trace looks like under a deadline (one per trace, or one for all)."""
+        deadline = np.broadcast_to(np.asarray(deadline_s, float), self.problem.shape)
+        owner = self.trace_of_point
+        valid = self.time_s <= deadline[owner] + 1e-12
+        count = np.add.reduceat(valid.astype(int), self.offsets[:-1]) if len(valid) else valid
+        count = np.where(np.diff(self.offsets) > 0, count, 0)
+        last = self.offsets[:-1] + count - 1
+        has = count > 0
+        safe = np.where(has, last, 0)
+        ends_decided = has & self.decided[safe]
+        end_s = np.where(ends_decided, self.time_s[safe], deadline)
+        end_correct = has & self.correct[safe]
+        decision = valid & ~self.decided
+        return DeadlineView(np.asarray(deadline), valid, decision, end_s, end_correct, owner)
+
+
+@dataclass
+class DeadlineView:
+    """The traces under a deadline: ``valid`` and ``decision`` points, and per trace the end
+    of the no-stop race (``end_s``, ``end_correct``)."""
+
+    deadline_s: np.ndarray
+    valid: np.ndarray
+    decision: np.ndarray
+    end_s: np.ndarray
+    end_correct: np.ndarray
+    owner: np.ndarray
+
+
+def _trace_of_draw(
+    backend: ReplayBackend, problem: int, n: int, k: int, rng: np.random.Generator
+) -> tuple[list[tuple], float]:
+    """The decision points of one draw replayed without early stops, and its start time."""
+    drawn = rng.permutation(backend.max_branches)[:n]
+    finish = backend.finish_times(problem, drawn, k)
+    order = np.argsort(finish, kind="stable")
+    finish = finish[order]
+    tps = backend.tokens_per_step[problem, backend.k_slot(k)]
+    steps = np.ceil(np.maximum(backend.branch_tokens[problem, drawn[order]], 1.0) / tps - 1e-9)
+    classes = backend.branch_classes[problem, drawn[order]]
+    right = backend.class_correct[problem]
+    tally = VoteTally(n)
+    points: list[tuple] = []
+    i = 0
+    while i < n:
+        at = finish[i]
+        while i < n and finish[i] == at and not tally.decided:
+            tally.add(int(classes[i]))
+            i += 1
+        leader = tally.leader
+        points.append((float(at), float(steps[i - 1]), tally.finished, tally.answered,
+                       tally.leader_votes, tally.runner_up_votes, tally.distinct,
+                       leader >= 0 and bool(right[leader]), tally.decided))  # fmt: skip
+        if tally.decided:
+            break
+    return points, float(backend.start_seconds[problem, n])
+
+
+def race_traces(
+    backend: ReplayBackend,
+    problems: Sequence[int],
+    repeats: int,
+    seed: int,
+    configs: Sequence[tuple[int, int]],
+    progress: bool = True,
+) -> Traces:
+    """Traces of every (n, k) of ``configs`` on ``problems`` x ``repeats`` draws (keyed by
+    ``draw_rng(seed, problem, repeat)``, the draws the evaluation and tuning use).  With n =
+    every recorded branch, one repeat only: all draws then run the same branches."""
+    columns: list[list] = [[] for _ in range(9)]
+    offsets, meta = [0], []
+    for c, (n, k) in enumerate(tqdm(configs, desc="stop-value traces", disable=not progress)):
+        reps = 1 if n >= backend.max_branches else repeats
+        for p in problems:
+            for r in range(reps):
+                points, start = _trace_of_draw(backend, p, n, k, draw_rng(seed, p, r))
+                for column, values in zip(columns, zip(*points, strict=True), strict=True):
+                    column.extend(values)
+                offsets.append(offsets[-1] + len(points))
+                meta.append((p, r, n, k, start, c))
+    arrays = [np.asarray(col) for col in columns]
+    m = np.asarray(meta, dtype=float).reshape(-1, 6)
+    return Traces(
+        arrays[0].astype(float), arrays[1].astype(float), *(a.astype(int) for a in arrays[2:7]),
+        arrays[7].astype(bool), arrays[8].astype(bool), np.asarray(offsets),
+        m[:, 0].astype(int), m[:, 1].astype(int), m[:, 2].astype(int), m[:, 3].astype(int),
+        m[:, 4], m[:, 5].astype(int), list(configs),
+    )  # fmt: skip
+
+
+def point_features(
+    traces: Traces,
+    view: DeadlineView,
+    prompt_table: np.ndarray,
+    featurizer: ProblemFeaturizer,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """Network inputs (race features, then prompt features with the deadline's) of ``rows``
+    (point indices) under ``view``'s deadlines."""
+    owner = view.owner[rows]
+    t = traces.time_s[rows]
+    start = traces.start_s[owner]
+    steps = traces.steps[rows]
+    per_step = np.where(steps > 0, (t - start) / np.maximum(steps, 1.0), 0.0)
+    deadline = view.deadline_s[owner]
+    race = race_feature_rows(t, deadline, per_step, steps, traces.n[owner], traces.finished[rows],
+                             traces.answered[rows], traces.leader_votes[rows],
+                             traces.runner_up_votes[rows], traces.distinct[rows])  # fmt: skip
+    prompt = prompt_table[traces.problem[owner]].copy()
+    prompt[:, 1] = [featurizer.deadline_feature(d) for d in deadline] if len(deadline) else []
+    return np.concatenate([race, prompt], axis=1)
+
+
+def prompt_table(backend: ReplayBackend, featurizer: ProblemFeaturizer) -> np.ndarray:
+    """Prompt features of every problem of ``backend``, with a 0 deadline column at index 1
+    (the layout of ``ProblemFeaturizer.transform``; filled in per deadline)."""
+    problems = backend.problems
+    table = featurizer.problem_features([p.problem for p in problems],
+                                        [p.prompt_tokens for p in problems])  # fmt: skip
+    return np.insert(table, 1, 0.0, axis=1).astype(np.float32)
+
+
+def training_rows(
+    traces: Traces,
+    prompts: np.ndarray,
+    featurizer: ProblemFeaturizer,
+    deadline_range_s: tuple[float, float],
+    deadlines_per_trace: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and (gain, wait) targets at every decision point of every trace under
+    ``deadlines_per_trace`` deadlines drawn log-uniformly from ``deadline_range_s``."""
+    xs, ys = [], []
+    low, high = (math.log(d) for d in deadline_range_s)
+    for _ in range(deadlines_per_trace):
+        deadline = np.exp(rng.uniform(low, high, len(traces.problem)))
+        view = traces.at_deadline(deadline)
+        rows = np.flatnonzero(view.decision)
+        owner = view.owner[rows]
+        gain = view.end_correct[owner].astype(float) - traces.correct[rows]
+        wait = (view.end_s[owner] - traces.time_s[rows]) / deadline[owner]
+        xs.append(point_features(traces, view, prompts, featurizer, rows))
+        ys.append(np.column_stack([gain, wait]))
+    return np.concatenate(xs), np.concatenate(ys).astype(np.float32)
+
+
+def fit_value_net(
+    x: np.ndarray,
+    y: np.ndarray,
+    hidden: int = 64,
+    epochs: int = 4,
+    batch_size: int = 2048,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> tuple[ValueNet, dict]:
+    """Regress (gain, wait) on ``x`` with a two-hidden-layer tanh MLP (Adam, squared error);
+    returns the network in numpy and the final training losses per output."""
+    torch.manual_seed(seed)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    scale = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    xt = torch.as_tensor((x - mean) / scale, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    width = x.shape[1]
+    layers = [torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
+              torch.nn.Tanh(), torch.nn.Linear(hidden, y.shape[1])]  # fmt: skip
+    net = torch.nn.Sequential(*layers)
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            loss = ((net(xt[batch]) - yt[batch]) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        residual = ((net(xt) - yt) ** 2).mean(dim=0).tolist()
+    linear = [m for m in net if isinstance(m, torch.nn.Linear)]
+    value = ValueNet([m.weight.detach().numpy().T.copy() for m in linear],
+                     [m.bias.detach().numpy().copy() for m in linear],
+                     mean.astype(np.float32), scale)  # fmt: skip
+    baseline = y.var(axis=0).tolist()
+    return value, {"rows": len(x), "mse": residual, "target_variance": baseline}
+
+
+@dataclass
+class SweepTable:
+    """Per (n, k) config, price and deadline: accuracy and mean latency on the tuning draws."""
+
+    configs: list[tuple[int, int]]
+    prices: tuple[float, ...]
+    deadlines_s: tuple[float, ...]
+    accuracy: np.ndarray  # (configs, prices, deadlines)
+    latency: np.ndarray
+    static_accuracy: np.ndarray  # (configs, deadlines): no early stop
+    static_latency: np.ndarray
+
+
+def sweep_stop_value(
+    net: ValueNet,
+    traces: Traces,
+    prompts: np.ndarray,
+    featurizer: ProblemFeaturizer,
+    deadlines_s: Sequence[float],
+    prices: Sequence[float] = PRICES,
+) -> SweepTable:
+    """Accuracy and latency of every (config, price) at every deadline, read off ``traces``
+    (each config's draws weigh equally: a config with one repeat at n = all branches stands
+    for the same draws as the others' several)."""
+    configs = traces.configs
+    shape = (len(configs), len(prices), len(deadlines_s))
+    accuracy, latency = np.zeros(shape), np.zeros(shape)
+    static_acc, static_lat = np.zeros(shape[::2]), np.zeros(shape[::2])
+    n_traces = len(traces.problem)
+    for d, deadline in enumerate(deadlines_s):
+        view = traces.at_deadline(deadline)
+        rows = np.flatnonzero(view.decision)
+        out = net(point_features(traces, view, prompts, featurizer, rows))
+        owner = view.owner[rows]
+        for c in range(len(configs)):
+            mine = traces.config == c
+            static_acc[c, d] = view.end_correct[mine].mean()
+            static_lat[c, d] = view.end_s[mine].mean()
+        for j, price in enumerate(prices):
+            fires = stop_mask(out[:, 0], out[:, 1], price)
+            first = np.full(n_traces, np.iinfo(np.int64).max)
+            np.minimum.at(first, owner[fires], rows[fires])
+            stopped = first < np.iinfo(np.int64).max
+            where = np.where(stopped, first, 0)
+            correct = np.where(stopped, traces.correct[where], view.end_correct)
+            time_s = np.where(stopped, traces.time_s[where], view.end_s)
+            for c in range(len(configs)):
+                mine = traces.config == c
+                accuracy[c, j, d] = correct[mine].mean()
+                latency[c, j, d] = time_s[mine].mean()
+    return SweepTable(list(configs), tuple(prices), tuple(float(d) for d in deadlines_s),
+                      accuracy, latency, static_acc, static_lat)  # fmt: skip
+
+
+def tune_settings(table: SweepTable, tolerance: float = 0.0) -> list[StopSetting]:
+    """Per deadline, the fastest (n, k, price, budget) whose tuning accuracy is at least the
+    floor (else the most accurate one).
+
+    The floor is the static table's best tuning accuracy at this deadline *or any shorter one*
+    of the grid, less ``tolerance``: the controller must not be less accurate than the static
+    table anywhere below this deadline, which it can always match by acting as under the
+    shorter deadline (a budget: the grid deadline d' <= d as its own deadline, so the
+    candidates at d are every setting tuned at d' <= d, read off the sweep at d').
+    """
+    static = table.static_accuracy.max(axis=0)
+    floor = np.maximum.accumulate(static) - tolerance
+    deadlines = np.asarray(table.deadlines_s)
+    settings = []
+    for d in range(len(deadlines)):
+        acc, lat = table.accuracy[:, :, : d + 1], table.latency[:, :, : d + 1]
+        good = acc >= floor[d] - 1e-12
+        if good.any():
+            c, j, e = np.unravel_index(np.where(good, lat, np.inf).argmin(), lat.shape)
+        else:
+            c, j, e = np.unravel_index(np.lexsort((lat.ravel(), -acc.ravel()))[0], lat.shape)
+        n, k = table.configs[c]
+        settings.append(StopSetting(n, k, table.prices[j], float(deadlines[e] / deadlines[d])))
+    return settings
+
+
+@dataclass
+class StopValueArgs:
+    """How the stop-value policy is fitted and tuned (``train.py`` passes its arguments).
+
+    :param fit_problems: training problems whose traces the value network is fitted on (taken
+        from those the tuning does not use).
+    :param tune_problems: training problems the settings are tuned on (the heuristics' tuning
+        problems: the same draws).
+    :param tune_repeats: draws per tuning problem (one at n = every recorded branch).
+    :param deadlines_per_trace: deadlines each fitting trace is read under.
+    :param hidden: units per hidden layer of the value network.
+    :param epochs: passes over the fitting rows.
+    :param tolerance: accuracy the tuned settings may lose against the static table's best on
+        the tuning draws (0: none; the heuristics are allowed ``TUNING_TOLERANCE``).
+    :param n_min: the least n the settings consider (fewer branches never won on the
+        synthetic profile and only slow the sweep).
+    """
+
+    fit_problems: int = 2000
+    tune_problems: int = 2000
+    tune_repeats: int = 2
+    deadlines_per_trace: int = 2
+    hidden: int = 64
+    epochs: int = 4
+    tolerance: float = 0.0
+    n_min: int = 4
+
+
+def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
+    """The problems ``policies.race_eval.tune_baselines`` tunes on (same seed, same draw)."""
+    return np.random.default_rng(seed).permutation(total)[:count].tolist()
+
+
+def learn_stop_value(
+    backend: ReplayBackend,
+    featurizer: ProblemFeaturizer,
+    n_grid: Sequence[int],
+    deadlines_s: Sequence[float],
+    deadline_range_s: tuple[float, float],
+    args: StopValueArgs,
+    seed: int,
+    progress: bool = True,
+) -> StopValuePolicy:
+    """Fit the value network on traces of some training problems and tune its settings per
+    deadline on others (the module docstring's steps 1-3)."""
+    total = len(backend.problems)
+    tune_ids = tuning_problem_indices(args.tune_problems, total, seed)
+    taken = set(tune_ids)
+    rest = [p for p in range(total) if p not in taken] or list(range(total))
+    fit_ids = rest[: args.fit_problems]
+    configs = [(n, k) for n in n_grid if n >= min(args.n_min, max(n_grid)) for k in backend.k_grid]
+    prompts = prompt_table(backend, featurizer)
+    fit_traces = race_traces(backend, fit_ids, 1, seed + 1, configs, progress)
+    draws = np.random.default_rng(seed)
+    rows, targets = training_rows(fit_traces, prompts, featurizer, deadline_range_s,
+                                  args.deadlines_per_trace, draws)  # fmt: skip
+    net, fit_info = fit_value_net(rows, targets, args.hidden, args.epochs, seed=seed)
+    tune_traces = race_traces(backend, tune_ids, args.tune_repeats, seed, configs, progress)
+    table = sweep_stop_value(net, tune_traces, prompts, featurizer, deadlines_s)
+    settings = tune_settings(table, args.tolerance)
+    chosen = [(table.configs.index((s.n, s.k)), table.prices.index(s.price),
+               int(np.argmin(np.abs(np.asarray(deadlines_s) - s.budget * d))))
+              for s, d in zip(settings, deadlines_s, strict=True)]  # fmt: skip
+    info = {
+        "fit": {"problems": len(fit_ids), "traces": len(fit_traces.problem), **fit_info},
+        "tuning": {"problems": len(tune_ids), "repeats": args.tune_repeats,
+                   "tolerance": args.tolerance,
+                   "accuracy": [float(table.accuracy[c, j, e]) for c, j, e in chosen],
+                   "mean_latency_s": [float(table.latency[c, j, e]) for c, j, e in chosen],
+                   "static_best_accuracy": table.static_accuracy.max(axis=0).tolist()},
+        "args": dataclasses.asdict(args),
+    }  # fmt: skip
+    return StopValuePolicy(net, tuple(float(d) for d in deadlines_s), settings,
+                           prompts.shape[1], info)  # fmt: skip

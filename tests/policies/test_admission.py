@@ -1,0 +1,90 @@
+"""Predictive admission on the shipped CPU profile's latency model (no engine): admit, degrade,
+refuse with a reason and a retry time that would work, and count reserved calls."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.batch_loop import CallLoad
+from env.profiles.store import load_profile
+from policies.admission import Admission
+
+METHOD = "ngram"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_profile("smollm2-135m-cpu").latency_model()
+
+
+def _admission(model, in_flight=(), n_grid=(1, 2, 4, 8), margin_s=0.5, max_batch=64):
+    return Admission(lambda: model, METHOD, expected_tokens=100.0, acceptance=0.5,
+                     n_grid=n_grid, max_batch=max_batch, margin_s=margin_s,
+                     in_flight=lambda: list(in_flight))  # fmt: skip
+
+
+def test_an_idle_engine_admits_the_most_branches(model):
+    verdict = _admission(model).decide(prompt_tokens=100, k=0, max_tokens=256, deadline_s=60.0)
+    assert verdict.admitted and verdict.max_n == 8 and verdict.reason == "fits"
+    # 100 tokens at about 0.1-0.2 s per step, plus prefill
+    assert 100 * float(model.step_time(8, 0, METHOD)) < verdict.predicted_s < 60.0
+
+
+def test_a_deadline_no_engine_can_meet_is_refused_for_good(model):
+    verdict = _admission(model).decide(prompt_tokens=100, k=0, max_tokens=256, deadline_s=2.0)
+    assert not verdict.admitted and verdict.reason == "deadline_unmeetable"
+    assert math.isinf(verdict.retry_after_s) and "even on an idle engine" in verdict.message
+
+
+def test_the_answer_length_is_capped_by_max_tokens(model):
+    """A 4-token request is quick whatever the expected length."""
+    verdict = _admission(model).decide(prompt_tokens=100, k=0, max_tokens=4, deadline_s=2.0)
+    assert verdict.admitted and verdict.predicted_s < 2.0
+
+
+def _with_slack(model, live: list[int], slack_s: float) -> list[CallLoad]:
+    """Calls in flight (``live`` branches each, 100 tokens to go) whose deadlines leave
+    ``slack_s`` after their predicted finish (margin included) as they run now."""
+    probe = _admission(model, margin_s=0.0)
+    calls = [CallLoad(n, 0, 256, 0, math.inf) for n in live]
+    finish = probe._finish_times([probe._as_call(c) for c in calls], model, 0.0)
+    return [CallLoad(c.live, 0, 256, 0, t + 0.5 + slack_s) for c, t in zip(calls, finish,
+                                                                        strict=True)]  # fmt: skip
+
+
+def test_a_busy_engine_degrades_before_it_refuses(model):
+    """Calls in flight with 2 s to spare: 8 more branches would make them late (each branch
+    adds about 8 ms to each of their ~100 steps), one branch does not."""
+    verdict = _admission(model, _with_slack(model, [4] * 6, 2.0)).decide(100, 0, 256, 600.0)
+    assert verdict.admitted and verdict.reason == "degraded" and 1 <= verdict.max_n < 8
+
+
+def test_a_full_engine_refuses_with_a_retry_time_that_works(model):
+    """Calls in flight with no time to spare: refused as busy, and the retry time is when
+    enough of them are predicted done."""
+    busy = _with_slack(model, [8, 8, 4, 2], 0.0)
+    verdict = _admission(model, busy).decide(100, 0, 256, deadline_s=120.0)
+    assert not verdict.admitted and verdict.reason == "engine_busy"
+    assert 0 < verdict.retry_after_s <= max(c.seconds_left for c in busy)
+    assert "server busy" in verdict.message
+    # at the retry time, the calls that are still running leave room
+    later = [CallLoad(c.live, 0, 256, 0, c.seconds_left - verdict.retry_after_s)
+             for c in busy if c.seconds_left - 0.5 > verdict.retry_after_s + 1e-6]  # fmt: skip
+    assert len(later) < len(busy)
+
+
+def test_a_reserved_call_counts_until_released(model):
+    admission = _admission(model, max_batch=10)
+    first = admission.decide(100, 0, 32, 60.0)
+    assert first.max_n == 8
+    ticket = admission.reserve(first, 0, 32, deadline_at=1e9)
+    assert admission.decide(100, 0, 32, 60.0).max_n == 2  # 8 of the 10 sequences are held
+    admission.release(ticket)
+    assert admission.decide(100, 0, 32, 60.0).max_n == 8
+
+
+def test_bad_settings_are_refused(model):
+    with pytest.raises(ValueError, match="expected_tokens"):
+        Admission(lambda: model, METHOD, 0.0, 0.5, (1,), 8, 0.5, list)

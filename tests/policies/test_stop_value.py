@@ -1,0 +1,193 @@
+"""The stop-value learner: its traces, features and tuning sweep must agree exactly with the
+races the evaluation runs, and a saved stop-value policy must serve like any race policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from env.backends.replay import ReplayBackend
+from env.backends.replay_race import ReplayRace
+from env.config import RaceEnvConfig
+from env.features import ProblemFeaturizer
+from env.race_env import RaceEnv
+from policies.learned_controller import LearnedController
+from policies.race_controllers import RuleController, leader_posterior
+from policies.race_eval import draw_rng, run_race
+from policies.saved_policy import load_race_policy, save_race_policy
+from policies.stop_value import (
+    STOP_FEATURES,
+    StopSetting,
+    StopValuePolicy,
+    ValueNet,
+    state_features,
+)
+from policies.stop_value import _posterior_table as posterior_table
+from policies.stop_value_training import (
+    StopValueArgs,
+    SweepTable,
+    fit_value_net,
+    learn_stop_value,
+    point_features,
+    prompt_table,
+    race_traces,
+    sweep_stop_value,
+    tune_settings,
+)
+from tests.fake_profile import make_fake_profile
+
+SEED = 3
+DEADLINES = (3.0, 6.0, 12.0)
+CONFIGS = [(2, 0), (4, 2), (8, 1)]
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory) -> ReplayBackend:
+    folder = make_fake_profile(tmp_path_factory.mktemp("sv") / "fake", n_train=60, n_test=10,
+                               n_branches=8)  # fmt: skip
+    return ReplayBackend(folder, "train", method="ngram")
+
+
+@pytest.fixture(scope="module")
+def featurizer(backend) -> ProblemFeaturizer:
+    return ProblemFeaturizer.fit(backend.profile.split("train"), (2.0, 20.0))
+
+
+@pytest.fixture(scope="module")
+def config(backend) -> RaceEnvConfig:
+    return RaceEnvConfig(n_grid=(1, 2, 4, 8), k_grid=backend.k_grid, deadline_range_s=(2.0, 20.0))
+
+
+@pytest.fixture(scope="module")
+def policy(backend, featurizer) -> StopValuePolicy:
+    args = StopValueArgs(fit_problems=30, tune_problems=20, epochs=2, hidden=16, n_min=2)
+    return learn_stop_value(backend, featurizer, (1, 2, 4, 8), DEADLINES, (2.0, 20.0), args,
+                            seed=SEED, progress=False)  # fmt: skip
+
+
+def test_posterior_table_is_adaptive_consistency_statistic():
+    table = posterior_table()
+    for v1, v2 in [(0, 0), (3, 1), (5, 2), (10, 9), (40, 3)]:
+        assert table[v1, v2] == pytest.approx(leader_posterior(v1, v2), abs=1e-9)
+
+
+def test_trace_points_are_the_races_decision_points(backend, featurizer):
+    """At every point where branches finished, the replayed race's state gives the features
+    the traces give (same time, steps, votes), and the static race ends where the trace says."""
+    problems = list(range(8))
+    traces = race_traces(backend, problems, 2, SEED, CONFIGS, progress=False)
+    prompts = prompt_table(backend, featurizer)
+    deadline = 6.0
+    view = traces.at_deadline(deadline)
+    checked = 0
+    for t in range(len(traces.problem)):
+        p, n, k = int(traces.problem[t]), int(traces.n[t]), int(traces.k[t])
+        repeat = int(traces.repeat[t])
+        race = ReplayRace(backend, p, deadline, draw_rng(SEED, p, repeat))
+        race.begin(n, k)
+        seen, race_rows = 0, []
+        while not race.done:
+            state = race.advance()
+            if not race.done and state.tally.finished > seen:
+                seen = state.tally.finished
+                race_rows.append(state_features(state))
+        rows = np.arange(traces.offsets[t], traces.offsets[t + 1])
+        rows = rows[view.decision[rows]]
+        mine = point_features(traces, view, prompts, featurizer, rows)[:, : len(STOP_FEATURES)]
+        assert len(race_rows) == len(mine)
+        if race_rows:
+            np.testing.assert_allclose(np.asarray(race_rows), mine, rtol=1e-5, atol=1e-6)
+            checked += 1
+        outcome = run_race(backend, RuleController("static_best", n, k), p, deadline,
+                           draw_rng(SEED, p, repeat))  # fmt: skip
+        assert outcome.correct == view.end_correct[t]
+        assert outcome.latency_s == pytest.approx(view.end_s[t])
+    assert checked > len(traces.problem) // 2  # most races had decision points
+
+
+def test_sweep_agrees_with_running_each_race(backend, featurizer, config, policy):
+    """The tuning sweep reads every (n, k, price) off the traces; it must give what the
+    evaluation loop gives for the learned controller with that setting."""
+    problems = list(range(12))
+    traces = race_traces(backend, problems, 2, SEED, CONFIGS, progress=False)
+    prices = (-1.0, 0.02, 0.3)
+    table = sweep_stop_value(policy.net, traces, prompt_table(backend, featurizer), featurizer,
+                             DEADLINES, prices)  # fmt: skip
+    env = RaceEnv(backend, featurizer, config)
+    for c, (n, k) in enumerate(CONFIGS):
+        for j, price in enumerate(prices):
+            for d, deadline in enumerate(DEADLINES):
+                fixed = StopValuePolicy(policy.net, DEADLINES, [StopSetting(n, k, price)] * 3,
+                                        policy.prompt_width)  # fmt: skip
+                controller = LearnedController(fixed, env)
+                reps = 1 if n >= backend.max_branches else 2
+                outcomes = [run_race(backend, controller, p, deadline, draw_rng(SEED, p, r))
+                            for p in problems for r in range(reps)]  # fmt: skip
+                assert table.accuracy[c, j, d] == pytest.approx(
+                    np.mean([o.correct for o in outcomes])
+                )
+                assert table.latency[c, j, d] == pytest.approx(
+                    np.mean([o.latency_s for o in outcomes]))  # fmt: skip
+
+
+def test_tuning_takes_the_fastest_setting_that_keeps_the_static_accuracy():
+    """Deadline 1: the fast price loses accuracy, so the slower one; deadline 2: every setting
+    is less accurate than the static table was at deadline 1, so it acts as under deadline 1
+    (a budget of 1/2) rather than lose accuracy."""
+    configs, prices, deadlines = [(4, 0)], (0.0, 0.1), (1.0, 2.0)
+    accuracy = np.array([[[0.50, 0.40], [0.45, 0.39]]])  # (configs, prices, deadlines)
+    latency = np.array([[[0.9, 1.2], [0.5, 1.0]]])
+    static = np.array([[0.50, 0.41]])
+    table = SweepTable(configs, prices, deadlines, accuracy, latency, static, static + 1)
+    settings = tune_settings(table, tolerance=0.0)
+    assert settings[0] == StopSetting(4, 0, 0.0, 1.0)
+    assert settings[1] == StopSetting(4, 0, 0.0, 0.5)
+    assert tune_settings(table, tolerance=0.06)[0] == StopSetting(4, 0, 0.1, 1.0)
+
+
+def test_value_net_learns_a_conditional_mean():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 3)).astype(np.float32)
+    mean = np.column_stack(
+        [0.3 * np.tanh(x[:, 0]), 0.5 + 0.2 * x[:, 1] / (1 + np.exp(-2 * x[:, 2]))]
+    )
+    y = (mean + rng.normal(scale=0.3, size=mean.shape)).astype(np.float32)
+    net, info = fit_value_net(x, y, hidden=16, epochs=8, batch_size=256, seed=0)
+    error = np.abs(net(x) - mean).mean()
+    assert error < 0.03, error  # the noise is 0.3: it learned the mean, not the noise
+    assert all(m < v for m, v in zip(info["mse"], info["target_variance"], strict=True))
+
+
+def test_saved_stop_value_policy_serves_like_the_trained_one(tmp_path, backend, featurizer,
+                                                            config, policy):  # fmt: skip
+    folder = save_race_policy(tmp_path / "policy", policy, featurizer, config,
+                              {"profile": {"name": "fake"}, "race_scales": [8, 4]})  # fmt: skip
+    loaded = load_race_policy(folder)
+    assert loaded.info["algorithm"] == "StopValue" and isinstance(loaded.model, StopValuePolicy)
+    assert loaded.model.settings == policy.settings
+    served = LearnedController.from_saved(loaded)  # prompt features from the text, as live
+    replayed = LearnedController(policy, RaceEnv(backend, featurizer, config))
+    for p in range(6):
+        for deadline in (4.0, 9.0):
+            a = run_race(backend, served, p, deadline, draw_rng(1, p, 0))
+            b = run_race(backend, replayed, p, deadline, draw_rng(1, p, 0))
+            assert (a.correct, a.latency_s, a.n, a.k) == (b.correct, b.latency_s, b.n, b.k)
+            assert a.latency_s <= served.call_deadline(deadline) + 1e-9
+
+
+def test_a_setting_outside_the_grids_is_refused(tmp_path, featurizer, config, policy):
+    net = ValueNet(policy.net.weights, policy.net.biases, policy.net.mean, policy.net.scale)
+    bad = StopValuePolicy(net, (1.0,), [StopSetting(16, 0, 0.0)], policy.prompt_width)
+    with pytest.raises(ValueError, match="outside the grids"):
+        save_race_policy(tmp_path / "bad", bad, featurizer, config, {})
+
+
+def test_a_budget_is_an_absolute_horizon_between_grid_points(policy):
+    """A setting tuned to act as under a shorter grid deadline keeps that horizon at nearby
+    deadlines (scaling it with the deadline made 1.6 s act as under 0.8 s)."""
+    settings = [StopSetting(4, 0, 0.0, 1.0), StopSetting(4, 0, 0.0, 0.5)]
+    fixed = StopValuePolicy(policy.net, (1.0, 2.0), settings, policy.prompt_width)
+    assert fixed.call_deadline(2.0) == pytest.approx(1.0)
+    assert fixed.call_deadline(1.6) == pytest.approx(1.0)  # nearest grid deadline: 2.0
+    assert fixed.call_deadline(3.0) == pytest.approx(1.0)
+    assert fixed.call_deadline(1.2) == pytest.approx(1.2)  # budget 1 at grid deadline 1.0
