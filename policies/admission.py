@@ -49,7 +49,8 @@ class Verdict:
 
     :param admitted: whether to run it.
     :param max_n: the most branches it may start (the cap; the controller may pick fewer).
-    :param reason: ``"fits"``, ``"degraded"`` (the cap is below the policy's largest n),
+    :param reason: ``"fits"``, ``"capped"`` (the cap is below the policy's largest n; the call
+        is degraded only if its controller picks more),
         ``"deadline_unmeetable"`` (not even an idle engine answers in time) or
         ``"engine_busy"`` (the calls in flight leave no room in time).
     :param predicted_s: predicted seconds until the new call answers (with ``max_n``
@@ -154,7 +155,7 @@ class Admission:
             on_time, predicted = self._joins(calls, _Call(n, need, k, deadline_s), model,
                                              prompt_tokens)  # fmt: skip
             if on_time:
-                reason = "fits" if n == self.n_grid[-1] else "degraded"
+                reason = "fits" if n == self.n_grid[-1] else "capped"
                 return Verdict(True, n, reason, predicted)
         alone = self._finish_times(
             [_Call(self.n_grid[0], need, k, deadline_s)], model,

@@ -1,6 +1,6 @@
 """How many requests does the server answer in time as clients grow?  Batched vs one at a time.
 
-    python -m policies.bench_server                      # 1 2 5 10 20 clients, 30 s deadlines
+    python -m policies.bench_server                      # 1 2 5 10 20 clients, 45 s deadlines
     python -m policies.bench_server --clients 10 --duration 60 --out runs/bench_server
 
 One engine and one policy (the shipped default) serve two ways, in the same run:
@@ -11,12 +11,17 @@ One engine and one policy (the shipped default) serve two ways, in the same run:
   while one runs is refused (429), as a single-call server must.
 
 At each concurrency level each client sends MATH-500 problems one after the other (its own
-slice of the 500), each with the same deadline; after a refusal it pauses ``--pause-s`` (0.5 s)
+slice of the 500), each with the same deadline; after a refusal it waits what the server's
+``Retry-After`` asks (at most 30 s; ``--pause-s``, 0.5 s, without one), as a polite client does,
 and sends its next problem, so in both modes the engine always has work waiting.  A level runs
 ``--duration`` seconds (requests still in flight then are awaited and counted).  Modes alternate
 within each level, so drifts in the machine's load hit both.  The clients run in their own
-process.  A stress level follows (``--stress 50:8``: 50 clients, 8 s deadlines, batched only):
-every request must be answered in time or refused within 50 ms.
+process.  A stress level follows (``--stress 50:8:32``: 50 clients, 8 s deadlines, answers of at
+most 32 tokens, batched only): every request must be answered in time or refused within 50 ms.
+
+The deadline, 45 s by default, fits this CPU: the bundled model writes up to the engine's 256
+tokens per answer (half of its MATH-500 answers reach that limit) at about 15 tokens/s alone,
+so one call takes up to about 17 s alone and about 35 s in a batch of ten.
 
 Per level and mode it prints and writes (``bench_server.json``, ``bench_server.png``):
 answered in time (200 within deadline + 0.1 s) per minute, how many had an answer and how many
@@ -44,47 +49,55 @@ FAST_REFUSAL_S = 0.05
 
 
 # ------------------------------------------------------------------------ client process
-async def _client(http, url: str, problems: list[str], deadline: float, stop_at: float,
-                  pause_s: float, out: list) -> None:  # fmt: skip
+async def _client(http, url: str, problems: list[str], deadline: float, start: float,
+                  stop_at: float, pause_s: float, max_tokens: int | None,
+                  out: list) -> None:  # fmt: skip
     for problem in problems:
         if time.monotonic() >= stop_at:
             return
         body = {"model": "latency-tts-smollm2", "deadline_s": deadline,
                 "messages": [{"role": "user", "content": problem}]}  # fmt: skip
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         sent = time.monotonic()
+        retry_after = None
         try:
             response = await http.post(url + "/v1/chat/completions", json=body)
             status, reply = response.status_code, response.json()
+            retry_after = response.headers.get("retry-after")
         except Exception as exc:  # a broken connection is a result too
             status, reply = 0, {"error": {"message": repr(exc)}}
         elapsed = time.monotonic() - sent
         tts = reply.get("tts") or {}
         out.append({
-            "problem": problem, "status": status, "elapsed_s": elapsed,
+            "problem": problem, "status": status, "elapsed_s": elapsed, "sent_s": sent - start,
             "answer": tts.get("answer"), "batch_max": tts.get("batch_max"),
             "admission": (tts.get("admission") or {}).get("reason"),
+            "predicted_s": (tts.get("admission") or {}).get("predicted_s"),
+            "degraded": (tts.get("admission") or {}).get("degraded"),
             "error": (reply.get("error") or {}).get("code"),
         })  # fmt: skip
-        if status != 200:
-            await asyncio.sleep(pause_s)
+        if status != 200:  # as a polite client: wait what the server asks, at most 30 s
+            await asyncio.sleep(min(float(retry_after), 30.0) if retry_after else pause_s)
 
 
 async def _clients(url: str, slices: list[list[str]], deadline: float, duration: float,
-                   pause_s: float) -> list[dict]:  # fmt: skip
+                   pause_s: float, max_tokens: int | None) -> list[dict]:  # fmt: skip
     import httpx
 
     out: list[dict] = []
     limits = httpx.Limits(max_connections=len(slices) + 1)
     async with httpx.AsyncClient(limits=limits, timeout=deadline + 30.0) as http:
         await http.get(url + "/health")
-        stop_at = time.monotonic() + duration
-        await asyncio.gather(*(_client(http, url, s, deadline, stop_at, pause_s, out)
-                               for s in slices))  # fmt: skip
+        start = time.monotonic()
+        await asyncio.gather(*(_client(http, url, s, deadline, start, start + duration, pause_s,
+                                       max_tokens,
+                                       out) for s in slices))  # fmt: skip
     return out
 
 
-def _client_process(url, slices, deadline, duration, pause_s, path) -> None:
-    results = asyncio.run(_clients(url, slices, deadline, duration, pause_s))
+def _client_process(url, slices, deadline, duration, pause_s, max_tokens, path) -> None:
+    results = asyncio.run(_clients(url, slices, deadline, duration, pause_s, max_tokens))
     Path(path).write_text(json.dumps(results))
 
 
@@ -114,14 +127,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _level(app, clients, deadline, duration, pause_s, problems, workdir) -> list[dict]:
+def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, workdir) -> list[dict]:
     server = _Server(app)
     slices = [problems[i::clients] for i in range(clients)]
     path = Path(workdir) / f"clients-{clients}.json"
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(
-        target=_client_process, args=(server.url, slices, deadline, duration, pause_s, str(path))
-    )
+    work = (server.url, slices, deadline, duration, pause_s, max_tokens, str(path))
+    proc = ctx.Process(target=_client_process, args=work)
     proc.start()
     proc.join()
     server.stop()
@@ -138,6 +150,7 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
     in_time = [r for r in ok if r["elapsed_s"] <= deadline + IN_TIME_SLACK_S]
     refused = [r for r in results if r["status"] == 429]
     latencies = sorted(r["elapsed_s"] for r in ok)
+    ratios = [r["predicted_s"] / r["elapsed_s"] for r in ok if r.get("predicted_s")]
     refusal_s = sorted(r["elapsed_s"] for r in refused)
 
     def pct(values, q):
@@ -162,7 +175,8 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p95_s": pct(latencies, 0.95),
         "batch_max": max((r["batch_max"] or 0 for r in ok), default=0),
-        "degraded": sum(r["admission"] == "degraded" for r in ok),
+        "degraded": sum(bool(r.get("degraded")) for r in ok),
+        "predicted_over_actual_p50": statistics.median(ratios) if ratios else None,
     }
 
 
@@ -218,11 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policy", default=None, help="policy folder (default: shipped)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 5, 10, 20])
-    parser.add_argument("--deadline", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--deadline", type=float, default=45.0, help="seconds per request")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per level/mode")
     parser.add_argument("--pause-s", type=float, default=0.5, help="client pause after a 429")
     parser.add_argument("--max-tokens", type=int, default=256, help="engine limit per branch")
-    parser.add_argument("--stress", default="50:8", help="CLIENTS:DEADLINE, batched ('' = none)")
+    parser.add_argument(
+        "--stress",
+        default="50:8:32",
+        help="CLIENTS:DEADLINE:MAX_TOKENS of the stress level, batched ('' = none)",
+    )
     parser.add_argument("--calibrate-s", type=float, default=60.0)
     parser.add_argument("--modes", nargs="+", default=["serial", "batched"],
                         choices=["serial", "batched"])  # fmt: skip
@@ -233,36 +251,41 @@ def main(argv: list[str] | None = None) -> None:
 
     from env.paths import policies_dir
     from env.task.problems import load_math500
-    from policies.server import app_for_policy, create_app
+    from policies.server import create_app, serving_parts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = load_math500("bundled")
     texts = [p.problem for p in problems]
     gold = {p.problem: p.answer for p in problems}
-    app = app_for_policy(args.policy or policies_dir() / "default", max_tokens=args.max_tokens,
-                         calibrate_s=args.calibrate_s)  # fmt: skip
-    service = app.state.service
-    apps = {"batched": app,
-            "serial": create_app(service.controller, service.latency, max_calls=1)}  # fmt: skip
-    engine = service.engine
-    levels = [(c, args.deadline, False) for c in args.clients]
+    controller, latency = serving_parts(
+        args.policy or policies_dir() / "default",
+        max_tokens=args.max_tokens,
+        calibrate_s=args.calibrate_s,
+    )
+    max_calls = {"batched": 64, "serial": 1}
+    engine = controller.engine
+    levels = [(c, args.deadline, None, False) for c in args.clients]
     if args.stress:
-        clients, deadline = args.stress.split(":")
-        levels.append((int(clients), float(deadline), True))
+        clients, deadline, tokens = args.stress.split(":")
+        levels.append((int(clients), float(deadline), int(tokens), True))
     rows = []
-    for clients, deadline, stress in levels:
+    for clients, deadline, request_tokens, stress in levels:
         for mode in ["batched"] if stress else args.modes:
             rss_before = _rss_mb()
             started = time.monotonic()
-            results = _level(apps[mode], clients, deadline, args.duration, args.pause_s,
+            app = create_app(controller, latency, max_calls=max_calls[mode])  # a fresh service
+            results = _level(app, clients, deadline, args.duration, args.pause_s, request_tokens,
                              texts, out)  # fmt: skip
             row = {
                 "clients": clients, "mode": mode, "deadline_s": deadline, "stress": stress,
+                "request_max_tokens": request_tokens,
                 "wall_s": time.monotonic() - started,
                 "summary": summarize(results, deadline, args.duration, gold),
                 "engine_left_requests": engine.has_unfinished_requests(),
                 "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
+                "latency_factors": {f"{key.method}/{key.k}": round(f, 3)
+                                    for key, f in latency.correction.factors().items()},
             }  # fmt: skip
             rows.append(row)
             print(_table([row]).splitlines()[-1], flush=True)

@@ -15,6 +15,9 @@ and the admission verdict.  The policy is a race policy (``LatencyTTS-v1``): it 
 the call runs (``policies.controller``); an older one-decision policy is refused at start with
 a "retrain" error.  ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/models``
 complete the API; request parsing and the error shape are in ``policies.openai_api``.
+``POST /v1/admission?endpoint=chat|completions`` takes a completion body and answers
+admission's verdict now without running or reserving anything (a front end over several
+replicas asks each, ``policies.replica_router``).
 
 Every admitted request runs at once on its own worker thread; the engine steps the branches of
 all of them in one batch (``engine.batch_loop``: each call keeps its own race, stops and
@@ -38,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -78,7 +82,11 @@ from policies.serving_latency import ServingLatency
 
 SERVED_MODEL_NAME = "latency-tts-smollm2"
 MAX_DEADLINE_S = 600.0
-DISCONNECT_POLL_S = 0.1
+DISCONNECT_POLL_S = 0.25
+GIL_SWITCH_S = 0.001
+"""The interpreter's thread switch interval while serving (Python's default is 5 ms): the event
+loop shares the interpreter with the engine thread and one worker per running call, and a
+refusal is only as fast as the loop gets to run."""
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 LATENESS_WINDOW = 16
 """Recent calls over which the largest lateness of a result reaching the event loop is kept."""
@@ -86,6 +94,8 @@ CHARS_PER_TOKEN = 3.0
 """Admission predicts before tokenizing (so a refusal costs no tokenizer time): a prompt is
 taken as its characters / this, plus the chat template's tokens."""
 TEMPLATE_TOKENS = 40
+ADMISSION_ENDPOINTS = ("chat", "completions")
+"""What ``POST /v1/admission?endpoint=...`` previews: the body of a chat or a completions call."""
 
 
 class ServiceMetrics:
@@ -183,23 +193,16 @@ class CompletionService:
         arrival = time.monotonic()
         status = "500"
         try:
-            body = await read_json(request, self.max_body_bytes)
-            problem = problem_of(body, endpoint)
-            check_model_and_options(body, self.served_model_name)
-            deadline = deadline_of(body, request.headers.get("x-deadline-s"), self.max_deadline_s)
-            max_tokens = max_tokens_of(body, self.engine.config.max_tokens)
-            prepared = None
-            long = self._estimated_prompt_tokens(problem) >= self.engine.config.max_model_len
-            if long or not problem.strip():  # a 400 (blank, too long) comes before admission
-                prepared = await self._prepare(problem, endpoint)
+            body, problem, deadline, max_tokens, prepared = await self._parse(request, endpoint)
             verdict, ticket = self._admit(problem, prepared, max_tokens, arrival + deadline)
             try:
                 prepared = prepared or await self._prepare(problem, endpoint)
-                solution = await self._run(prepared, max_tokens, verdict, ticket, arrival +
-                                           deadline, request)  # fmt: skip
+                solution, wanted_n = await self._run(
+                    prepared, max_tokens, verdict, ticket, arrival + deadline, request
+                )
             finally:
                 self._done(ticket)
-            reply = self._reply(endpoint, solution, verdict, arrival, deadline)
+            reply = self._reply(endpoint, solution, verdict, wanted_n, arrival, deadline)
             status = "200"
             return _response(reply, streamed=body.get("stream") is True)
         except APIError as err:
@@ -210,6 +213,64 @@ class CompletionService:
             return Response(status_code=499)
         finally:
             self.metrics.requests.labels(endpoint, status).inc()
+
+    async def _parse(
+        self, request: Request, endpoint: str
+    ) -> tuple[dict, str, float, int | None, PreparedProblem | None]:
+        """Read and check a request: its body, problem, deadline, max_tokens and, when the
+        prompt is blank or likely too long, its tokenization (a 400 comes before admission)."""
+        body = await read_json(request, self.max_body_bytes)
+        problem = problem_of(body, endpoint)
+        check_model_and_options(body, self.served_model_name)
+        deadline = deadline_of(body, request.headers.get("x-deadline-s"), self.max_deadline_s)
+        max_tokens = max_tokens_of(body, self.engine.config.max_tokens)
+        prepared = None
+        long = self._estimated_prompt_tokens(problem) >= self.engine.config.max_model_len
+        if long or not problem.strip():
+            prepared = await self._prepare(problem, endpoint)
+        return body, problem, deadline, max_tokens, prepared
+
+    async def preview(self, request: Request, endpoint: str) -> dict:
+        """Admission's verdict on a request now, without admitting it or holding a place.
+
+        A front end over several replicas (``policies.replica_router``) asks every replica
+        this and sends the request to one predicted to fit; the replica still decides again
+        when the request itself arrives (``_admit``), so a stale preview never overloads it.
+        Checks the request exactly as ``complete`` does (same 4xx errors).
+        """
+        arrival = time.monotonic()
+        _, problem, deadline, max_tokens, prepared = await self._parse(request, endpoint)
+        tokens = max_tokens or self.engine.config.max_tokens
+        prompt_tokens = (
+            prepared.prompt_tokens if prepared else self._estimated_prompt_tokens(problem)
+        )
+        now = time.monotonic()
+        with self._lock:
+            running = self._running
+            if running >= self.max_calls:
+                verdict = Verdict(False, 0, "server_full", math.nan, 1.0)
+                message = f"server busy: {running} calls running (max_calls={self.max_calls})"
+            else:
+                left = self._time_left(arrival + deadline, now)
+                verdict = self.admission.decide(prompt_tokens, self._last_k, tokens, left, now)
+                message = verdict.message if not verdict.admitted else ""
+        calls, branches = self.engine.batch.load
+        return {
+            "admitted": verdict.admitted,
+            "reason": verdict.reason,
+            "max_n": verdict.max_n,
+            "predicted_s": _finite_or_none(verdict.predicted_s),
+            "retry_after_s": _finite_or_none(verdict.retry_after_s),
+            "message": message,
+            "running": running,
+            "engine_calls": calls,
+            "live_branches": branches,
+        }
+
+    def _time_left(self, deadline_at: float, now: float) -> float:
+        """Seconds a call starting now may use: to its deadline, less the response margin and
+        the recent lateness of answers (the caller holds ``self._lock``)."""
+        return deadline_at - now - self.response_margin_s - max([0.0, *self._lateness])
 
     @staticmethod
     def _estimated_prompt_tokens(problem: str) -> int:
@@ -233,13 +294,11 @@ class CompletionService:
             if self._running >= self.max_calls:
                 self._refuse("server_full", f"server busy: {self._running} calls running "
                              f"(max_calls={self.max_calls})", 1.0)  # fmt: skip
-            left = deadline_at - now - self.response_margin_s - max([0.0, *self._lateness])
+            left = self._time_left(deadline_at, now)
             verdict = self.admission.decide(prompt_tokens, self._last_k, tokens, left, now)
             if not verdict.admitted:
                 self._refuse(verdict.reason, verdict.message, verdict.retry_after_s)
             self._running += 1
-        if verdict.reason == "degraded":
-            self.metrics.degraded.inc()
         return verdict, self.admission.reserve(verdict, self._last_k, tokens, now + left)
 
     def _done(self, ticket: int) -> None:
@@ -273,14 +332,18 @@ class CompletionService:
         ticket: int,
         deadline_at: float,
         request: Request,
-    ) -> Solution:
-        """Solve on a worker thread with what is left of the deadline; abort on disconnect."""
+    ) -> tuple[Solution, int]:
+        """Solve on a worker thread with what is left of the deadline (abort on disconnect);
+        the solution and the n the controller wanted before admission's cap."""
         cancel = threading.Event()
         work_deadline = deadline_at - self._margin()
+        wanted = [0]  # the controller's n, told before the admission's cap
 
         def started(n: int, k: int) -> None:
             self.admission.release(ticket)  # the engine counts the call from now on
-            self._last_k = k
+            self._last_k, wanted[0] = k, n
+            if n > verdict.max_n:
+                self.metrics.degraded.inc()
 
         loop = asyncio.get_running_loop()
         try:
@@ -301,14 +364,20 @@ class CompletionService:
             solution = future.result()
             with self._lock:
                 self._lateness.append(max(0.0, time.monotonic() - work_deadline))
-            return solution
+            return solution, wanted[0]
         except ValueError as exc:  # the controller refused the request before the engine ran
             raise APIError(400, str(exc)) from exc
         finally:
             cancel.set()  # no-op once answered; aborts the call if the handler was cancelled
 
     def _reply(
-        self, endpoint: str, solution: Solution, verdict: Verdict, arrival: float, deadline: float
+        self,
+        endpoint: str,
+        solution: Solution,
+        verdict: Verdict,
+        wanted_n: int,
+        arrival: float,
+        deadline: float,
     ) -> dict:
         """Record the served request's metrics and build its OpenAI body with the tts field."""
         latency = time.monotonic() - arrival
@@ -334,6 +403,8 @@ class CompletionService:
                 "reason": verdict.reason,
                 "max_n": verdict.max_n,
                 "predicted_s": verdict.predicted_s,
+                "wanted_n": wanted_n,
+                "degraded": wanted_n > solution.n,
             },
             "branches": solution.branches,
         }
@@ -396,6 +467,7 @@ def create_app(
         yield
         service.close()
 
+    sys.setswitchinterval(GIL_SWITCH_S)
     app = FastAPI(title="Latency-aware test-time scaling", lifespan=lifespan)
     app.state.service = service
     app.add_exception_handler(APIError, _api_error)
@@ -413,6 +485,14 @@ def _add_routes(app: FastAPI, service: CompletionService) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await service.complete(request, "completions")
+
+    @app.post("/v1/admission")
+    async def admission_preview(request: Request, endpoint: str = "chat") -> dict:
+        """Admission's verdict on a completion body, without running it (``preview``)."""
+        if endpoint not in ADMISSION_ENDPOINTS:
+            raise APIError(400, f"endpoint must be one of {ADMISSION_ENDPOINTS}, got "
+                           f"{endpoint!r}", param="endpoint")  # fmt: skip
+        return await service.preview(request, endpoint)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -446,6 +526,11 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
 
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no infinity or NaN: such a figure (none predicted) is sent as null."""
+    return value if math.isfinite(value) else None
+
+
 def _response(reply: dict, streamed: bool) -> Response:
     """The reply as one JSON body, or (``stream: true``) as server-sent chunk events."""
     if not streamed:
@@ -458,18 +543,17 @@ class _ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
 
 
-def app_for_policy(
+def serving_parts(
     policy_dir: str | Path,
     spec_method: str | None = None,
     max_tokens: int = 512,
     max_batch: int = 64,
     kv_cache_gb: float = 2.0,
     calibrate_s: float = 60.0,
-    **app_options,
-) -> FastAPI:
+) -> tuple[DecodingController, ServingLatency]:
     """Load a saved race policy, start an engine sized for its grids and speculative method,
-    fit the latency model of the policy's profile to this machine (``calibrate_s``, progress
-    shown) and build the app (``app_options``: ``create_app``'s).
+    and fit the latency model of the policy's profile to this machine (``calibrate_s``,
+    progress shown): what ``create_app`` serves.
 
     :raises SystemExit: with the reason, when there is no policy, it must be retrained, or its
         profile is missing.
@@ -504,6 +588,22 @@ def app_for_policy(
         latency = ServingLatency.from_profile(profile, controller.engine, calibrate_s=calibrate_s)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"cannot predict latency from profile {profile!r}: {error}") from None
+    return controller, latency
+
+
+def app_for_policy(
+    policy_dir: str | Path,
+    spec_method: str | None = None,
+    max_tokens: int = 512,
+    max_batch: int = 64,
+    kv_cache_gb: float = 2.0,
+    calibrate_s: float = 60.0,
+    **app_options,
+) -> FastAPI:
+    """``create_app`` (``app_options``: its options) over ``serving_parts`` of a policy."""
+    controller, latency = serving_parts(
+        policy_dir, spec_method, max_tokens, max_batch, kv_cache_gb, calibrate_s
+    )
     return create_app(controller, latency, **app_options)
 
 

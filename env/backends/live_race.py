@@ -224,8 +224,9 @@ def run_live_race(
     :param logprobs: ask the engine for sampled-token log-probabilities (branch confidence).
     :param max_n: most branches the call may start, whatever the controller picks (the
         server's admission degrades a call to fit the engine's load this way).
-    :param on_start: called with (n, k) once the controller chose them, just before the
-        branches go to the engine (the server's admission stops reserving room for the call).
+    :param on_start: called with the controller's (n, k) once it chose them (n before the
+        ``max_n`` cap), just before the branches go to the engine (the server's admission stops
+        reserving room for the call then).
     :raises ValueError: for a bad argument or a controller choice the engine cannot run.
     """
     started = time.monotonic() if started_at is None else started_at
@@ -235,11 +236,11 @@ def run_live_race(
     state = RaceState(stop_at, engine.config.max_n, engine.config.k_max, background_branches=load)
     # torch on the engine thread (between two steps of the calls in flight)
     n, k = engine_thread.call(begin_call, controller, problem, deadline, state)
+    if on_start is not None:
+        on_start(n, k)
     if max_n is not None:
         n = min(n, max_n)
     state.start(n, k, at_s=time.monotonic() - started)
-    if on_start is not None:
-        on_start(n, k)
     race = LiveRace(controller, state, started, checkpoints)
     left = None if math.isinf(stop_at) else max(stop_at - (time.monotonic() - started), 1e-6)
     rollout = engine.run(list(prompt_ids), n, k, left, max_tokens=max_tokens, cancel=cancel,

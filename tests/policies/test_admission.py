@@ -58,7 +58,7 @@ def test_a_busy_engine_degrades_before_it_refuses(model):
     """Calls in flight with 2 s to spare: 8 more branches would make them late (each branch
     adds about 8 ms to each of their ~100 steps), one branch does not."""
     verdict = _admission(model, _with_slack(model, [4] * 6, 2.0)).decide(100, 0, 256, 600.0)
-    assert verdict.admitted and verdict.reason == "degraded" and 1 <= verdict.max_n < 8
+    assert verdict.admitted and verdict.reason == "capped" and 1 <= verdict.max_n < 8
 
 
 def test_a_full_engine_refuses_with_a_retry_time_that_works(model):

@@ -1,0 +1,40 @@
+"""The serving benchmark's figures from client records (the benchmark itself needs minutes of
+engine time and runs as ``python -m policies.bench_server``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.bench_server import summarize
+
+
+def _record(
+    status, elapsed, answer=None, problem="p1", batch_max=3, admission="fits", degraded=False
+):
+    return {"problem": problem, "status": status, "elapsed_s": elapsed, "answer": answer,
+            "batch_max": batch_max, "admission": admission, "degraded": degraded,
+            "error": None}  # fmt: skip
+
+
+def test_in_time_late_refused_and_correct_are_counted_apart():
+    gold = {"p1": "42", "p2": "7"}
+    results = [
+        _record(200, 10.0, "42"),  # in time, right
+        _record(200, 30.05, "41", "p2"),  # in time (within the 0.1 s slack), wrong
+        _record(200, 30.5, "42"),  # late
+        _record(429, 0.004),
+        _record(429, 0.03),
+        _record(500, 1.0),
+    ]
+    s = summarize(results, deadline=30.0, duration=60.0, gold=gold)
+    assert (s["requests"], s["answered_in_time"], s["late"], s["refused"], s["errors"]) == (
+        6, 2, 1, 2, 1)  # fmt: skip
+    assert s["answered_in_time_per_min"] == pytest.approx(2.0)
+    assert (s["with_answer"], s["correct"]) == (2, 1)
+    assert s["refusal_max_s"] == pytest.approx(0.03)
+    assert s["latency_p50_s"] == pytest.approx(30.05) and s["batch_max"] == 3
+
+
+def test_no_answers_leave_the_latencies_empty():
+    s = summarize([_record(429, 0.01)], deadline=8.0, duration=60.0, gold={})
+    assert s["answered_in_time"] == 0 and s["latency_p50_s"] is None
