@@ -29,6 +29,10 @@ from env.profiles.store import Profile, load_profile
 
 DEFAULT_LENGTH_QUANTILE = 0.5
 """Quantile of the profile's branch lengths taken as a call's expected answer length."""
+CORRECTION_HALF_LIFE_S = 60.0
+"""Half-life of an online ratio without engine steps: a server that learnt it was slow (and so
+refuses the work that would show otherwise) trusts its start-up calibration again within
+minutes."""
 
 
 @dataclass
@@ -83,7 +87,7 @@ class ServingLatency:
         expected = float(np.quantile(lengths, length_quantile))
         accept = [profile.acceptance(row, method) for row in profile.rows]
         latency = cls(
-            OnlineCorrection(model),
+            OnlineCorrection(model, half_life_s=CORRECTION_HALF_LIFE_S),
             method,
             math.inf if expected >= limit else expected,
             float(np.mean(accept)) if accept else 0.0,

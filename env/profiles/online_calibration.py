@@ -215,15 +215,31 @@ class OnlineCorrection:
     average in which one step's ratio is clipped to ``[1/clip, clip]`` times the current
     one, so a step stalled by a page fault or another process does not swing the model.
 
+    A server that admits by these predictions needs one more thing: a ratio learnt in a slow
+    moment must not outlive it.  Once a server believes itself slow it refuses the requests that
+    would correct it, so with ``half_life_s`` a key's ratio decays towards the base model while
+    no step updates it (halving its log every ``half_life_s`` seconds).
+
     :param base: the model whose predictions the ratios correct.
     :param alpha: weight of a new step (about 1/alpha steps of memory).
     :param clip: largest factor one step may pull towards.
+    :param half_life_s: decay of a ratio without updates (None: none).
     """
 
-    def __init__(self, base: LatencyModel, alpha: float = 0.02, clip: float = 3.0) -> None:
+    def __init__(
+        self,
+        base: LatencyModel,
+        alpha: float = 0.02,
+        clip: float = 3.0,
+        half_life_s: float | None = None,
+    ) -> None:
+        if half_life_s is not None and half_life_s <= 0:
+            raise ValueError(f"half_life_s must be > 0 or None, got {half_life_s!r}")
         self.base, self.alpha, self._log_clip = base, alpha, math.log(clip)
+        self.half_life_s = half_life_s
         self._log_ratio: dict[StepTableKey, float] = {}
         self._count: dict[StepTableKey, int] = defaultdict(int)
+        self._updated: dict[StepTableKey, float] = {}
         self._lock = threading.Lock()
 
     def update(self, method: str, k: int, batch: int, step_s: float) -> None:
@@ -248,18 +264,27 @@ class OnlineCorrection:
         input is clipped to ``clip`` around the current value (so one stall cannot swing it)."""
         with self._lock:
             count = self._count[key]
-            current = self._log_ratio.get(key, 0.0)
+            current = self._decayed(key, time.monotonic())
             weight = max(self.alpha, 1.0 / (count + 1))
             if weight <= self.alpha:
                 lo, hi = current - self._log_clip, current + self._log_clip
                 log_ratio = max(lo, min(hi, log_ratio))
             self._log_ratio[key] = current + weight * (log_ratio - current)
             self._count[key] = count + 1
+            self._updated[key] = time.monotonic()
+
+    def _decayed(self, key: StepTableKey, now: float) -> float:
+        """A key's log ratio as of ``now`` (decayed since its last update; under the lock)."""
+        value = self._log_ratio.get(key, 0.0)
+        if self.half_life_s is None or key not in self._updated:
+            return value
+        return value * 0.5 ** ((now - self._updated[key]) / self.half_life_s)
 
     def factors(self) -> dict[StepTableKey, float]:
         """Current ratio per key that has seen a step."""
+        now = time.monotonic()
         with self._lock:
-            return {key: math.exp(v) for key, v in self._log_ratio.items()}
+            return {key: math.exp(self._decayed(key, now)) for key in self._log_ratio}
 
     def corrected(self, model: LatencyModel | None = None) -> LatencyModel:
         """``model`` (default: ``base``; it should be the model the ratios were measured

@@ -214,3 +214,23 @@ def test_quick_calibration_on_the_ngram_engine_predicts_a_fresh_call(ngram_engin
     rollout = ngram_engine.run(prompt, n=2, k=2, max_tokens=48, ignore_eos=True)
     predicted = predict_call(model, rollout, "ngram")["predicted_s"]
     assert predicted == pytest.approx(rollout.wall_s, rel=0.4)
+
+
+def test_a_ratio_without_steps_decays_to_the_base_model(monkeypatch):
+    """A server that learnt it was 3x slow and then saw no steps (it refused the work) trusts
+    the base model again: the log ratio halves every half-life; a new step is averaged into the
+    decayed value."""
+    model = profile_model()
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    online = OnlineCorrection(model, alpha=1.0, half_life_s=60.0)
+    key = StepTableKey("ngram", 1)
+    online.update("ngram", 1, 4, 3.0 * float(model.step_time(4, 1, "ngram")))
+    assert online.factors()[key] == pytest.approx(3.0)
+    clock[0] += 60.0
+    assert online.factors()[key] == pytest.approx(3.0**0.5)
+    clock[0] += 540.0
+    assert online.factors()[key] == pytest.approx(1.0, abs=0.01)
+    assert OnlineCorrection(model).half_life_s is None  # validation runs keep every ratio
+    with pytest.raises(ValueError, match="half_life_s"):
+        OnlineCorrection(model, half_life_s=0.0)
