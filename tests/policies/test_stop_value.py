@@ -191,3 +191,25 @@ def test_a_budget_is_an_absolute_horizon_between_grid_points(policy):
     assert fixed.call_deadline(1.6) == pytest.approx(1.0)  # nearest grid deadline: 2.0
     assert fixed.call_deadline(3.0) == pytest.approx(1.0)
     assert fixed.call_deadline(1.2) == pytest.approx(1.2)  # budget 1 at grid deadline 1.0
+
+
+@pytest.mark.engine
+def test_a_stop_value_policy_drives_the_live_engine(tmp_path, featurizer, config, policy,
+                                                    draft_engine):  # fmt: skip
+    """The deployed controller runs a saved stop-value policy on the real engine: it picks
+    (n, k) from its table, decides at branch finishes and honours the deadline."""
+    import time
+
+    from policies.controller import DecodingController
+
+    folder = save_race_policy(tmp_path / "policy", policy, featurizer, config,
+                              {"profile": {"name": "fake"}, "race_scales": [8, 4]})  # fmt: skip
+    controller = DecodingController(folder, draft_engine)
+    for deadline in (1.5, 6.0):
+        started = time.monotonic()
+        solution = controller.solve("What is $12 + 30$?", deadline, max_tokens=24)
+        assert time.monotonic() - started <= deadline + 0.1
+        assert solution.n in config.n_grid and solution.k in config.k_grid
+        assert solution.stop_reason in ("decided", "controller", "deadline", "complete")
+        assert solution.decisions >= 0 and len(solution.branches) == solution.n
+    assert not draft_engine.has_unfinished_requests()
