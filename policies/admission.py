@@ -87,7 +87,9 @@ class Admission:
     :param model: the latency model to predict with now (called per decision, e.g. the online
         corrected one).
     :param method: the engine's speculative method (its step tables).
-    :param expected_tokens: expected answer length per branch (tokens), before ``max_tokens``.
+    :param expected_tokens: expected answer length per branch (tokens), before ``max_tokens``;
+        a number, or a function giving the current estimate (the server learns it while it
+        serves: ``ServingLatency.expected_tokens``).
     :param acceptance: the draft acceptance rate (tokens per step at k > 0).
     :param n_grid: the branch counts the controller may pick.
     :param max_batch: the most sequences the engine steps at once.
@@ -99,16 +101,19 @@ class Admission:
         self,
         model: Callable[[], LatencyModel],
         method: str,
-        expected_tokens: float,
+        expected_tokens: float | Callable[[], float],
         acceptance: float,
         n_grid: Sequence[int],
         max_batch: int,
         margin_s: float,
         in_flight: Callable[[], list[CallLoad]],
     ) -> None:
-        if expected_tokens <= 0 or margin_s < 0 or not n_grid:
+        fixed = not callable(expected_tokens)
+        if (fixed and expected_tokens <= 0) or margin_s < 0 or not n_grid:
             raise ValueError("expected_tokens must be > 0, margin_s >= 0 and n_grid non-empty")
-        self.model, self.method, self.expected_tokens = model, method, float(expected_tokens)
+        self.model, self.method = model, method
+        self.expected_tokens = (lambda: float(expected_tokens)) if fixed else expected_tokens
+        self._expected = self.expected_tokens()  # refreshed at every decision
         self.acceptance, self.n_grid = acceptance, tuple(sorted(set(n_grid)))
         self.max_batch, self.margin_s, self.in_flight = max_batch, margin_s, in_flight
         self._reserved: dict[int, CallLoad] = {}  # admitted, not yet in the engine
@@ -146,6 +151,7 @@ class Admission:
                 CallLoad(c.live, 0, c.max_tokens, c.k, c.seconds_left - now)
                 for c in self._reserved.values()
             ]
+        self._expected = self.expected_tokens()
         calls = [self._as_call(c) for c in [*self.in_flight(), *reserved]]
         busy = sum(c.branches for c in calls)
         need = self._remaining(max_tokens, 0)
@@ -167,7 +173,7 @@ class Admission:
         return Verdict(False, 0, "engine_busy", alone, retry)
 
     def _remaining(self, max_tokens: int, done: int) -> float:
-        expected = min(self.expected_tokens, max_tokens)
+        expected = min(self._expected, max_tokens)
         if done < expected:
             return expected - done
         return float(min(MIN_REMAINING_TOKENS, max(max_tokens - done, 1)))

@@ -362,6 +362,7 @@ class CompletionService:
                     self.metrics.cancellations.inc()
                     raise _ClientGone
             solution = future.result()
+            self.latency.observe(solution.branches)  # the served answers' lengths
             with self._lock:
                 self._lateness.append(max(0.0, time.monotonic() - work_deadline))
             return solution, wanted[0]

@@ -8,9 +8,12 @@ progress bar), then every decode step of every call feeds an ``OnlineCorrection`
 listener, ``engine.batch_loop.BatchStep``).  Admission (``policies.admission``) asks ``model()``
 for the corrected model at each decision; it is rebuilt at most every ``refresh_s``.
 
-The profile also gives admission its other two inputs: how long an answer is expected to be (a
-quantile of the recorded branch lengths; a quantile at the profile's token limit means "as
-long as the request allows") and the draft acceptance rate of the engine's method.
+The profile also gives admission its other two inputs: how long an answer is expected to be and
+the draft acceptance rate of the engine's method.  The expected length is a quantile of recent
+branch lengths: the profile's at start, then more and more the served ones (``observe``; a
+branch cut by its token limit counts as "as long as the request allows", and a quantile there
+means just that).  A small profile can be far off: the shipped CPU profile's 24 problems put
+the median at its 256-token limit, while the MATH-500 answers served here mostly stop sooner.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +34,8 @@ from env.profiles.store import Profile, load_profile
 
 DEFAULT_LENGTH_QUANTILE = 0.5
 """Quantile of the profile's branch lengths taken as a call's expected answer length."""
+LENGTH_WINDOW = 200
+"""Branch lengths the expected-length quantile is taken over (the most recent ones)."""
 CORRECTION_HALF_LIFE_S = 60.0
 """Half-life of an online ratio without engine steps: a server that learnt it was slow (and so
 refuses the work that would show otherwise) trusts its start-up calibration again within
@@ -41,15 +48,17 @@ class ServingLatency:
 
     :param correction: the online correction over the (start-calibrated) profile model.
     :param method: the engine's speculative method (its step tables).
-    :param expected_tokens: expected answer length per branch (inf: up to ``max_tokens``).
+    :param lengths: recent branch lengths (inf: cut by the token limit), the profile's first.
     :param acceptance: the method's mean per-token draft acceptance in the profile.
+    :param length_quantile: the quantile of ``lengths`` taken as the expected length.
     :param refresh_s: how often ``model()`` rebuilds the corrected model.
     """
 
     correction: OnlineCorrection
     method: str
-    expected_tokens: float
+    lengths: deque[float]
     acceptance: float
+    length_quantile: float = DEFAULT_LENGTH_QUANTILE
     refresh_s: float = 1.0
     _cached: tuple[float, LatencyModel] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -84,13 +93,13 @@ class ServingLatency:
             model = quick_calibration(engine, model, calibrate_s, progress, texts=texts)
         lengths = np.concatenate([np.asarray(r["branch_tokens"], float) for r in profile.rows])
         limit = float(profile.manifest["sampling"]["max_tokens"])
-        expected = float(np.quantile(lengths, length_quantile))
         accept = [profile.acceptance(row, method) for row in profile.rows]
         latency = cls(
             OnlineCorrection(model, half_life_s=CORRECTION_HALF_LIFE_S),
             method,
-            math.inf if expected >= limit else expected,
+            deque(np.where(lengths >= limit, math.inf, lengths)[-LENGTH_WINDOW:], LENGTH_WINDOW),
             float(np.mean(accept)) if accept else 0.0,
+            length_quantile,
         )
         if engine is not None:
             engine.add_step_listener(latency.on_step)
@@ -103,6 +112,24 @@ class ServingLatency:
         known = step.k in self.correction.base.steps[self.method]  # a k the profile timed
         if not step.prefill and step.batch > 0 and known:
             self.correction.update(self.method, step.k, step.batch, step.step_s)
+
+    def expected_tokens(self) -> float:
+        """The expected answer length per branch now (inf: as long as the request allows)."""
+        with self._lock:
+            lengths = np.fromiter(self.lengths, float)
+        if not len(lengths):
+            return math.inf
+        # quantile over inf values: 'inverted_cdf' picks an observed value, never inf - inf
+        return float(np.quantile(lengths, self.length_quantile, method="inverted_cdf"))
+
+    def observe(self, branches: Iterable[dict]) -> None:
+        """Add a served call's branches (``Solution.branches``): one that stopped gives its
+        length, one cut by its token limit counts as unbounded, an aborted one (deadline, early
+        stop) says nothing certain and is left out."""
+        new = [b["tokens"] if b["finish_reason"] == "stop" else math.inf for b in branches
+               if b["finish_reason"] in ("stop", "length")]  # fmt: skip
+        with self._lock:
+            self.lengths.extend(new)
 
     def model(self) -> LatencyModel:
         """The corrected model as of at most ``refresh_s`` ago."""

@@ -82,16 +82,16 @@ def test_chat_completion_with_the_openai_client(client):
             {"role": "user", "content": PROBLEM},
         ],
         max_tokens=16,
-        extra_body={"deadline_s": 3.0},
+        extra_body={"deadline_s": 5.0},
     )
-    assert time.monotonic() - started <= 3.0 + HTTP_SLACK_S
+    assert time.monotonic() - started <= 5.0 + HTTP_SLACK_S
     choice = response.choices[0]
     tts = response.model_extra["tts"]
     assert choice.message.role == "assistant"
     assert choice.message.content == (tts["answer"] or "")
     assert choice.finish_reason == ("stop" if tts["answer"] is not None else "length")
-    assert tts["n"] in N_GRID and tts["k"] in K_GRID and tts["deadline_s"] == 3.0
-    assert 0 < tts["latency_s"] <= 3.0
+    assert tts["n"] in N_GRID and tts["k"] in K_GRID and tts["deadline_s"] == 5.0
+    assert 0 < tts["latency_s"] <= 5.0
     assert tts["admission"]["reason"] in ("fits", "capped")
     assert tts["admission"]["degraded"] == (tts["n"] < tts["admission"]["wanted_n"])
     assert tts["n"] <= tts["admission"]["max_n"]
@@ -108,11 +108,11 @@ def test_completion_with_the_deadline_in_a_header(client):
         model=SERVED_MODEL_NAME,
         prompt=PROBLEM,
         max_tokens=8,
-        extra_headers={"X-Deadline-S": "2.5"},
+        extra_headers={"X-Deadline-S": "5.0"},
     )
     tts = response.model_extra["tts"]
     assert response.choices[0].text == (tts["answer"] or "")
-    assert tts["deadline_s"] == 2.5 and tts["latency_s"] <= 2.5
+    assert tts["deadline_s"] == 5.0 and tts["latency_s"] <= 5.0
     assert response.object == "text_completion"
 
 
@@ -124,10 +124,10 @@ def test_streamed_chat_with_the_openai_client(client):
         messages=[{"role": "user", "content": PROBLEM}],
         max_tokens=16,
         stream=True,
-        extra_body={"deadline_s": 3.0},
+        extra_body={"deadline_s": 5.0},
     )
     chunks = list(stream)
-    assert time.monotonic() - started <= 3.0 + HTTP_SLACK_S
+    assert time.monotonic() - started <= 5.0 + HTTP_SLACK_S
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert len({c.id for c in chunks}) == 1 and {c.model for c in chunks} == {SERVED_MODEL_NAME}
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -136,7 +136,7 @@ def test_streamed_chat_with_the_openai_client(client):
     assert last.choices[0].finish_reason == ("stop" if tts["answer"] is not None else "length")
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert last.usage.completion_tokens == sum(b["tokens"] for b in tts["branches"])
-    assert tts["deadline_s"] == 3.0 and tts["latency_s"] <= 3.0
+    assert tts["deadline_s"] == 5.0 and tts["latency_s"] <= 5.0
 
 
 def test_streamed_completion_with_the_openai_client(client):
@@ -146,7 +146,7 @@ def test_streamed_completion_with_the_openai_client(client):
             prompt=PROBLEM,
             max_tokens=8,
             stream=True,
-            extra_headers={"X-Deadline-S": "2.5"},
+            extra_headers={"X-Deadline-S": "5.0"},
         )
     )
     last, tts = chunks[-1], chunks[-1].model_extra["tts"]
@@ -154,7 +154,7 @@ def test_streamed_completion_with_the_openai_client(client):
     assert "".join(c.choices[0].text for c in chunks) == (tts["answer"] or "")
     assert last.choices[0].finish_reason == ("stop" if tts["answer"] is not None else "length")
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
-    assert tts["deadline_s"] == 2.5 and tts["latency_s"] <= 2.5
+    assert tts["deadline_s"] == 5.0 and tts["latency_s"] <= 5.0
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,9 @@ PROFILE = "smollm2-135m-cpu"
 def test_expected_length_is_a_quantile_and_the_token_limit_means_unbounded():
     """Half of the profile's branches hit its 256-token limit: the median says "as long as the
     request allows"; the lower quartile is a length."""
-    assert math.isinf(ServingLatency.from_profile(PROFILE, method="ngram").expected_tokens)
+    assert math.isinf(ServingLatency.from_profile(PROFILE, method="ngram").expected_tokens())
     quartile = ServingLatency.from_profile(PROFILE, method="ngram", length_quantile=0.25)
-    assert 100 < quartile.expected_tokens < 256
+    assert 100 < quartile.expected_tokens() < 256
     assert 0 <= quartile.acceptance <= 1
 
 
@@ -43,3 +43,16 @@ def test_decode_steps_correct_the_model_and_prefill_steps_do_not():
 def test_bad_settings_name_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServingLatency.from_profile(PROFILE, **kwargs)
+
+
+def test_served_lengths_replace_the_profiles():
+    """Served answers that stop at about 120 tokens pull the median down from the profile's
+    token limit; answers cut by their limit count as unbounded; aborted ones say nothing."""
+    latency = ServingLatency.from_profile(PROFILE, method="ngram")
+    for _ in range(120):
+        latency.observe([{"tokens": 120, "finish_reason": "stop"},
+                         {"tokens": 30, "finish_reason": "aborted"}])  # fmt: skip
+    assert latency.expected_tokens() == 120
+    for _ in range(150):
+        latency.observe([{"tokens": 64, "finish_reason": "length"}])
+    assert math.isinf(latency.expected_tokens())
