@@ -21,8 +21,9 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
     from policies.controller import Solution
@@ -243,3 +244,23 @@ def sse_events(chunks: list[dict]) -> Iterator[bytes]:
     for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app`` in OpenAI's error shape: ``APIError`` as raised, HTTP errors
+    of the framework (404 route, 405 method) with their status, anything else as a 500."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()

@@ -43,7 +43,6 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from policies.openai_api import (
@@ -51,6 +50,7 @@ from policies.openai_api import (
     check_model_and_options,
     completion_chunks,
     deadline_of,
+    install_error_handlers,
     read_json,
     sse_events,
 )
@@ -383,9 +383,7 @@ def create_router_app(urls: Sequence[str], **options) -> FastAPI:
 
     app = FastAPI(title="Latency-aware test-time scaling over replicas", lifespan=lifespan)
     app.state.router = router
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -410,15 +408,3 @@ def create_router_app(urls: Sequence[str], **options) -> FastAPI:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
-
-
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return APIError(exc.status_code, str(exc.detail)).response()
-
-
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()

@@ -59,7 +59,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from engine.rollout import NO_SPECULATION
@@ -73,6 +72,7 @@ from policies.openai_api import (
     completion_body,
     completion_chunks,
     deadline_of,
+    install_error_handlers,
     max_tokens_of,
     problem_of,
     read_json,
@@ -471,9 +471,7 @@ def create_app(
     sys.setswitchinterval(GIL_SWITCH_S)
     app = FastAPI(title="Latency-aware test-time scaling", lifespan=lifespan)
     app.state.service = service
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    install_error_handlers(app)
     _add_routes(app, service)
     return app
 
@@ -513,18 +511,6 @@ def _add_routes(app: FastAPI, service: CompletionService) -> None:
     async def prometheus_metrics() -> Response:
         registry = service.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
-
-
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return APIError(exc.status_code, str(exc.detail)).response()
-
-
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
 
 def _finite_or_none(value: float) -> float | None:
