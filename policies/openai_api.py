@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from policies.controller import Solution
 
 PROBLEM_FIELD = {"chat": "messages", "completions": "prompt"}
+SERVED_MODEL_NAME = "latency-tts-smollm2"
+"""The ``model`` a server (or the front end over replicas) answers to by default."""
+MAX_DEADLINE_S = 600.0
+"""Largest ``deadline_s`` accepted by default: an open-ended request could hold an engine."""
 
 
 class APIError(Exception):

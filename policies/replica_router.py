@@ -46,6 +46,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.requests import ClientDisconnect
 
 from policies.openai_api import (
+    MAX_DEADLINE_S,
+    SERVED_MODEL_NAME,
     APIError,
     check_model_and_options,
     completion_chunks,
@@ -55,8 +57,6 @@ from policies.openai_api import (
     sse_events,
 )
 
-SERVED_MODEL_NAME = "latency-tts-smollm2"
-MAX_DEADLINE_S = 600.0
 DISCONNECT_POLL_S = 0.1
 PREVIEW_TIMEOUT_S = 2.0
 """A replica that does not answer a preview within this is skipped for the request."""

@@ -33,12 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from env.paths import policies_dir
+from env.ray_runtime import ray_runtime_env
 
-FORWARDED_ENV = ("TTS_CACHE_DIR", "TTS_DATA_DIR", "HF_HOME", "HF_HUB_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")  # fmt: skip
-"""Environment the replicas inherit from this process (model cache, data, offline settings);
-the same as ``env.profiles.replicas``'s, kept here so serving does not import profiling."""
 START_TIMEOUT_S = 60.0
 """How long a replica's HTTP server may take to listen once its engine is up."""
 APP_OPTIONS = ("served_model_name", "max_calls", "margin_s", "response_margin_s",
@@ -144,16 +140,6 @@ def _reachable_host(host: str) -> str:
     return host
 
 
-def ray_runtime_env() -> dict:
-    """Where replicas find this code (PYTHONPATH: the repository at the same path on every
-    node) and this process's model cache, data and offline settings."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    path = os.environ.get("PYTHONPATH")
-    env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"
-    return {"env_vars": env}
-
-
 def start_server_replicas(spec: ServingSpec, count: int) -> tuple[list, list[dict]]:
     """Start ``count`` replica actors (Ray must be initialised) and wait until every one
     listens; returns their handles and ``describe()``s (URL first), so a bad configuration
@@ -200,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import uvicorn
 
-    from policies.replica_router import MAX_DEADLINE_S, SERVED_MODEL_NAME, create_router_app
+    from policies.replica_router import create_router_app
+    from policies.serving_options import add_serving_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas (Ray actors)")
@@ -208,25 +195,11 @@ def main(argv: list[str] | None = None) -> None:
                         "default: start a local cluster")  # fmt: skip
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0 on CPU")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
     parser.add_argument("--host", default="127.0.0.1", help="where the front end listens")
     parser.add_argument("--port", type=int, default=8000, help="the front end's port")
     parser.add_argument("--replica-host", default="127.0.0.1",
                         help="where replicas listen (0.0.0.0 on a multi-node cluster)")  # fmt: skip
-    parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME)
-    parser.add_argument("--spec-method", help="ngram, draft_model or none (default: the policy's)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="per branch")
-    parser.add_argument("--max-calls", type=int, default=64, help="calls at once per replica")
-    parser.add_argument("--max-batch", type=int, default=64, help="sequences per engine step")
-    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="per replica")
-    parser.add_argument("--margin-s", type=float, default=0.5, help="admission margin")
-    parser.add_argument(
-        "--calibrate-s",
-        type=float,
-        default=60.0,
-        help="start-up latency calibration per replica (0: online only)",
-    )
-    parser.add_argument("--max-deadline-s", type=float, default=MAX_DEADLINE_S)
+    add_serving_arguments(parser, per="replica")
     parser.add_argument(
         "--replica-logs",
         action="store_true",

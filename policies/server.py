@@ -62,11 +62,12 @@ from prometheus_client import (
 from starlette.requests import ClientDisconnect
 
 from engine.rollout import NO_SPECULATION
-from env.paths import policies_dir
 from policies.admission import Admission, Verdict
 from policies.controller import DecodingController, PreparedProblem, Solution
 from policies.openai_api import (
+    MAX_DEADLINE_S,
     PROBLEM_FIELD,
+    SERVED_MODEL_NAME,
     APIError,
     check_model_and_options,
     completion_body,
@@ -79,9 +80,8 @@ from policies.openai_api import (
     sse_events,
 )
 from policies.serving_latency import ServingLatency
+from policies.serving_options import add_serving_arguments
 
-SERVED_MODEL_NAME = "latency-tts-smollm2"
-MAX_DEADLINE_S = 600.0
 DISCONNECT_POLL_S = 0.25
 GIL_SWITCH_S = 0.001
 """The interpreter's thread switch interval while serving (Python's default is 5 ms): the event
@@ -599,29 +599,12 @@ def main() -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", default=str(policies_dir() / "default"), help="policy folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME)
-    parser.add_argument(
-        "--spec-method",
-        help="engine speculation: ngram, draft_model or none (default: the policy's, else "
-        "draft_model)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=512, help="per branch")
-    parser.add_argument("--max-calls", type=int, default=64, help="calls running at once")
-    parser.add_argument("--max-batch", type=int, default=64, help="sequences per engine step")
-    parser.add_argument("--margin-s", type=float, default=0.5, help="admission margin")
-    parser.add_argument(
-        "--calibrate-s",
-        type=float,
-        default=60.0,
-        help="start-up latency calibration budget (0: online correction only)",
-    )
-    parser.add_argument("--max-deadline-s", type=float, default=MAX_DEADLINE_S)
+    add_serving_arguments(parser)
     args = parser.parse_args()
     app = app_for_policy(
-        args.policy, args.spec_method, args.max_tokens, args.max_batch,
+        args.policy, args.spec_method, args.max_tokens, args.max_batch, args.kv_cache_gb,
         calibrate_s=args.calibrate_s, served_model_name=args.served_model_name,
         max_calls=args.max_calls, margin_s=args.margin_s, max_deadline_s=args.max_deadline_s,
     )  # fmt: skip

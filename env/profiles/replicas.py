@@ -54,13 +54,10 @@ from env.profiles.record import (
     settings_for,
     write_profile,
 )
+from env.ray_runtime import ray_runtime_env
 from env.task.problems import MathProblem
 
 log = logging.getLogger(__name__)
-
-FORWARDED_ENV = ("TTS_CACHE_DIR", "TTS_DATA_DIR", "HF_HOME", "HF_HUB_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")  # fmt: skip
-"""Environment variables the replicas inherit from the driver (model cache, data, offline)."""
 
 
 @dataclass(frozen=True)
@@ -142,16 +139,6 @@ class ReplicaWorker:
         for engine in self.engines.values():
             engine.shutdown()
         self.engines = {}
-
-
-def ray_runtime_env() -> dict:
-    """Where replicas find this code (PYTHONPATH: the repository at the same path on every
-    node) and the driver's model cache, data and offline settings."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    path = os.environ.get("PYTHONPATH")
-    env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"
-    return {"env_vars": env}
 
 
 def actor_gpus(spec: ReplicaSpec) -> float:

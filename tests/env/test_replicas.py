@@ -30,10 +30,10 @@ from env.profiles.replicas import (
     ReplicaSpec,
     actor_gpus,
     profile_on_replicas,
-    ray_runtime_env,
     start_replicas,
 )
 from env.profiles.store import load_profile, read_table
+from env.ray_runtime import ray_runtime_env
 from env.task.problems import load_math500, load_math_train
 
 SETTINGS = ProfileSettings(

@@ -104,11 +104,8 @@ def served(tmp_path_factory) -> SimpleNamespace:
     """Two replicas on a local Ray cluster and the front end on a free loopback port."""
     import ray
 
-    from policies.serve_replicas import (
-        ray_runtime_env,
-        start_server_replicas,
-        stop_server_replicas,
-    )
+    from env.ray_runtime import ray_runtime_env
+    from policies.serve_replicas import start_server_replicas, stop_server_replicas
 
     policy = tiny_race_policy(tmp_path_factory.mktemp("policy") / "one", (1,), (0,), "ngram")
     spec = ServingSpec(str(policy), max_tokens=LONG_TOKENS, max_batch=1, kv_cache_gb=0.25,
