@@ -6,10 +6,10 @@ for the others: it slows every step a little (a step's time grows with the batch
 by the worst case (each call may hold the engine for its whole deadline) refused a second
 user while the engine had room; here the decision is a prediction:
 
-* each call in flight still needs ``remaining`` tokens per branch: the *expected length* of an
-  answer (a quantile of the branch lengths in the profile the policy was trained on, at most
-  the call's ``max_tokens``) less what its longest live branch has generated, at least a few
-  tokens while it runs;
+* each call in flight still needs ``remaining`` tokens per branch: a quantile of the answer
+  length given what its longest live branch has already written, at most the call's
+  ``max_tokens`` (``policies.answer_lengths``: the profile's lengths at start, then the served
+  ones);
 * the calls then share the batch: at each phase the step time is the latency model's at the
   live batch and the batch's k (``engine.batch_loop.batch_k``), every call advances by the
   tokens a step emits, and the call needing the fewest tokens finishes next and leaves the
@@ -17,6 +17,13 @@ user while the engine had room; here the decision is a prediction:
 * the model is the profile's, corrected on this machine at start-up and from every step the
   engine reports (``env.profiles.online_calibration``), so the prediction follows the machine
   that serves.
+
+Refusals come in bursts (many clients arriving at once while the engine is full), and each one
+predicted from scratch holds up the next on the server's event loop.  So an ``engine_busy``
+refusal stands, for ``REFUSAL_REUSE_S`` and no longer than its own predicted wait, for every
+request that asks no less (the same k, no shorter prompt, no more tokens, no more time) as long
+as the engine's calls and live branches are the same: only a call or a branch leaving makes
+room sooner than predicted.
 
 A call is admitted with n branches when every call, the new one included, is predicted to be
 done at least ``margin_s`` before its deadline.  The controller picks n itself; admission gives
@@ -33,14 +40,13 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.batch_loop import CallLoad, batch_k
 from env.latency_model import LatencyModel, tokens_per_step
-
-MIN_REMAINING_TOKENS = 8
-"""Tokens a running call is taken to still need once it passed its expected length."""
+from policies.answer_lengths import AnswerLengths
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,31 @@ class Verdict:
                 f"(predicted to fit in {self.retry_after_s:.1f} s)")  # fmt: skip
 
 
+REFUSAL_REUSE_S = 0.2
+"""How long an ``engine_busy`` refusal stands for requests that ask no less (see above)."""
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A recent ``engine_busy`` verdict and what it was asked, with the engine it saw."""
+
+    at: float
+    verdict: Verdict
+    k: int
+    prompt_tokens: int
+    max_tokens: int
+    deadline_s: float
+    engine: tuple[int, int]  # (calls, branches) in flight or reserved
+
+    def covers(self, now: float, k: int, prompt_tokens: int, max_tokens: int,
+               deadline_s: float, engine: tuple[int, int]) -> bool:  # fmt: skip
+        age = now - self.at
+        return (0 <= age < min(REFUSAL_REUSE_S, self.verdict.retry_after_s)
+                and engine == self.engine and k == self.k
+                and prompt_tokens >= self.prompt_tokens and max_tokens >= self.max_tokens
+                and deadline_s <= self.deadline_s)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class _Call:
     branches: int
@@ -87,9 +118,9 @@ class Admission:
     :param model: the latency model to predict with now (called per decision, e.g. the online
         corrected one).
     :param method: the engine's speculative method (its step tables).
-    :param expected_tokens: expected answer length per branch (tokens), before ``max_tokens``;
-        a number, or a function giving the current estimate (the server learns it while it
-        serves: ``ServingLatency.expected_tokens``).
+    :param lengths: how long answers are: a number of tokens (every branch writes that many),
+        or a function giving the current estimate (the server learns it while it serves:
+        ``ServingLatency.answer_lengths``).
     :param acceptance: the draft acceptance rate (tokens per step at k > 0).
     :param n_grid: the branch counts the controller may pick.
     :param max_batch: the most sequences the engine steps at once.
@@ -101,24 +132,28 @@ class Admission:
         self,
         model: Callable[[], LatencyModel],
         method: str,
-        expected_tokens: float | Callable[[], float],
+        lengths: float | Callable[[], AnswerLengths],
         acceptance: float,
         n_grid: Sequence[int],
         max_batch: int,
         margin_s: float,
         in_flight: Callable[[], list[CallLoad]],
     ) -> None:
-        fixed = not callable(expected_tokens)
-        if (fixed and expected_tokens <= 0) or margin_s < 0 or not n_grid:
-            raise ValueError("expected_tokens must be > 0, margin_s >= 0 and n_grid non-empty")
-        self.model, self.method = model, method
-        self.expected_tokens = (lambda: float(expected_tokens)) if fixed else expected_tokens
-        self._expected = self.expected_tokens()  # refreshed at every decision
+        if margin_s < 0 or not n_grid:
+            raise ValueError(f"margin_s must be >= 0 and n_grid non-empty, got {margin_s!r} "
+                             f"and {n_grid!r}")  # fmt: skip
+        if not callable(lengths):
+            known = AnswerLengths.fixed(lengths)
+            lengths = lambda: known  # noqa: E731
+        self.model, self.method, self.lengths = model, method, lengths
+        self._lengths = lengths()  # refreshed at every decision
+        self._step_s: dict[tuple[int, int, int], float] = {}  # per decision: (model, batch, k)
         self.acceptance, self.n_grid = acceptance, tuple(sorted(set(n_grid)))
         self.max_batch, self.margin_s, self.in_flight = max_batch, margin_s, in_flight
         self._reserved: dict[int, CallLoad] = {}  # admitted, not yet in the engine
         self._ids = 0
         self._lock = threading.Lock()
+        self._refusal: _Refusal | None = None
 
     # --------------------------------------------------------------------- bookkeeping
     def reserve(self, verdict: Verdict, k: int, max_tokens: int, deadline_at: float) -> int:
@@ -151,9 +186,16 @@ class Admission:
                 CallLoad(c.live, 0, c.max_tokens, c.k, c.seconds_left - now)
                 for c in self._reserved.values()
             ]
-        self._expected = self.expected_tokens()
+        self._lengths = self.lengths()
+        self._step_s.clear()
         calls = [self._as_call(c) for c in [*self.in_flight(), *reserved]]
         busy = sum(c.branches for c in calls)
+        engine = (len(calls), busy)
+        memo = self._refusal
+        if memo is not None and memo.covers(now, k, prompt_tokens, max_tokens, deadline_s,
+                                            engine):  # fmt: skip
+            waited = now - memo.at
+            return replace(memo.verdict, retry_after_s=memo.verdict.retry_after_s - waited)
         need = self._remaining(max_tokens, 0)
         for n in reversed(self.n_grid):
             if busy + n > self.max_batch:
@@ -170,13 +212,18 @@ class Admission:
         if alone > deadline_s - self.margin_s:
             return Verdict(False, 0, "deadline_unmeetable", alone, math.inf)
         retry = self._retry_after(calls, model, prompt_tokens, need, k, deadline_s)
-        return Verdict(False, 0, "engine_busy", alone, retry)
+        verdict = Verdict(False, 0, "engine_busy", alone, retry)
+        self._refusal = _Refusal(now, verdict, k, prompt_tokens, max_tokens, deadline_s, engine)
+        return verdict
 
     def _remaining(self, max_tokens: int, done: int) -> float:
-        expected = min(self._expected, max_tokens)
-        if done < expected:
-            return expected - done
-        return float(min(MIN_REMAINING_TOKENS, max(max_tokens - done, 1)))
+        return self._lengths.remaining(done, max_tokens)
+
+    def finish_times(self, loads: list[CallLoad]) -> list[float]:
+        """Predicted seconds from now until each of ``loads`` is done, sharing the batch with
+        no new call (tests and ``policies.bench_decisions`` build busy engines with it)."""
+        self._lengths = self.lengths()
+        return self._finish_times([self._as_call(c) for c in loads], self.model(), 0.0)
 
     def _as_call(self, load: CallLoad) -> _Call:
         return _Call(load.live, self._remaining(load.max_tokens, load.tokens_done), load.k,
@@ -202,17 +249,27 @@ class Admission:
         finish = [0.0] * len(calls)
         order = sorted(range(len(calls)), key=lambda i: calls[i].remaining)
         t, advanced = prefill_s, 0.0
-        for position, i in enumerate(order):  # calls leave the batch in order of need
-            live = [calls[j] for j in order[position:]]
-            k = batch_k((c.k, c.branches) for c in live) or 0
-            batch = sum(c.branches for c in live)
+        live_by_k = Counter()  # branches asking each k, of the calls still in the batch
+        for c in calls:
+            live_by_k[c.k] += c.branches
+        for i in order:  # calls leave the batch in order of need
             tokens = calls[i].remaining - advanced
             if tokens > 0:
-                step_s = float(model.step_time(batch, k, self.method))
+                k = batch_k(live_by_k.items()) or 0
+                step_s = self._step_time(model, live_by_k.total(), k)
                 t += math.ceil(tokens / tokens_per_step(self.acceptance, k) - 1e-9) * step_s
                 advanced = calls[i].remaining
             finish[i] = t
+            live_by_k[calls[i].k] -= calls[i].branches
         return finish
+
+    def _step_time(self, model: LatencyModel, batch: int, k: int) -> float:
+        """``model``'s step time, memoised for the decision (the phases of its many predictions
+        repeat the same batches)."""
+        key = (id(model), batch, k)
+        if key not in self._step_s:
+            self._step_s[key] = float(model.step_time(batch, k, self.method))
+        return self._step_s[key]
 
     def _retry_after(
         self,
@@ -223,18 +280,32 @@ class Admission:
         k: int,
         deadline_s: float,
     ) -> float:
-        """Predicted seconds until a new call like this one would be admitted: the finish
-        times of the calls in flight, in order, until the ones left make room."""
+        """Predicted seconds until a new call like this one would be admitted: the first finish
+        of a call in flight after which the calls left make room.  Found by bisection over the
+        finishes in order (room only grows as calls leave: fewer remain, each with less to do),
+        so a refusal costs a few predictions, not one per call in flight: refusals come in
+        bursts, and each one holds up the next."""
         finish = self._finish_times(calls, model, 0.0)
         order = sorted(range(len(calls)), key=finish.__getitem__)
-        for position, i in enumerate(order):
+        new = _Call(self.n_grid[0], need, k, deadline_s)
+
+        def room_after(position: int) -> bool:
+            i = order[position]
             done = calls[i].remaining  # every call advanced as many tokens by then
             later = [
                 _Call(calls[j].branches, max(calls[j].remaining - done, 1.0), calls[j].k,
                       calls[j].seconds_left - finish[i])
                 for j in order[position + 1 :]
             ]  # fmt: skip
-            if self._joins(later, _Call(self.n_grid[0], need, k, deadline_s), model,
-                           prompt_tokens)[0]:  # fmt: skip
-                return finish[i]
+            return self._joins(later, new, model, prompt_tokens)[0]
+
+        low, high = 0, len(order)  # the first position with room is in [low, high]
+        while low < high:
+            middle = (low + high) // 2
+            if room_after(middle):
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(order):
+            return finish[order[low]]
         return max(finish, default=0.0)

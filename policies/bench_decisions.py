@@ -16,9 +16,15 @@ of every controller on the same state:
 - the rule controllers (margin, ESC, Adaptive-Consistency, static).
 
 ``begin`` (prompt features from the text, then inference) runs once per call, before the
-engine starts; it is reported too.  The learned policy is ``--policy`` or the default serving
-policy when that is a race policy; otherwise an untrained PPO race policy of ``train.py``'s
-network size on the CPU profile (timing does not depend on the weights).
+engine starts; it is reported too.  So is the server's admission decision
+(``policies.admission``, on the same profile's latency model) with 10 to 60 calls in flight
+that leave no room: the refusal path, its most expensive (it also predicts when to retry).
+The server takes it on its event loop for each request, and a burst of refusals queues behind
+it (target: a refusal within 50 ms of 50 clients arriving at once).
+
+The learned policy is ``--policy`` or the default serving policy when that is a race policy;
+otherwise an untrained PPO race policy of ``train.py``'s network size on the CPU profile
+(timing does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -112,6 +118,38 @@ def time_decisions(
     return timings, begins
 
 
+ADMISSION_CALLS = (10, 20, 40, 60)
+
+
+def time_admission(repeats: int = 50) -> dict[str, list[float]]:
+    """Per number of calls in flight, the microseconds of each refused ``Admission.decide``:
+    one-branch calls with 2 to 62 tokens written of 64, each due at its predicted finish plus
+    the margin, so none has room for a newcomer."""
+    from engine.batch_loop import CallLoad
+    from policies.admission import Admission
+
+    model = load_profile(PROFILE).latency_model()
+
+    def admission(loads: list[CallLoad], margin_s: float) -> Admission:
+        return Admission(lambda: model, "ngram", lengths=64.0, acceptance=0.2,
+                         n_grid=(1, 2, 4, 8), max_batch=64, margin_s=margin_s,
+                         in_flight=lambda: loads)  # fmt: skip
+
+    timings = {}
+    for count in ADMISSION_CALLS:
+        running = [CallLoad(1, 2 + i % 61, 64, 0, float("inf")) for i in range(count)]
+        finish = admission([], 0.0).finish_times(running)
+        loads = [CallLoad(1, c.tokens_done, 64, 0, t + 0.5) for c, t in zip(running, finish,
+                                                                          strict=True)]  # fmt: skip
+        busy = admission(loads, 0.5)
+        if busy.decide(100, 0, 64, 8.0).admitted:
+            raise RuntimeError("the busy engine built for timing admitted a call")
+        timings[f"admission refusal, {count} calls"] = [
+            _timed(busy.decide, 100, 0, 64, 8.0) for _ in range(repeats)
+        ]
+    return timings
+
+
 def summary(values: list[float], warmup: int = 20) -> dict:
     """Median and 99th percentile in microseconds, after the first ``warmup`` calls."""
     kept = np.asarray(values[warmup:] if len(values) > 2 * warmup else values)
@@ -129,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     controller, what = learned_policy(args.policy)
     timings, begins = time_decisions(controller, args.races, args.seed)
+    timings.update(time_admission())
     report = {
         "policy": what,
         "profile": PROFILE,

@@ -46,6 +46,9 @@ from pathlib import Path
 
 IN_TIME_SLACK_S = 0.1
 FAST_REFUSAL_S = 0.05
+ARRIVAL_BURST_S = 1.0
+"""Requests sent this soon after a level starts arrive together (every client's first); their
+refusals are reported apart from the rest."""
 
 
 # ------------------------------------------------------------------------ client process
@@ -152,6 +155,8 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
     latencies = sorted(r["elapsed_s"] for r in ok)
     ratios = [r["predicted_s"] / r["elapsed_s"] for r in ok if r.get("predicted_s")]
     refusal_s = sorted(r["elapsed_s"] for r in refused)
+    burst_s = [r["elapsed_s"] for r in refused if r["sent_s"] < ARRIVAL_BURST_S]
+    after_s = [r["elapsed_s"] for r in refused if r["sent_s"] >= ARRIVAL_BURST_S]
 
     def pct(values, q):
         return values[min(len(values) - 1, int(q * len(values)))] if values else None
@@ -170,6 +175,9 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
         "refused": len(refused),
         "refusal_p95_s": pct(refusal_s, 0.95),
         "refusal_max_s": refusal_s[-1] if refusal_s else None,
+        "refused_within_50ms": sum(t <= FAST_REFUSAL_S for t in refusal_s),
+        "refusal_burst_max_s": max(burst_s, default=None),
+        "refusal_after_burst_max_s": max(after_s, default=None),
         "late": len(ok) - len(in_time),
         "errors": sum(r["status"] not in (200, 429) for r in results),
         "latency_p50_s": statistics.median(latencies) if latencies else None,
@@ -182,8 +190,9 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
 
 def _table(rows: list[dict]) -> str:
     head = ("| clients | mode | deadline s | requests | in time | in time / min | with answer | "
-            "correct | refused | refusal p95 ms | late | p50 s | p95 s | batch max |")  # fmt: skip
-    lines = [head, "|" + "---|" * 14]
+            "correct | refused | refusal p95 ms | refusal max ms: arrival burst / after | late | "
+            "p50 s | p95 s | batch max |")  # fmt: skip
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         s = r["summary"]
 
@@ -197,7 +206,8 @@ def _table(rows: list[dict]) -> str:
             f"| {r['clients']} | {r['mode']} | {r['deadline_s']:g} | {s['requests']} | "
             f"{s['answered_in_time']} ({s['answered_in_time_share']:.0%}) | "
             f"{s['answered_in_time_per_min']:.1f} | {s['with_answer']} | {s['correct']} | "
-            f"{s['refused']} | {ms(s['refusal_p95_s'])} | {s['late']} | "
+            f"{s['refused']} | {ms(s['refusal_p95_s'])} | {ms(s['refusal_burst_max_s'])} / "
+            f"{ms(s['refusal_after_burst_max_s'])} | {s['late']} | "
             f"{sec(s['latency_p50_s'])} | {sec(s['latency_p95_s'])} | {s['batch_max']} |"
         )
     return "\n".join(lines)

@@ -87,6 +87,10 @@ GIL_SWITCH_S = 0.001
 """The interpreter's thread switch interval while serving (Python's default is 5 ms): the event
 loop shares the interpreter with the engine thread and one worker per running call, and a
 refusal is only as fast as the loop gets to run."""
+VERDICTS_FIRST_S = 0.05
+"""Longest an admitted call waits, before its work starts, for the verdicts of the requests
+that arrived with it (``CompletionService._after_pending_verdicts``)."""
+VERDICT_POLL_S = 0.001
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 LATENESS_WINDOW = 16
 """Recent calls over which the largest lateness of a result reaching the event loop is kept."""
@@ -162,11 +166,12 @@ class CompletionService:
         self.response_margin_s = response_margin_s
         self.metrics = ServiceMetrics(controller.n_grid, controller.k_grid)
         self.admission = Admission(
-            latency.model, latency.method, latency.expected_tokens, latency.acceptance,
+            latency.model, latency.method, latency.answer_lengths, latency.acceptance,
             controller.n_grid, self.engine.config.max_batch, margin_s,
             self.engine.batch.calls_in_flight,
         )  # fmt: skip
         self._running = 0
+        self._deciding = 0  # requests between arrival and their verdict (event loop only)
         self._last_k = min(controller.k_grid)  # the k admission expects the next call to ask
         self._lateness: deque[float] = deque(maxlen=LATENESS_WINDOW)
         self._lock = threading.Lock()
@@ -193,9 +198,14 @@ class CompletionService:
         arrival = time.monotonic()
         status = "500"
         try:
-            body, problem, deadline, max_tokens, prepared = await self._parse(request, endpoint)
-            verdict, ticket = self._admit(problem, prepared, max_tokens, arrival + deadline)
+            self._deciding += 1
             try:
+                body, problem, deadline, max_tokens, prepared = await self._parse(request, endpoint)
+                verdict, ticket = self._admit(problem, prepared, max_tokens, arrival + deadline)
+            finally:
+                self._deciding -= 1
+            try:
+                await self._after_pending_verdicts()
                 prepared = prepared or await self._prepare(problem, endpoint)
                 solution, wanted_n = await self._run(
                     prepared, max_tokens, verdict, ticket, arrival + deadline, request
@@ -213,6 +223,22 @@ class CompletionService:
             return Response(status_code=499)
         finally:
             self.metrics.requests.labels(endpoint, status).inc()
+
+    async def _after_pending_verdicts(self) -> None:
+        """Let every request that has arrived get its verdict before this call's work starts
+        (at most ``VERDICTS_FIRST_S``).
+
+        The event loop shares the interpreter with the engine thread and a thread per running
+        call.  When 50 clients arrive at once, the calls admitted first would otherwise start
+        tokenizing, choosing n and k and prefilling at once, and every refusal after them
+        would wait its turn for the interpreter behind all of that (377 ms for the last one in
+        a measured burst).  A verdict takes about a millisecond of the loop; an admitted call
+        loses at most ``VERDICTS_FIRST_S`` of its deadline, which admission does not count on.
+        """
+        await asyncio.sleep(0)  # handlers of requests that arrived meanwhile start first
+        give_up = time.monotonic() + VERDICTS_FIRST_S
+        while self._deciding and time.monotonic() < give_up:
+            await asyncio.sleep(VERDICT_POLL_S)
 
     async def _parse(
         self, request: Request, endpoint: str

@@ -8,17 +8,19 @@ progress bar), then every decode step of every call feeds an ``OnlineCorrection`
 listener, ``engine.batch_loop.BatchStep``).  Admission (``policies.admission``) asks ``model()``
 for the corrected model at each decision; it is rebuilt at most every ``refresh_s``.
 
-The profile also gives admission its other two inputs: how long an answer is expected to be and
-the draft acceptance rate of the engine's method.  The expected length is a quantile of recent
-branch lengths: the profile's at start, then more and more the served ones (``observe``; a
-branch cut by its token limit counts as "as long as the request allows", and a quantile there
-means just that).  A small profile can be far off: the shipped CPU profile's 24 problems put
-the median at its 256-token limit, while the MATH-500 answers served here mostly stop sooner.
+The profile also gives admission its other two inputs: how long answers are and the draft
+acceptance rate of the engine's method.  Lengths are a Kaplan-Meier estimate
+(``policies.answer_lengths``) over a window of recent branches: ``PROFILE_PRIOR_LENGTHS``
+spread over the profile's at start, then the served ones (``observe``: finished branches are
+lengths, branches cut by their limit or aborted are lower bounds).  The prior is kept small on
+purpose: a small profile can be far off (the shipped CPU profile's 24 problems put half of its
+branches at its 256-token limit, while the MATH-500 answers served here mostly stop near 180
+tokens), and a prior of the whole profile's 192 branches took the first hundred served answers
+to give way, refusing calls that would have been on time meanwhile.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -31,11 +33,14 @@ from engine.batch_loop import BatchStep
 from env.latency_model import LatencyModel
 from env.profiles.online_calibration import OnlineCorrection, quick_calibration
 from env.profiles.store import Profile, load_profile
+from policies.answer_lengths import AnswerLengths
 
 DEFAULT_LENGTH_QUANTILE = 0.5
-"""Quantile of the profile's branch lengths taken as a call's expected answer length."""
-LENGTH_WINDOW = 200
-"""Branch lengths the expected-length quantile is taken over (the most recent ones)."""
+"""Quantile of a branch's (remaining) length that admission plans with."""
+LENGTH_WINDOW = 96
+"""Branches the length estimate is taken over (the most recent ones)."""
+PROFILE_PRIOR_LENGTHS = 16
+"""Profile branches (evenly spread over its sorted lengths) the window starts with."""
 CORRECTION_HALF_LIFE_S = 60.0
 """Half-life of an online ratio without engine steps: a server that learnt it was slow (and so
 refuses the work that would show otherwise) trusts its start-up calibration again within
@@ -48,19 +53,20 @@ class ServingLatency:
 
     :param correction: the online correction over the (start-calibrated) profile model.
     :param method: the engine's speculative method (its step tables).
-    :param lengths: recent branch lengths (inf: cut by the token limit), the profile's first.
+    :param lengths: recent branches as (tokens, finished), the profile's first.
     :param acceptance: the method's mean per-token draft acceptance in the profile.
-    :param length_quantile: the quantile of ``lengths`` taken as the expected length.
-    :param refresh_s: how often ``model()`` rebuilds the corrected model.
+    :param length_quantile: the quantile of the (remaining) length admission plans with.
+    :param refresh_s: how often ``model()`` and ``answer_lengths()`` are rebuilt.
     """
 
     correction: OnlineCorrection
     method: str
-    lengths: deque[float]
+    lengths: deque[tuple[float, bool]]
     acceptance: float
     length_quantile: float = DEFAULT_LENGTH_QUANTILE
     refresh_s: float = 1.0
     _cached: tuple[float, LatencyModel] | None = field(default=None, repr=False)
+    _cached_lengths: tuple[float, AnswerLengths] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -91,13 +97,11 @@ class ServingLatency:
         if engine is not None and calibrate_s > 0:
             texts = [row["problem"] for row in profile.rows[:40]]
             model = quick_calibration(engine, model, calibrate_s, progress, texts=texts)
-        lengths = np.concatenate([np.asarray(r["branch_tokens"], float) for r in profile.rows])
-        limit = float(profile.manifest["sampling"]["max_tokens"])
         accept = [profile.acceptance(row, method) for row in profile.rows]
         latency = cls(
             OnlineCorrection(model, half_life_s=CORRECTION_HALF_LIFE_S),
             method,
-            deque(np.where(lengths >= limit, math.inf, lengths)[-LENGTH_WINDOW:], LENGTH_WINDOW),
+            deque(profile_prior(profile), LENGTH_WINDOW),
             float(np.mean(accept)) if accept else 0.0,
             length_quantile,
         )
@@ -113,23 +117,23 @@ class ServingLatency:
         if not step.prefill and step.batch > 0 and known:
             self.correction.update(self.method, step.k, step.batch, step.step_s)
 
-    def expected_tokens(self) -> float:
-        """The expected answer length per branch now (inf: as long as the request allows)."""
+    def answer_lengths(self) -> AnswerLengths:
+        """The length estimate as of at most ``refresh_s`` ago."""
+        now = time.monotonic()
         with self._lock:
-            lengths = np.fromiter(self.lengths, float)
-        if not len(lengths):
-            return math.inf
-        # quantile over inf values: 'inverted_cdf' picks an observed value, never inf - inf
-        return float(np.quantile(lengths, self.length_quantile, method="inverted_cdf"))
+            if self._cached_lengths is None or now - self._cached_lengths[0] > self.refresh_s:
+                fitted = AnswerLengths.fit(self.lengths, self.length_quantile)
+                self._cached_lengths = (now, fitted)
+            return self._cached_lengths[1]
 
     def observe(self, branches: Iterable[dict]) -> None:
         """Add a served call's branches (``Solution.branches``): one that stopped gives its
-        length, one cut by its token limit counts as unbounded, an aborted one (deadline, early
-        stop) says nothing certain and is left out."""
-        new = [b["tokens"] if b["finish_reason"] == "stop" else math.inf for b in branches
-               if b["finish_reason"] in ("stop", "length")]  # fmt: skip
+        length; one cut by its token limit or aborted (deadline, early stop) was at least as
+        long as what it wrote."""
+        new = [(float(b["tokens"]), b["finish_reason"] == "stop") for b in branches]
         with self._lock:
             self.lengths.extend(new)
+            self._cached_lengths = None
 
     def model(self) -> LatencyModel:
         """The corrected model as of at most ``refresh_s`` ago."""
@@ -138,3 +142,15 @@ class ServingLatency:
             if self._cached is None or now - self._cached[0] > self.refresh_s:
                 self._cached = (now, self.correction.corrected())
             return self._cached[1]
+
+
+def profile_prior(profile: Profile) -> list[tuple[float, bool]]:
+    """``PROFILE_PRIOR_LENGTHS`` of the profile's branches, evenly spread over its sorted
+    lengths, as (tokens, finished): a branch at the profile's token limit was cut there."""
+    limit = float(profile.manifest["sampling"]["max_tokens"])
+    lengths = np.sort(np.concatenate([np.asarray(r["branch_tokens"], float)
+                                      for r in profile.rows]))  # fmt: skip
+    if not len(lengths):
+        return []
+    picks = lengths[np.linspace(0, len(lengths) - 1, PROFILE_PRIOR_LENGTHS).round().astype(int)]
+    return [(float(t), bool(t < limit)) for t in picks]

@@ -4,12 +4,13 @@ refuse with a reason and a retry time that would work, and count reserved calls.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from engine.batch_loop import CallLoad
 from env.profiles.store import load_profile
-from policies.admission import Admission
+from policies.admission import REFUSAL_REUSE_S, Admission
 
 METHOD = "ngram"
 
@@ -20,7 +21,7 @@ def model():
 
 
 def _admission(model, in_flight=(), n_grid=(1, 2, 4, 8), margin_s=0.5, max_batch=64):
-    return Admission(lambda: model, METHOD, expected_tokens=100.0, acceptance=0.5,
+    return Admission(lambda: model, METHOD, lengths=100.0, acceptance=0.5,
                      n_grid=n_grid, max_batch=max_batch, margin_s=margin_s,
                      in_flight=lambda: list(in_flight))  # fmt: skip
 
@@ -47,9 +48,8 @@ def test_the_answer_length_is_capped_by_max_tokens(model):
 def _with_slack(model, live: list[int], slack_s: float) -> list[CallLoad]:
     """Calls in flight (``live`` branches each, 100 tokens to go) whose deadlines leave
     ``slack_s`` after their predicted finish (margin included) as they run now."""
-    probe = _admission(model, margin_s=0.0)
     calls = [CallLoad(n, 0, 256, 0, math.inf) for n in live]
-    finish = probe._finish_times([probe._as_call(c) for c in calls], model, 0.0)
+    finish = _admission(model, margin_s=0.0).finish_times(calls)
     return [CallLoad(c.live, 0, 256, 0, t + 0.5 + slack_s) for c, t in zip(calls, finish,
                                                                         strict=True)]  # fmt: skip
 
@@ -75,6 +75,31 @@ def test_a_full_engine_refuses_with_a_retry_time_that_works(model):
     assert len(later) < len(busy)
 
 
+def test_a_refusal_stands_briefly_for_requests_that_ask_no_less(model):
+    """While the engine's calls and branches stay the same, an engine_busy refusal is reused for
+    REFUSAL_REUSE_S (its retry time counting down) by requests with no shorter prompt, no more
+    time and the same k; anything else is predicted afresh.  The calls' deadlines are moved far
+    out after the first refusal, so a fresh prediction admits: that tells the two apart."""
+    in_flight = _with_slack(model, [8, 8, 4, 2], 0.0)
+    admission = _admission(model, in_flight)
+    admission.in_flight = lambda: list(in_flight)
+    first = admission.decide(100, 0, 256, deadline_s=120.0, now=10.0)
+    assert not first.admitted and first.reason == "engine_busy"
+    in_flight[:] = [replace(c, seconds_left=1e4) for c in in_flight]
+    reused = admission.decide(150, 0, 256, deadline_s=119.0, now=10.05)
+    assert not reused.admitted
+    assert reused.retry_after_s == pytest.approx(first.retry_after_s - 0.05)
+    assert admission.decide(50, 0, 256, 119.0, now=10.06).admitted  # shorter prompt
+    assert admission.decide(150, 0, 256, 121.0, now=10.07).admitted  # more time
+    assert admission.decide(150, 2, 256, 119.0, now=10.08).admitted  # another k
+    assert admission.decide(150, 0, 256, 119.0, now=10.001 + REFUSAL_REUSE_S).admitted
+    # a call that leaves makes room sooner than predicted: no reuse either
+    in_flight[:] = _with_slack(model, [8, 8, 4, 2], 0.0)
+    assert not admission.decide(100, 0, 256, 120.0, now=20.0).admitted
+    in_flight[:] = [replace(c, seconds_left=1e4) for c in in_flight[1:]]
+    assert admission.decide(150, 0, 256, 119.0, now=20.05).admitted
+
+
 def test_a_reserved_call_counts_until_released(model):
     admission = _admission(model, max_batch=10)
     first = admission.decide(100, 0, 32, 60.0)
@@ -86,5 +111,5 @@ def test_a_reserved_call_counts_until_released(model):
 
 
 def test_bad_settings_are_refused(model):
-    with pytest.raises(ValueError, match="expected_tokens"):
+    with pytest.raises(ValueError, match="length must be > 0"):
         Admission(lambda: model, METHOD, 0.0, 0.5, (1,), 8, 0.5, list)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from policies.bench_decisions import RULES, main
+from policies.bench_decisions import ADMISSION_CALLS, RULES, main
 
 
 def test_benchmark_reports_median_and_p99_per_controller(tmp_path):
     report = main(["--races", "5", "--out", str(tmp_path / "decisions.json")])
-    assert set(report["decide"]) == {"learned (served)", "learned (SB3 predict)", *RULES}
+    admission = {f"admission refusal, {count} calls" for count in ADMISSION_CALLS}
+    assert set(report["decide"]) == {"learned (served)", "learned (SB3 predict)", *RULES,
+                                     *admission}  # fmt: skip
     for figures in (*report["decide"].values(), report["begin"]):
         assert 0 < figures["median_us"] <= figures["p99_us"] and figures["count"] > 0
     assert (tmp_path / "decisions.json").is_file()

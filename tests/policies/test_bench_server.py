@@ -9,9 +9,17 @@ from policies.bench_server import summarize
 
 
 def _record(
-    status, elapsed, answer=None, problem="p1", batch_max=3, admission="fits", degraded=False
+    status,
+    elapsed,
+    answer=None,
+    problem="p1",
+    batch_max=3,
+    admission="fits",
+    degraded=False,
+    sent=5.0,
 ):
     return {"problem": problem, "status": status, "elapsed_s": elapsed, "answer": answer,
+            "sent_s": sent,
             "batch_max": batch_max, "admission": admission, "degraded": degraded,
             "error": None}  # fmt: skip
 
@@ -24,14 +32,17 @@ def test_in_time_late_refused_and_correct_are_counted_apart():
         _record(200, 30.5, "42"),  # late
         _record(429, 0.004),
         _record(429, 0.03),
+        _record(429, 0.08, sent=0.01),  # in the arrival burst
         _record(500, 1.0),
     ]
     s = summarize(results, deadline=30.0, duration=60.0, gold=gold)
     assert (s["requests"], s["answered_in_time"], s["late"], s["refused"], s["errors"]) == (
-        6, 2, 1, 2, 1)  # fmt: skip
+        7, 2, 1, 3, 1)  # fmt: skip
     assert s["answered_in_time_per_min"] == pytest.approx(2.0)
     assert (s["with_answer"], s["correct"]) == (2, 1)
-    assert s["refusal_max_s"] == pytest.approx(0.03)
+    assert s["refusal_max_s"] == pytest.approx(0.08) and s["refused_within_50ms"] == 2
+    assert s["refusal_burst_max_s"] == pytest.approx(0.08)
+    assert s["refusal_after_burst_max_s"] == pytest.approx(0.03)
     assert s["latency_p50_s"] == pytest.approx(30.05) and s["batch_max"] == 3
 
 

@@ -3,22 +3,23 @@ acceptance, and the online correction fed by engine steps."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from engine.batch_loop import BatchStep
-from policies.serving_latency import ServingLatency
+from policies.serving_latency import LENGTH_WINDOW, PROFILE_PRIOR_LENGTHS, ServingLatency
 
 PROFILE = "smollm2-135m-cpu"
 
 
-def test_expected_length_is_a_quantile_and_the_token_limit_means_unbounded():
-    """Half of the profile's branches hit its 256-token limit: the median says "as long as the
-    request allows"; the lower quartile is a length."""
-    assert math.isinf(ServingLatency.from_profile(PROFILE, method="ngram").expected_tokens())
+def test_the_profile_prior_counts_branches_at_its_limit_as_cut():
+    """Half of the profile's branches hit its 256-token limit: the prior keeps them as lower
+    bounds, so the median is the longest finished length below the limit."""
+    latency = ServingLatency.from_profile(PROFILE, method="ngram")
+    assert len(latency.lengths) == PROFILE_PRIOR_LENGTHS
+    assert sum(not finished for _, finished in latency.lengths) == PROFILE_PRIOR_LENGTHS // 2
+    assert 200 < latency.answer_lengths().expected(limit=512) < 256
     quartile = ServingLatency.from_profile(PROFILE, method="ngram", length_quantile=0.25)
-    assert 100 < quartile.expected_tokens() < 256
+    assert 20 < quartile.answer_lengths().expected(512) < 200
     assert 0 <= quartile.acceptance <= 1
 
 
@@ -45,14 +46,15 @@ def test_bad_settings_name_what_is_allowed(kwargs, message):
         ServingLatency.from_profile(PROFILE, **kwargs)
 
 
-def test_served_lengths_replace_the_profiles():
-    """Served answers that stop at about 120 tokens pull the median down from the profile's
-    token limit; answers cut by their limit count as unbounded; aborted ones say nothing."""
+def test_served_lengths_take_over_from_the_profile_within_a_few_calls():
+    """Fifteen served calls whose answers stop at 120 tokens pull the median down from the profile's
+    token limit (aborted branches shorter than that only leave the risk set); answers cut by
+    their limit are lower bounds, and a window of them says "as long as allowed" again."""
     latency = ServingLatency.from_profile(PROFILE, method="ngram")
-    for _ in range(120):
+    for _ in range(15):
         latency.observe([{"tokens": 120, "finish_reason": "stop"},
                          {"tokens": 30, "finish_reason": "aborted"}])  # fmt: skip
-    assert latency.expected_tokens() == 120
-    for _ in range(150):
+    assert latency.answer_lengths().expected(512) == 120
+    for _ in range(LENGTH_WINDOW):
         latency.observe([{"tokens": 64, "finish_reason": "length"}])
-    assert math.isinf(latency.expected_tokens())
+    assert latency.answer_lengths().expected(512) == 512
