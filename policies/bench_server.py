@@ -18,10 +18,15 @@ and sends its next problem, so in both modes the engine always has work waiting.
 within each level, so drifts in the machine's load hit both.  The clients run in their own
 process.  A stress level follows (``--stress 50:8:32``: 50 clients, 8 s deadlines, answers of at
 most 32 tokens, batched only): every request must be answered in time or refused within 50 ms.
+Refusals of the clients' first requests, which all arrive at once, are reported apart from the
+later ones.  Beside it, mode ``floor`` sends the same clients to a bare FastAPI app that refuses
+every request at once (same error handlers, no engine, ``FLOOR_DURATION_S``): how fast this
+machine's HTTP stack and client can refuse such a burst at all.
 
 The deadline, 45 s by default, fits this CPU: the bundled model writes up to the engine's 256
-tokens per answer (half of its MATH-500 answers reach that limit) at about 15 tokens/s alone,
-so one call takes up to about 17 s alone and about 35 s in a batch of ten.
+tokens per answer at about 15 tokens/s alone,
+so one call takes up to about 17 s alone and about 35 s in a batch of ten (most answers stop
+sooner).
 
 Per level and mode it prints and writes (``bench_server.json``, ``bench_server.png``):
 answered in time (200 within deadline + 0.1 s) per minute, how many had an answer and how many
@@ -46,6 +51,7 @@ from pathlib import Path
 
 IN_TIME_SLACK_S = 0.1
 FAST_REFUSAL_S = 0.05
+FLOOR_DURATION_S = 15.0
 ARRIVAL_BURST_S = 1.0
 """Requests sent this soon after a level starts arrive together (every client's first); their
 refusals are reported apart from the rest."""
@@ -123,6 +129,30 @@ class _Server:
     def stop(self) -> None:
         self.uv.should_exit = True
         self.thread.join(timeout=60)
+
+
+def refusal_floor_app():
+    """A FastAPI app that refuses every completion at once (429, the server's error shape), with
+    no engine behind it: the floor of the stress level's refusal times on this machine."""
+    from fastapi import FastAPI
+    from starlette.responses import JSONResponse
+
+    from policies.openai_api import APIError, install_error_handlers, read_json
+
+    async def health(_) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def refuse(request) -> None:
+        await read_json(request, 1_000_000)
+        raise APIError(429, "server busy (floor: every request is refused)", "overloaded_error",
+                       "deadline_s", "engine_busy", {"retry-after": "1"})  # fmt: skip
+
+    app = FastAPI()
+    install_error_handlers(app)
+    # plain routes: this module imports FastAPI lazily, so annotations could not be resolved
+    app.router.add_route("/health", health, methods=["GET"])
+    app.router.add_route("/v1/chat/completions", refuse, methods=["POST"])
+    return app
 
 
 def _rss_mb() -> float:
@@ -281,17 +311,23 @@ def main(argv: list[str] | None = None) -> None:
         levels.append((int(clients), float(deadline), int(tokens), True))
     rows = []
     for clients, deadline, request_tokens, stress in levels:
-        for mode in ["batched"] if stress else args.modes:
+        for mode in ["floor", "batched"] if stress else args.modes:
             rss_before = _rss_mb()
             started = time.monotonic()
-            app = create_app(controller, latency, max_calls=max_calls[mode])  # a fresh service
-            results = _level(app, clients, deadline, args.duration, args.pause_s, request_tokens,
+            floor = mode == "floor"  # else a fresh service
+            app = (
+                refusal_floor_app()
+                if floor
+                else create_app(controller, latency, max_calls=max_calls[mode])
+            )
+            duration = FLOOR_DURATION_S if floor else args.duration
+            results = _level(app, clients, deadline, duration, args.pause_s, request_tokens,
                              texts, out)  # fmt: skip
             row = {
                 "clients": clients, "mode": mode, "deadline_s": deadline, "stress": stress,
                 "request_max_tokens": request_tokens,
                 "wall_s": time.monotonic() - started,
-                "summary": summarize(results, deadline, args.duration, gold),
+                "summary": summarize(results, deadline, duration, gold),
                 "engine_left_requests": engine.has_unfinished_requests(),
                 "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
                 "latency_factors": {f"{key.method}/{key.k}": round(f, 3)

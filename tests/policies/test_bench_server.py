@@ -49,3 +49,22 @@ def test_in_time_late_refused_and_correct_are_counted_apart():
 def test_no_answers_leave_the_latencies_empty():
     s = summarize([_record(429, 0.01)], deadline=8.0, duration=60.0, gold={})
     assert s["answered_in_time"] == 0 and s["latency_p50_s"] is None
+
+
+def test_the_floor_app_refuses_every_request_in_the_servers_error_shape():
+    """The stress level's floor: a bare app that answers every completion with 429."""
+    import asyncio
+
+    import httpx
+
+    from policies.bench_server import refusal_floor_app
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=refusal_floor_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://floor") as http:
+            body = {"model": "m", "messages": [{"role": "user", "content": "1 + 1?"}]}
+            return await http.post("/v1/chat/completions", json=body)
+
+    response = asyncio.run(ask())
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "engine_busy"
