@@ -172,7 +172,9 @@ class CompletionService:
         )  # fmt: skip
         self._running = 0
         self._deciding = 0  # requests between arrival and their verdict (event loop only)
-        self._last_k = min(controller.k_grid)  # the k admission expects the next call to ask
+        # what admission expects the next call's controller to ask: the last call's k and n
+        # (n: the most branches until a call has started)
+        self._last_k, self._last_n = min(controller.k_grid), max(controller.n_grid)
         self._lateness: deque[float] = deque(maxlen=LATENESS_WINDOW)
         self._lock = threading.Lock()
         self.metrics.running.set_function(lambda: self._running)
@@ -325,7 +327,8 @@ class CompletionService:
             if not verdict.admitted:
                 self._refuse(verdict.reason, verdict.message, verdict.retry_after_s)
             self._running += 1
-        return verdict, self.admission.reserve(verdict, self._last_k, tokens, now + left)
+        ticket = self.admission.reserve(verdict, self._last_k, tokens, now + left, self._last_n)
+        return verdict, ticket
 
     def _done(self, ticket: int) -> None:
         """An admitted request ended (answered, failed or gone)."""
@@ -367,7 +370,7 @@ class CompletionService:
 
         def started(n: int, k: int) -> None:
             self.admission.release(ticket)  # the engine counts the call from now on
-            self._last_k, wanted[0] = k, n
+            self._last_k, self._last_n, wanted[0] = k, n, n
             if n > verdict.max_n:
                 self.metrics.degraded.inc()
 

@@ -108,6 +108,12 @@ def test_a_reserved_call_counts_until_released(model):
     assert admission.decide(100, 0, 32, 60.0).max_n == 2  # 8 of the 10 sequences are held
     admission.release(ticket)
     assert admission.decide(100, 0, 32, 60.0).max_n == 8
+    # a call expected to start 2 branches holds 2 (never more than its cap)
+    ticket = admission.reserve(first, 0, 32, deadline_at=1e9, branches=2)
+    assert admission.decide(100, 0, 32, 60.0).max_n == 8
+    admission.release(ticket)
+    admission.reserve(replace(first, max_n=4), 0, 32, deadline_at=1e9, branches=8)
+    assert admission.decide(100, 0, 32, 60.0).max_n == 4
 
 
 def test_bad_settings_are_refused(model):
