@@ -233,9 +233,9 @@ class CompletionService:
         The event loop shares the interpreter with the engine thread and a thread per running
         call.  When 50 clients arrive at once, the calls admitted first would otherwise start
         tokenizing, choosing n and k and prefilling at once, and every refusal after them
-        would wait its turn for the interpreter behind all of that (377 ms for the last one in
-        a measured burst).  A verdict takes about a millisecond of the loop; an admitted call
-        loses at most ``VERDICTS_FIRST_S`` of its deadline, which admission does not count on.
+        would wait its turn for the interpreter behind all of that.  A verdict takes about a
+        millisecond of the loop; an admitted call loses at most ``VERDICTS_FIRST_S`` of its
+        deadline (within the response margin kept back from every deadline).
         """
         await asyncio.sleep(0)  # handlers of requests that arrived meanwhile start first
         give_up = time.monotonic() + VERDICTS_FIRST_S
