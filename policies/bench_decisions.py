@@ -18,7 +18,8 @@ of every controller on the same state:
 ``begin`` (prompt features from the text, then inference) runs once per call, before the
 engine starts; it is reported too.  So is the server's admission decision
 (``policies.admission``, on the same profile's latency model) with 10 to 60 calls in flight
-that leave no room: the refusal path, its most expensive (it also predicts when to retry).
+that leave no room: the refusal path, its most expensive (it also predicts when to retry),
+predicted afresh and reused (``policies.admission.REFUSAL_REUSE_S``).
 The server takes it on its event loop for each request, and a burst of refusals queues behind
 it (target: a refusal within 50 ms of 50 clients arriving at once).
 
@@ -122,7 +123,8 @@ ADMISSION_CALLS = (10, 20, 40, 60)
 
 
 def time_admission(repeats: int = 50) -> dict[str, list[float]]:
-    """Per number of calls in flight, the microseconds of each refused ``Admission.decide``:
+    """Per number of calls in flight, the microseconds of each refused ``Admission.decide``
+    (predicted, then reused):
     one-branch calls with 2 to 62 tokens written of 64, each due at its predicted finish plus
     the margin, so none has room for a newcomer."""
     from engine.batch_loop import CallLoad
@@ -144,8 +146,12 @@ def time_admission(repeats: int = 50) -> dict[str, list[float]]:
         busy = admission(loads, 0.5)
         if busy.decide(100, 0, 64, 8.0).admitted:
             raise RuntimeError("the busy engine built for timing admitted a call")
+        # a second apart: each refusal predicted afresh; a microsecond apart: reused
         timings[f"admission refusal, {count} calls"] = [
-            _timed(busy.decide, 100, 0, 64, 8.0) for _ in range(repeats)
+            _timed(busy.decide, 100, 0, 64, 8.0, now=float(i)) for i in range(repeats)
+        ]
+        timings[f"admission refusal reused, {count} calls"] = [
+            _timed(busy.decide, 100, 0, 64, 8.0, now=repeats + i * 1e-6) for i in range(repeats)
         ]
     return timings
 

@@ -133,6 +133,9 @@ class DecodingController:
         if isinstance(policy, str | Path):
             policy = load_race_policy(policy)
         self.engine, self.checkpoints, self.logprobs = engine, tuple(checkpoints), logprobs
+        self.last_start: tuple[int, int] | None = None
+        """(n, k) the race controller chose for the latest call (before any cap): what the next
+        call most likely asks, which the server's admission plans with before it starts."""
         config = engine.config
         if isinstance(policy, SavedRacePolicy):
             self.policy = policy
@@ -184,10 +187,16 @@ class DecodingController:
         deadline = self.engine.check_deadline(deadline_s)
         prepared = self.prepare(problem)
         info = ProblemInfo(-1, "", prepared.text, prepared.prompt_tokens)
+
+        def started(n: int, k: int) -> None:
+            self.last_start = (n, k)
+            if on_start is not None:
+                on_start(n, k)
+
         race = run_live_race(self.engine, self.race_controller, info, prepared.prompt_ids,
                              deadline, checkpoints=self.checkpoints, max_tokens=max_tokens,
                              cancel=cancel, logprobs=self.logprobs, started_at=start,
-                             max_n=max_n, on_start=on_start)  # fmt: skip
+                             max_n=max_n, on_start=started)  # fmt: skip
         call_deadline = race.state.deadline_s
         budget = 1.0 if deadline is None else call_deadline / deadline
         solution = _solution(race, budget, time.monotonic() - start, deadline)

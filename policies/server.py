@@ -172,9 +172,6 @@ class CompletionService:
         )  # fmt: skip
         self._running = 0
         self._deciding = 0  # requests between arrival and their verdict (event loop only)
-        # what admission expects the next call's controller to ask: the last call's k and n
-        # (n: the most branches until a call has started)
-        self._last_k, self._last_n = min(controller.k_grid), max(controller.n_grid)
         self._lateness: deque[float] = deque(maxlen=LATENESS_WINDOW)
         self._lock = threading.Lock()
         self.metrics.running.set_function(lambda: self._running)
@@ -280,7 +277,8 @@ class CompletionService:
                 message = f"server busy: {running} calls running (max_calls={self.max_calls})"
             else:
                 left = self._time_left(arrival + deadline, now)
-                verdict = self.admission.decide(prompt_tokens, self._last_k, tokens, left, now)
+                _, k = self._expected_start()
+                verdict = self.admission.decide(prompt_tokens, k, tokens, left, now)
                 message = verdict.message if not verdict.admitted else ""
         calls, branches = self.engine.batch.load
         return {
@@ -323,12 +321,18 @@ class CompletionService:
                 self._refuse("server_full", f"server busy: {self._running} calls running "
                              f"(max_calls={self.max_calls})", 1.0)  # fmt: skip
             left = self._time_left(deadline_at, now)
-            verdict = self.admission.decide(prompt_tokens, self._last_k, tokens, left, now)
+            n, k = self._expected_start()
+            verdict = self.admission.decide(prompt_tokens, k, tokens, left, now)
             if not verdict.admitted:
                 self._refuse(verdict.reason, verdict.message, verdict.retry_after_s)
             self._running += 1
-        ticket = self.admission.reserve(verdict, self._last_k, tokens, now + left, self._last_n)
-        return verdict, ticket
+        return verdict, self.admission.reserve(verdict, k, tokens, now + left, n)
+
+    def _expected_start(self) -> tuple[int, int]:
+        """The (n, k) admission expects a new call's controller to choose: the latest call's
+        (``DecodingController.last_start``), else the most branches and the least k."""
+        return self.controller.last_start or (max(self.controller.n_grid),
+                                              min(self.controller.k_grid))  # fmt: skip
 
     def _done(self, ticket: int) -> None:
         """An admitted request ended (answered, failed or gone)."""
@@ -370,7 +374,7 @@ class CompletionService:
 
         def started(n: int, k: int) -> None:
             self.admission.release(ticket)  # the engine counts the call from now on
-            self._last_k, self._last_n, wanted[0] = k, n, n
+            wanted[0] = n
             if n > verdict.max_n:
                 self.metrics.degraded.inc()
 

@@ -7,7 +7,8 @@ from policies.bench_decisions import ADMISSION_CALLS, RULES, main
 
 def test_benchmark_reports_median_and_p99_per_controller(tmp_path):
     report = main(["--races", "5", "--out", str(tmp_path / "decisions.json")])
-    admission = {f"admission refusal, {count} calls" for count in ADMISSION_CALLS}
+    admission = {f"admission refusal{how}, {count} calls" for count in ADMISSION_CALLS
+                 for how in ("", " reused")}  # fmt: skip
     assert set(report["decide"]) == {"learned (served)", "learned (SB3 predict)", *RULES,
                                      *admission}  # fmt: skip
     for figures in (*report["decide"].values(), report["begin"]):

@@ -117,6 +117,7 @@ def test_the_learned_race_runs_live_and_honours_the_deadline(controller, deadlin
     assert elapsed <= deadline + 0.1 and solution.latency_s <= elapsed
     assert solution.deadline_s == deadline and solution.budget == 1.0
     assert solution.n in N_GRID and solution.k in K_GRID
+    assert controller.last_start == (solution.n, solution.k)  # what the server plans with next
     assert all(k in K_GRID for _, k in solution.k_changes)
     assert solution.stopped_by in ("complete", "early_stop", "deadline")
     assert solution.stop_reason in ("decided", "controller", "deadline", "complete")
