@@ -192,22 +192,21 @@ class Admission:
         """Admit (with a branch cap), or refuse, a call of ``prompt_tokens`` asking for answers
         of at most ``max_tokens`` at k drafts within ``deadline_s`` from now."""
         now = time.monotonic() if now is None else now
-        model = self.model()
         with self._lock:
             reserved = [
                 CallLoad(c.live, 0, c.max_tokens, c.k, c.seconds_left - now)
                 for c in self._reserved.values()
             ]
-        self._lengths = self.lengths()
-        self._step_s.clear()
-        calls = [self._as_call(c) for c in [*self.in_flight(), *reserved]]
-        busy = sum(c.branches for c in calls)
-        engine = (len(calls), busy)
+        loads = [*self.in_flight(), *reserved]
+        busy = sum(c.live for c in loads)
         memo = self._refusal
         if memo is not None and memo.covers(now, k, prompt_tokens, max_tokens, deadline_s,
-                                            engine):  # fmt: skip
+                                            (len(loads), busy)):  # fmt: skip
             waited = now - memo.at
             return replace(memo.verdict, retry_after_s=memo.verdict.retry_after_s - waited)
+        model, self._lengths = self.model(), self.lengths()
+        self._step_s.clear()
+        calls = [self._as_call(c) for c in loads]
         need = self._remaining(max_tokens, 0)
         for n in reversed(self.n_grid):
             if busy + n > self.max_batch:
@@ -225,6 +224,7 @@ class Admission:
             return Verdict(False, 0, "deadline_unmeetable", alone, math.inf)
         retry = self._retry_after(calls, model, prompt_tokens, need, k, deadline_s)
         verdict = Verdict(False, 0, "engine_busy", alone, retry)
+        engine = (len(calls), busy)
         self._refusal = _Refusal(now, verdict, k, prompt_tokens, max_tokens, deadline_s, engine)
         return verdict
 
