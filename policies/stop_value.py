@@ -145,7 +145,8 @@ def state_features(state: RaceState) -> np.ndarray:
 class ValueNet:
     """A small MLP (tanh hidden layers, linear output) on standardized inputs, in numpy.
 
-    Outputs are (gain, wait) as described in the module docstring.
+    Outputs are (gain, wait) as described in the module docstring.  A trained policy's network
+    is an average of several (``average``), stored as one wider MLP.
 
     :param weights: one (in, out) matrix per layer.
     :param biases: one vector per layer.
@@ -172,6 +173,30 @@ class ValueNet:
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             out[f"w{i}"], out[f"b{i}"] = w, b
         return out
+
+    @classmethod
+    def average(cls, nets: Sequence[ValueNet]) -> ValueNet:
+        """One network whose output is the mean of ``nets``' outputs (same depth, same input
+        standardization): their hidden units side by side, no weights between members, the
+        output layer divided by their number.  An ensemble thus serves, saves and loads as one
+        MLP (``StopValuePolicy`` and its files need not know it is one)."""
+        first = nets[0]
+        if any(not (np.array_equal(n.mean, first.mean) and np.array_equal(n.scale, first.scale))
+               for n in nets):  # fmt: skip
+            raise ValueError("only networks with the same input standardization can be averaged")
+        depth = len(first.weights)
+        weights, biases = [], []
+        for i in range(depth):
+            layer, bias = [n.weights[i] for n in nets], [n.biases[i] for n in nets]
+            if i == depth - 1:
+                w = np.mean(layer, axis=0) if i == 0 else np.concatenate(layer) / len(nets)
+                b = np.mean(bias, axis=0)
+            else:
+                w = np.concatenate(layer, axis=1) if i == 0 else _block_diagonal(layer)
+                b = np.concatenate(bias)
+            weights.append(w.astype(np.float32))
+            biases.append(b.astype(np.float32))
+        return cls(weights, biases, first.mean, first.scale)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ValueNet:
@@ -271,6 +296,16 @@ class StopValuePolicy:
                     for n, k, p, b in manifest["settings"]]  # fmt: skip
         return cls(net, tuple(manifest["deadlines_s"]), settings, int(manifest["prompt_width"]),
                    manifest.get("info", {}))  # fmt: skip
+
+
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """The matrices of ``blocks`` along the diagonal of one, zeros elsewhere."""
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), np.float32)
+    row = col = 0
+    for block in blocks:
+        out[row : row + block.shape[0], col : col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    return out
 
 
 def stop_mask(gain: np.ndarray, wait: np.ndarray, price: float) -> np.ndarray:

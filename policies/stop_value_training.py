@@ -6,9 +6,11 @@
    leader is right.  A trace serves every deadline: under deadline D the race sees the points
    with time <= D, and ends at the decided vote or at D.
 2. Fitting (``fit_value_net``): at each decision point under a deadline, the counterfactual
-   targets ``gain = correct at the end - correct now`` and ``wait = (end - now) / D``; a small
-   MLP regresses both (mean squared error: it estimates their conditional means).
-3. Tuning (``tune_stop_value``): on other training problems, for every (n, k, price) and
+   targets ``gain = correct at the end - correct now`` and ``wait = (end - now) / D``; small
+   MLPs regress both (mean squared error: they estimate their conditional means), and their
+   average is the value network (``fit_value_ensemble``: the stop fires the first time the
+   predicted gain dips below the price, so one network's fitting noise stops calls early).
+3. Tuning (``tune_settings``): on other training problems, for every (n, k, price) and
    deadline, the accuracy and mean latency of the rule, read off the traces; per deadline the
    fastest setting within ``tolerance`` of the static table's best training accuracy (as
    ``policies.race_eval.tune_controllers`` tunes the heuristics, whose tolerance is
@@ -267,6 +269,29 @@ def fit_value_net(
     return value, {"rows": len(x), "mse": residual, "target_variance": baseline}
 
 
+def fit_value_ensemble(
+    x: np.ndarray, y: np.ndarray, members: int, hidden: int, epochs: int, seed: int
+) -> tuple[ValueNet, dict]:
+    """``members`` networks fitted by ``fit_value_net`` on the same rows from different
+    initializations and batch orders (seeds ``seed``, ``seed + 1``, ...), averaged into one
+    (``ValueNet.average``).
+
+    Why: a call stops at the *first* decision point whose predicted gain is at most price x
+    wait, so fitting noise that varies from point to point along a race fires stops where
+    waiting still pays, and one network's rule moves with its seed.  Measured on the synthetic
+    profile over learner seeds (same baselines, same draws): on 2,900 unused training problems
+    the average of 5 kept the latency of single networks with +0.1 point more accuracy and a
+    worst deadline of -0.07 point instead of -0.17; on MATH-500 it saved 11-28% (mean 19%, 9
+    seeds) against the static frontier where single networks saved 8-23% (mean 17%, 5 seeds).
+    The seed still moves the result more than averaging does.
+    """
+    fits = [fit_value_net(x, y, hidden, epochs, seed=seed + i) for i in range(members)]
+    net = ValueNet.average([value for value, _ in fits])
+    info = {"rows": len(x), "members": members, "member_mse": [f["mse"] for _, f in fits],
+            "target_variance": fits[0][1]["target_variance"]}  # fmt: skip
+    return net, info
+
+
 @dataclass
 class SweepTable:
     """Per (n, k) config, price and deadline: accuracy and mean latency on the tuning draws."""
@@ -359,8 +384,13 @@ class StopValueArgs:
     :param deadlines_per_trace: deadlines each fitting trace is read under.
     :param hidden: units per hidden layer of the value network.
     :param epochs: passes over the fitting rows.
+    :param members: value networks averaged into the one the policy serves
+        (``fit_value_ensemble``).
     :param tolerance: accuracy the tuned settings may lose against the static table's best on
         the tuning draws (0: none; the heuristics are allowed ``TUNING_TOLERANCE``).
+    :param learner_seed: seed of the fitting rows' deadlines and of the networks' starts
+        (None: the run's seed).  Problems, draws and tuning stay the run's, so runs that differ
+        only here show how much the learner's own randomness moves its results.
     :param n_min: the least n the settings consider (fewer branches never won on the
         synthetic profile and only slow the sweep).
     """
@@ -371,7 +401,9 @@ class StopValueArgs:
     deadlines_per_trace: int = 2
     hidden: int = 64
     epochs: int = 4
+    members: int = 5
     tolerance: float = 0.0
+    learner_seed: int | None = None
     n_min: int = 4
 
 
@@ -400,10 +432,12 @@ def learn_stop_value(
     configs = [(n, k) for n in n_grid if n >= min(args.n_min, max(n_grid)) for k in backend.k_grid]
     prompts = prompt_table(backend, featurizer)
     fit_traces = race_traces(backend, fit_ids, 1, seed + 1, configs, progress)
-    draws = np.random.default_rng(seed)
+    learner_seed = seed if args.learner_seed is None else args.learner_seed
+    draws = np.random.default_rng(learner_seed)
     rows, targets = training_rows(fit_traces, prompts, featurizer, deadline_range_s,
                                   args.deadlines_per_trace, draws)  # fmt: skip
-    net, fit_info = fit_value_net(rows, targets, args.hidden, args.epochs, seed=seed)
+    net, fit_info = fit_value_ensemble(rows, targets, args.members, args.hidden, args.epochs,
+                                       learner_seed)  # fmt: skip
     tune_traces = race_traces(backend, tune_ids, args.tune_repeats, seed, configs, progress)
     table = sweep_stop_value(net, tune_traces, prompts, featurizer, deadlines_s)
     settings = tune_settings(table, args.tolerance)

@@ -26,6 +26,7 @@ from policies.stop_value import _posterior_table as posterior_table
 from policies.stop_value_training import (
     StopValueArgs,
     SweepTable,
+    fit_value_ensemble,
     fit_value_net,
     learn_stop_value,
     point_features,
@@ -156,6 +157,26 @@ def test_value_net_learns_a_conditional_mean():
     error = np.abs(net(x) - mean).mean()
     assert error < 0.03, error  # the noise is 0.3: it learned the mean, not the noise
     assert all(m < v for m, v in zip(info["mse"], info["target_variance"], strict=True))
+
+
+def test_an_averaged_value_net_is_one_mlp_giving_its_members_mean():
+    """The ensemble serves as one network whose output is its members' mean (members: the
+    networks ``fit_value_net`` fits with seeds 0, 1, 2), so it errs less than they do on
+    average; networks standardizing their inputs differently are refused."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20_000, 3)).astype(np.float32)
+    mean = np.column_stack([0.3 * np.tanh(x[:, 0]), 0.2 * x[:, 1]])
+    y = (mean + rng.normal(scale=0.5, size=mean.shape)).astype(np.float32)
+    net, info = fit_value_ensemble(x, y, members=3, hidden=8, epochs=4, seed=0)
+    members = [fit_value_net(x, y, hidden=8, epochs=4, seed=s)[0] for s in range(3)]
+    assert len(net.weights) == 3 and net.weights[1].shape == (24, 24)
+    assert info["members"] == 3 and len(info["member_mse"]) == 3
+    np.testing.assert_allclose(net(x), np.mean([m(x) for m in members], axis=0), atol=1e-5)
+    member_error = np.mean([np.abs(m(x) - mean).mean() for m in members])
+    assert np.abs(net(x) - mean).mean() < member_error
+    other = ValueNet(members[0].weights, members[0].biases, members[0].mean + 1, members[0].scale)
+    with pytest.raises(ValueError, match="standardization"):
+        ValueNet.average([members[0], other])
 
 
 def test_saved_stop_value_policy_serves_like_the_trained_one(tmp_path, backend, featurizer,
