@@ -32,7 +32,8 @@ Per level and mode it prints and writes (``bench_server.json``, ``bench_server.p
 answered in time (200 within deadline + 0.1 s) per minute, how many had an answer and how many
 were right (MATH-500's gold answer, ``env.task.grading``), refused and how fast, late,
 p50/p95 latency of the answered ones, the largest engine batch, the server's memory before
-and after, and whether any request was left in the engine.
+and after, whether any request was left in the engine, and how ``/health`` answered a probe
+sent every second meanwhile.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from pathlib import Path
 IN_TIME_SLACK_S = 0.1
 FAST_REFUSAL_S = 0.05
 FLOOR_DURATION_S = 15.0
+HEALTH_PERIOD_S = 1.0
 ARRIVAL_BURST_S = 1.0
 """Requests sent this soon after a level starts arrive together (every client's first); their
 refusals are reported apart from the rest."""
@@ -90,19 +92,34 @@ async def _client(http, url: str, problems: list[str], deadline: float, start: f
             await asyncio.sleep(min(float(retry_after), 30.0) if retry_after else pause_s)
 
 
+async def _health_probe(http, url: str, start: float, stop_at: float, out: list) -> None:
+    """``GET /health`` every ``HEALTH_PERIOD_S`` while the level runs: status and seconds."""
+    while time.monotonic() < stop_at:
+        sent = time.monotonic()
+        try:
+            status = (await http.get(url + "/health")).status_code
+        except Exception:  # a broken connection is a result too
+            status = 0
+        out.append({"at_s": sent - start, "status": status, "elapsed_s": time.monotonic() - sent})
+        await asyncio.sleep(HEALTH_PERIOD_S)
+
+
 async def _clients(url: str, slices: list[list[str]], deadline: float, duration: float,
-                   pause_s: float, max_tokens: int | None) -> list[dict]:  # fmt: skip
+                   pause_s: float, max_tokens: int | None) -> dict:  # fmt: skip
     import httpx
 
     out: list[dict] = []
-    limits = httpx.Limits(max_connections=len(slices) + 1)
+    health: list[dict] = []
+    limits = httpx.Limits(max_connections=len(slices) + 1)  # one more for the health probe
     async with httpx.AsyncClient(limits=limits, timeout=deadline + 30.0) as http:
         await http.get(url + "/health")
         start = time.monotonic()
+        probe = asyncio.create_task(_health_probe(http, url, start, start + duration, health))
         await asyncio.gather(*(_client(http, url, s, deadline, start, start + duration, pause_s,
                                        max_tokens,
                                        out) for s in slices))  # fmt: skip
-    return out
+        await probe
+    return {"requests": out, "health": health}
 
 
 def _client_process(url, slices, deadline, duration, pause_s, max_tokens, path) -> None:
@@ -160,7 +177,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, workdir) -> list[dict]:
+def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, workdir) -> dict:
     server = _Server(app)
     slices = [problems[i::clients] for i in range(clients)]
     path = Path(workdir) / f"clients-{clients}.json"
@@ -173,6 +190,15 @@ def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, work
     if proc.exitcode != 0:
         raise SystemExit(f"the client process failed (exit {proc.exitcode})")
     return json.loads(path.read_text())
+
+
+def health_summary(checks: list[dict]) -> dict:
+    """How ``/health`` answered during a level: checks, how many said 200, the slowest."""
+    return {
+        "health_checks": len(checks),
+        "health_ok": sum(c["status"] == 200 for c in checks),
+        "health_max_s": max((c["elapsed_s"] for c in checks), default=None),
+    }
 
 
 def summarize(results: list[dict], deadline: float, duration: float, gold: dict) -> dict:
@@ -327,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                 "clients": clients, "mode": mode, "deadline_s": deadline, "stress": stress,
                 "request_max_tokens": request_tokens,
                 "wall_s": time.monotonic() - started,
-                "summary": summarize(results, deadline, duration, gold),
+                "summary": {**summarize(results["requests"], deadline, duration, gold),
+                            **health_summary(results["health"])},
                 "engine_left_requests": engine.has_unfinished_requests(),
                 "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
                 "latency_factors": {f"{key.method}/{key.k}": round(f, 3)
@@ -335,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
             }  # fmt: skip
             rows.append(row)
             print(_table([row]).splitlines()[-1], flush=True)
+            health = row["summary"]
+            slowest = health["health_max_s"] or 0.0
+            print(f"  /health: {health['health_ok']} of {health['health_checks']} answered 200, "
+                  f"slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
     report = {
         "command": "python -m policies.bench_server " + " ".join(argv or sys.argv[1:]),
         "cpu_count": os.cpu_count(),

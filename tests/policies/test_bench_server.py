@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.bench_server import summarize
+from policies.bench_server import health_summary, summarize
 
 
 def _record(
@@ -68,3 +68,11 @@ def test_the_floor_app_refuses_every_request_in_the_servers_error_shape():
     response = asyncio.run(ask())
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "engine_busy"
+
+
+def test_health_checks_are_counted_and_the_slowest_kept():
+    checks = [{"at_s": 0.0, "status": 200, "elapsed_s": 0.004},
+              {"at_s": 1.0, "status": 200, "elapsed_s": 0.09},
+              {"at_s": 2.0, "status": 0, "elapsed_s": 5.0}]  # fmt: skip
+    assert health_summary(checks) == {"health_checks": 3, "health_ok": 2, "health_max_s": 5.0}
+    assert health_summary([])["health_max_s"] is None
