@@ -146,8 +146,8 @@ class Admission:
             known = AnswerLengths.fixed(lengths)
             lengths = lambda: known  # noqa: E731
         self.model, self.method, self.lengths = model, method, lengths
-        self._lengths = lengths()  # refreshed at every decision
-        self._step_s: dict[tuple[int, int, int], float] = {}  # per decision: (model, batch, k)
+        self._lengths = lengths()  # refreshed at every decision (``_new_decision``)
+        self._step_s: dict[tuple[int, int], float] = {}  # per decision: (batch, k) -> seconds
         self.acceptance, self.n_grid = acceptance, tuple(sorted(set(n_grid)))
         self.max_batch, self.margin_s, self.in_flight = max_batch, margin_s, in_flight
         self._reserved: dict[int, CallLoad] = {}  # admitted, not yet in the engine
@@ -204,8 +204,7 @@ class Admission:
                                             (len(loads), busy)):  # fmt: skip
             waited = now - memo.at
             return replace(memo.verdict, retry_after_s=memo.verdict.retry_after_s - waited)
-        model, self._lengths = self.model(), self.lengths()
-        self._step_s.clear()
+        model = self._new_decision()
         calls = [self._as_call(c) for c in loads]
         need = self._remaining(max_tokens, 0)
         for n in reversed(self.n_grid):
@@ -234,8 +233,14 @@ class Admission:
     def finish_times(self, loads: list[CallLoad]) -> list[float]:
         """Predicted seconds from now until each of ``loads`` is done, sharing the batch with
         no new call (tests and ``policies.bench_decisions`` build busy engines with it)."""
+        model = self._new_decision()
+        return self._finish_times([self._as_call(c) for c in loads], model, 0.0)
+
+    def _new_decision(self) -> LatencyModel:
+        """The model and lengths to predict with now; step times memoised for them only."""
         self._lengths = self.lengths()
-        return self._finish_times([self._as_call(c) for c in loads], self.model(), 0.0)
+        self._step_s.clear()
+        return self.model()
 
     def _as_call(self, load: CallLoad) -> _Call:
         return _Call(load.live, self._remaining(load.max_tokens, load.tokens_done), load.k,
@@ -278,7 +283,7 @@ class Admission:
     def _step_time(self, model: LatencyModel, batch: int, k: int) -> float:
         """``model``'s step time, memoised for the decision (the phases of its many predictions
         repeat the same batches)."""
-        key = (id(model), batch, k)
+        key = (batch, k)
         if key not in self._step_s:
             self._step_s[key] = float(model.step_time(batch, k, self.method))
         return self._step_s[key]

@@ -56,7 +56,7 @@ class ServingLatency:
     :param lengths: recent branches as (tokens, finished), the profile's first.
     :param acceptance: the method's mean per-token draft acceptance in the profile.
     :param length_quantile: the quantile of the (remaining) length admission plans with.
-    :param refresh_s: how often ``model()`` and ``answer_lengths()`` are rebuilt.
+    :param refresh_s: how often ``model()`` rebuilds the corrected model.
     """
 
     correction: OnlineCorrection
@@ -66,7 +66,7 @@ class ServingLatency:
     length_quantile: float = DEFAULT_LENGTH_QUANTILE
     refresh_s: float = 1.0
     _cached: tuple[float, LatencyModel] | None = field(default=None, repr=False)
-    _cached_lengths: tuple[float, AnswerLengths] | None = field(default=None, repr=False)
+    _fitted_lengths: AnswerLengths | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -118,13 +118,11 @@ class ServingLatency:
             self.correction.update(self.method, step.k, step.batch, step.step_s)
 
     def answer_lengths(self) -> AnswerLengths:
-        """The length estimate as of at most ``refresh_s`` ago."""
-        now = time.monotonic()
+        """The length estimate of the current window (refitted after each ``observe``)."""
         with self._lock:
-            if self._cached_lengths is None or now - self._cached_lengths[0] > self.refresh_s:
-                fitted = AnswerLengths.fit(self.lengths, self.length_quantile)
-                self._cached_lengths = (now, fitted)
-            return self._cached_lengths[1]
+            if self._fitted_lengths is None:
+                self._fitted_lengths = AnswerLengths.fit(self.lengths, self.length_quantile)
+            return self._fitted_lengths
 
     def observe(self, branches: Iterable[dict]) -> None:
         """Add a served call's branches (``Solution.branches``): one that stopped gives its
@@ -133,7 +131,7 @@ class ServingLatency:
         new = [(float(b["tokens"]), b["finish_reason"] == "stop") for b in branches]
         with self._lock:
             self.lengths.extend(new)
-            self._cached_lengths = None
+            self._fitted_lengths = None
 
     def model(self) -> LatencyModel:
         """The corrected model as of at most ``refresh_s`` ago."""
