@@ -21,9 +21,10 @@ user while the engine had room; here the decision is a prediction:
 Refusals come in bursts (many clients arriving at once while the engine is full), and each one
 predicted from scratch holds up the next on the server's event loop.  So an ``engine_busy``
 refusal stands, for ``REFUSAL_REUSE_S`` and no longer than its own predicted wait, for every
-request that asks no less (the same k, no shorter prompt, no more tokens, no more time) as long
-as the engine's calls and live branches are the same: only a call or a branch leaving makes
-room sooner than predicted.
+request that asks no less (the same k, no more tokens, no more time, and a prompt no shorter
+than the refusal's predicted lateness allows: a prompt only adds its prefill, to every call in
+the batch alike) as long as the engine's calls and live branches are the same: only a call or a
+branch leaving makes room sooner than predicted.
 
 A call is admitted with n branches when every call, the new one included, is predicted to be
 done at least ``margin_s`` before its deadline.  The controller picks n itself; admission gives
@@ -85,12 +86,14 @@ REFUSAL_REUSE_S = 0.2
 
 @dataclass(frozen=True)
 class _Refusal:
-    """A recent ``engine_busy`` verdict and what it was asked, with the engine it saw."""
+    """A recent ``engine_busy`` verdict and what it was asked, with the engine it saw;
+    ``min_prompt_tokens``: the shortest prompt whose saved prefill could not make up the
+    lateness it predicted."""
 
     at: float
     verdict: Verdict
     k: int
-    prompt_tokens: int
+    min_prompt_tokens: int
     max_tokens: int
     deadline_s: float
     engine: tuple[int, int]  # (calls, branches) in flight or reserved
@@ -100,7 +103,7 @@ class _Refusal:
         age = now - self.at
         return (0 <= age < min(REFUSAL_REUSE_S, self.verdict.retry_after_s)
                 and engine == self.engine and k == self.k
-                and prompt_tokens >= self.prompt_tokens and max_tokens >= self.max_tokens
+                and prompt_tokens >= self.min_prompt_tokens and max_tokens >= self.max_tokens
                 and deadline_s <= self.deadline_s)  # fmt: skip
 
 
@@ -207,14 +210,16 @@ class Admission:
         model = self._new_decision()
         calls = [self._as_call(c) for c in loads]
         need = self._remaining(max_tokens, 0)
+        lateness = math.inf  # of the fewest branches (none fit the batch: any prompt is refused)
         for n in reversed(self.n_grid):
             if busy + n > self.max_batch:
                 continue
-            on_time, predicted = self._joins(calls, _Call(n, need, k, deadline_s), model,
-                                             prompt_tokens)  # fmt: skip
-            if on_time:
+            slack, predicted = self._joins(calls, _Call(n, need, k, deadline_s), model,
+                                           prompt_tokens)  # fmt: skip
+            if slack >= 0:
                 reason = "fits" if n == self.n_grid[-1] else "capped"
                 return Verdict(True, n, reason, predicted)
+            lateness = -slack
         alone = self._finish_times(
             [_Call(self.n_grid[0], need, k, deadline_s)], model,
             float(model.prefill_time(prompt_tokens, self.n_grid[0])),
@@ -224,7 +229,12 @@ class Admission:
         retry = self._retry_after(calls, model, prompt_tokens, need, k, deadline_s)
         verdict = Verdict(False, 0, "engine_busy", alone, retry)
         engine = (len(calls), busy)
-        self._refusal = _Refusal(now, verdict, k, prompt_tokens, max_tokens, deadline_s, engine)
+        # a prompt shorter by one token saves at most one token's prefill per branch
+        per_token = model.prefill_per_token_s * self.n_grid[0]
+        spare = lateness / per_token if per_token > 0 else math.inf
+        shortest = max(prompt_tokens - spare, 0.0)
+        self._refusal = _Refusal(now, verdict, k, math.ceil(shortest), max_tokens, deadline_s,
+                                 engine)  # fmt: skip
         return verdict
 
     def _remaining(self, max_tokens: int, done: int) -> float:
@@ -248,16 +258,16 @@ class Admission:
 
     def _joins(
         self, calls: list[_Call], new: _Call, model: LatencyModel, prompt_tokens: int
-    ) -> tuple[bool, float]:
-        """Whether every call (``calls`` and ``new``, which first prefills) is predicted on time
-        with ``new`` in the batch, and ``new``'s predicted seconds to its answer."""
+    ) -> tuple[float, float]:
+        """The least time any call (``calls`` and ``new``, which first prefills) is predicted to
+        have to spare, margin included, with ``new`` in the batch (>= 0: every call on time),
+        and ``new``'s predicted seconds to its answer."""
         everyone = [*calls, new]
         prefill = float(model.prefill_time(prompt_tokens, new.branches))
         finish = self._finish_times(everyone, model, prefill)
-        on_time = all(
-            t <= c.seconds_left - self.margin_s for t, c in zip(finish, everyone, strict=True)
-        )
-        return on_time, finish[-1]
+        slack = min(c.seconds_left - self.margin_s - t for t, c in zip(finish, everyone,
+                                                                        strict=True))  # fmt: skip
+        return slack, finish[-1]
 
     def _finish_times(
         self, calls: list[_Call], model: LatencyModel, prefill_s: float
@@ -314,7 +324,7 @@ class Admission:
                       calls[j].seconds_left - finish[i])
                 for j in order[position + 1 :]
             ]  # fmt: skip
-            return self._joins(later, new, model, prompt_tokens)[0]
+            return self._joins(later, new, model, prompt_tokens)[0] >= 0
 
         low, high = 0, len(order)  # the first position with room is in [low, high]
         while low < high:

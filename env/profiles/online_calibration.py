@@ -9,14 +9,15 @@ of the model (how a step grows with the batch and k, how prefill grows with the 
 over between machines far better than its scale, so two corrections rescale it:
 
 * ``quick_calibration``: at engine start, a bounded timing run (a few decode calls at 2-3 batch
-  sizes and every k the model has, plus prefill calls) with the timing helpers of
-  ``env.profiles.calibrate``; each (method, k) step table, and the prefill terms, get one
-  multiplicative factor: the median of measured / predicted over their samples.  Medians, so
-  one slow moment on a shared machine does not move a factor.
+  sizes and every k the model has, each timed step by step from the engine's own reports, plus
+  prefill calls); each (method, k) step table, and the prefill terms, get one multiplicative
+  factor: the median of measured / predicted over their samples.  Medians, so one slow moment
+  on a shared machine does not move a factor.
 * ``OnlineCorrection``: while the engine serves, every step the engine reports (its
-  ``on_step`` hook: wall seconds, live batch) updates an exponentially weighted ratio of
-  measured to predicted step time per (method, k); ``corrected(model)`` applies them.  This
-  follows load that changes after start-up (other processes, thermal limits).
+  ``on_step`` hook: wall seconds, live batch) updates a ratio of measured to predicted step
+  time per (method, k): slowly while the steps agree with it (one call's steps are noisy and
+  do not predict the next call's), at once when they are far off (a changed load);
+  ``corrected(model)`` applies them.
 
 The command above starts the profile's engines, calibrates, runs held-out live calls (the plan
 and the per-call prediction of ``env.profiles.validate``) and prints the relative errors of the
@@ -39,12 +40,27 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from env.latency_model import LatencyModel, StepTable, StepTableKey
-from env.profiles.calibrate import _time_decode, _unique_prompt
+from env.profiles.calibrate import _unique_prompt
 
 PREFILL = StepTableKey("prefill", -1)
 """Factor key of the prefill terms (base, per token, per branch) of a model."""
 
 WARMUP_PROMPT = "What is 2 + 2? Put the final answer in \\boxed{}."
+
+ONLINE_ALPHA = 0.005
+"""Weight of one step in a ratio near its current value: the start-up calibration still weighs
+29% after one call's 250 steps.  On a quiet machine whole calls ran 10-25% off the calibrated
+model one way or the other, and the next call did not follow: a ratio set by each call's
+steps at once (a plain mean over the first 50 steps, then weight 0.02) predicted the next
+held-out call with median error 12% (the README's command, ``--seed 8``); this one, 6%."""
+FAR_LOG_RATIO = math.log(1.5)
+"""When the recent steps and the ratio differ by more than this (factor 1.5), the ratio jumps
+to the recent steps: a far-off start-up model (timed while another process held the cores)
+or a change of load is not noise."""
+RECENT_STEPS = 30
+"""Memory of the recent-steps average that detects a far-off ratio; it needs
+``RECENT_MIN_STEPS`` steps before it may move the ratio."""
+RECENT_MIN_STEPS = 10
 
 
 # ------------------------------------------------------------------------------- fitting
@@ -145,6 +161,20 @@ def _time_prefill(engine, method: str, texts: Sequence[str], length: int, n: int
     }
 
 
+def _time_steps(engine, prompt: str, batch: int, k: int, tokens: int) -> dict:
+    """One fixed-length call of ``batch`` branches, timed by the engine's own step reports: the
+    median decode step (the first step, which holds the prefill, left out).
+
+    Measured steps need no step count inferred from the drafts' acceptance (16 tokens at k = 4
+    take anywhere from 4 to 16 steps, and a count off by one moved a whole call's average by
+    10-25%), and their median shrugs off one slow step."""
+    steps: list[float] = []
+    engine.run(prompt, n=batch, k=k, max_tokens=tokens, ignore_eos=True,
+               on_step=lambda report: steps.append(report.step_s))  # fmt: skip
+    decode = steps[1:] or steps
+    return {"k": k, "batch": batch, "steps": len(decode), "step_s": statistics.median(decode)}
+
+
 def quick_calibration(
     engine,
     latency_model: LatencyModel,
@@ -189,7 +219,7 @@ def quick_calibration(
                 break
             e = engines[method]
             prompt = _unique_prompt(texts, e, context_tokens - decode_tokens // 2)
-            decode.append({"method": method, **_time_decode(e, prompt, batch, k, decode_tokens)})
+            decode.append({"method": method, **_time_steps(e, prompt, batch, k, decode_tokens)})
             bar.update()
     factors = fit_factors(latency_model, decode, prefill)
     model = rescaled(latency_model, factors, "quick_calibration")
@@ -204,24 +234,32 @@ def quick_calibration(
 
 # ------------------------------------------------------------------------------- serving
 class OnlineCorrection:
-    """Exponentially weighted measured / predicted step-time ratios per (method, k), fed by
-    the engine's per-step reports while it serves.
+    """Measured / predicted step-time ratios per (method, k), fed by the engine's per-step
+    reports while it serves.
 
     The ratios multiply ``base`` (the start-calibrated model, usually): ``corrected(base)``
     is the model to predict with now.  Each update is a few float operations under a lock
-    (safe from the engine thread while other threads read).  Ratios are averaged in log space:
-    a plain mean over a key's first ``1/alpha`` steps (a start-up model far off, e.g. timed
-    while another process held the cores, is fixed within one call), then an exponential
-    average in which one step's ratio is clipped to ``[1/clip, clip]`` times the current
-    one, so a step stalled by a page fault or another process does not swing the model.
+    (safe from the engine thread while other threads read).  Ratios live in log space and move
+    at two speeds:
+
+    * near the current ratio, slowly: an exponential average of weight ``alpha`` that starts
+      at the base model (ratio 1); one step's ratio is clipped to ``[1/clip, clip]`` times
+      the current one, so a step stalled by a page fault or another process does not swing
+      the model.  Whole calls run 10-25% off the model in either direction and the next call
+      does not follow, so one call must not set the ratio.
+    * far from it, at once: when the mean of the last ``RECENT_STEPS`` steps (after at least
+      ``RECENT_MIN_STEPS``) is more than ``FAR_LOG_RATIO`` away, the ratio jumps to it and
+      then follows a plain mean of the steps for ``RECENT_STEPS`` steps (the recent mean lags
+      a change).  A start-up model timed while another process held the cores, or a load that
+      changed, is fixed within a few dozen steps.
 
     A server that admits by these predictions needs one more thing: a ratio learnt in a slow
     moment must not outlive it.  Once a server believes itself slow it refuses the requests that
-    would correct it, so with ``half_life_s`` a key's ratio decays towards the base model while
-    no step updates it (halving its log every ``half_life_s`` seconds).
+    would correct it, so with ``half_life_s`` a key's ratio (and its recent mean) decays towards
+    the base model while no step updates it (halving its log every ``half_life_s`` seconds).
 
     :param base: the model whose predictions the ratios correct.
-    :param alpha: weight of a new step (about 1/alpha steps of memory).
+    :param alpha: weight of a new step near the current ratio (about 1/alpha steps of memory).
     :param clip: largest factor one step may pull towards.
     :param half_life_s: decay of a ratio without updates (None: none).
     """
@@ -229,7 +267,7 @@ class OnlineCorrection:
     def __init__(
         self,
         base: LatencyModel,
-        alpha: float = 0.02,
+        alpha: float = ONLINE_ALPHA,
         clip: float = 3.0,
         half_life_s: float | None = None,
     ) -> None:
@@ -238,6 +276,8 @@ class OnlineCorrection:
         self.base, self.alpha, self._log_clip = base, alpha, math.log(clip)
         self.half_life_s = half_life_s
         self._log_ratio: dict[StepTableKey, float] = {}
+        self._recent: dict[StepTableKey, float] = {}
+        self._since_jump: dict[StepTableKey, int] = {}
         self._count: dict[StepTableKey, int] = defaultdict(int)
         self._updated: dict[StepTableKey, float] = {}
         self._lock = threading.Lock()
@@ -259,23 +299,34 @@ class OnlineCorrection:
             self._add(PREFILL, math.log(first_step_s / predicted))
 
     def _add(self, key: StepTableKey, log_ratio: float) -> None:
-        """Running mean of the log ratio for a key's first ``1/alpha`` steps (so a start-up
-        model that is far off is fixed within one call), then an exponential average whose
-        input is clipped to ``clip`` around the current value (so one stall cannot swing it)."""
+        """One step's log ratio into the key's recent mean, then into its ratio: a jump to the
+        recent mean when that is far, else a small step towards the (clipped) input."""
         with self._lock:
-            count = self._count[key]
-            current = self._decayed(key, time.monotonic())
-            weight = max(self.alpha, 1.0 / (count + 1))
-            if weight <= self.alpha:
-                lo, hi = current - self._log_clip, current + self._log_clip
-                log_ratio = max(lo, min(hi, log_ratio))
-            self._log_ratio[key] = current + weight * (log_ratio - current)
-            self._count[key] = count + 1
-            self._updated[key] = time.monotonic()
+            now = time.monotonic()
+            count = self._count[key] + 1
+            current = self._decayed(self._log_ratio, key, now)
+            recent = self._decayed(self._recent, key, now)
+            if count > 1:  # the first step sets the recent mean; later ones are clipped
+                log_ratio_r = min(max(log_ratio, recent - self._log_clip), recent + self._log_clip)
+            else:
+                log_ratio_r = log_ratio
+            recent += max(1.0 / RECENT_STEPS, 1.0 / count) * (log_ratio_r - recent)
+            since_jump = self._since_jump.get(key, RECENT_STEPS)  # steps since a jump
+            if count >= RECENT_MIN_STEPS and abs(recent - current) > FAR_LOG_RATIO:
+                current, since_jump = recent, 1
+            else:  # just after a jump, a plain mean: the recent mean it jumped to lags
+                clipped = min(max(log_ratio, current - self._log_clip), current + self._log_clip)
+                weight = 1.0 / (since_jump + 1) if since_jump < RECENT_STEPS else self.alpha
+                current += weight * (clipped - current)
+                since_jump += 1
+            self._log_ratio[key], self._recent[key] = current, recent
+            self._since_jump[key] = since_jump
+            self._count[key], self._updated[key] = count, now
 
-    def _decayed(self, key: StepTableKey, now: float) -> float:
-        """A key's log ratio as of ``now`` (decayed since its last update; under the lock)."""
-        value = self._log_ratio.get(key, 0.0)
+    def _decayed(self, values: dict[StepTableKey, float], key: StepTableKey, now: float) -> float:
+        """A key's log value in ``values`` as of ``now`` (decayed since its last update; under
+        the lock)."""
+        value = values.get(key, 0.0)
         if self.half_life_s is None or key not in self._updated:
             return value
         return value * 0.5 ** ((now - self._updated[key]) / self.half_life_s)
@@ -284,7 +335,8 @@ class OnlineCorrection:
         """Current ratio per key that has seen a step."""
         now = time.monotonic()
         with self._lock:
-            return {key: math.exp(self._decayed(key, now)) for key in self._log_ratio}
+            return {key: math.exp(self._decayed(self._log_ratio, key, now))
+                    for key in self._log_ratio}  # fmt: skip
 
     def corrected(self, model: LatencyModel | None = None) -> LatencyModel:
         """``model`` (default: ``base``; it should be the model the ratios were measured

@@ -77,9 +77,10 @@ def test_a_full_engine_refuses_with_a_retry_time_that_works(model):
 
 def test_a_refusal_stands_briefly_for_requests_that_ask_no_less(model):
     """While the engine's calls and branches stay the same, an engine_busy refusal is reused for
-    REFUSAL_REUSE_S (its retry time counting down) by requests with no shorter prompt, no more
-    time and the same k; anything else is predicted afresh.  The calls' deadlines are moved far
-    out after the first refusal, so a fresh prediction admits: that tells the two apart."""
+    REFUSAL_REUSE_S (its retry time counting down) by requests with no more time and the same
+    k (and a prompt whose saved prefill could not make up the lateness); anything else is
+    predicted afresh.  The calls' deadlines are moved far out after the first refusal, so a
+    fresh prediction admits: that tells the two apart."""
     in_flight = _with_slack(model, [8, 8, 4, 2], 0.0)
     admission = _admission(model, in_flight)
     admission.in_flight = lambda: list(in_flight)
@@ -89,7 +90,7 @@ def test_a_refusal_stands_briefly_for_requests_that_ask_no_less(model):
     reused = admission.decide(150, 0, 256, deadline_s=119.0, now=10.05)
     assert not reused.admitted
     assert reused.retry_after_s == pytest.approx(first.retry_after_s - 0.05)
-    assert admission.decide(50, 0, 256, 119.0, now=10.06).admitted  # shorter prompt
+    assert not admission.decide(50, 0, 256, 119.0, now=10.06).admitted  # 0.1 s less prefill
     assert admission.decide(150, 0, 256, 121.0, now=10.07).admitted  # more time
     assert admission.decide(150, 2, 256, 119.0, now=10.08).admitted  # another k
     assert admission.decide(150, 0, 256, 119.0, now=10.001 + REFUSAL_REUSE_S).admitted
@@ -98,6 +99,24 @@ def test_a_refusal_stands_briefly_for_requests_that_ask_no_less(model):
     assert not admission.decide(100, 0, 256, 120.0, now=20.0).admitted
     in_flight[:] = [replace(c, seconds_left=1e4) for c in in_flight[1:]]
     assert admission.decide(150, 0, 256, 119.0, now=20.05).admitted
+
+
+def test_a_refusal_stands_for_shorter_prompts_only_while_their_prefill_cannot_make_it_fit(
+    model,
+):
+    """A 2,000-token prompt is refused as predicted late, by less than the 3 s of prefill a
+    100-token prompt saves: a prompt 100 tokens shorter (0.2 s less prefill) is refused with
+    it, the 100-token one is predicted afresh (admitted: the calls' deadlines were moved out
+    meanwhile)."""
+    in_flight = _with_slack(model, [8, 8, 4, 2], 2.5)
+    admission = _admission(model, in_flight)
+    first = admission.decide(2000, 0, 256, deadline_s=120.0, now=10.0)
+    assert not first.admitted and first.reason == "engine_busy"
+    saved = model.prefill_time(2000, 1) - model.prefill_time(100, 1)
+    assert saved > 3.0
+    in_flight[:] = [replace(c, seconds_left=1e4) for c in in_flight]
+    assert not admission.decide(1900, 0, 256, 120.0, now=10.01).admitted
+    assert admission.decide(100, 0, 256, 120.0, now=10.02).admitted
 
 
 def test_a_reserved_call_counts_until_released(model):

@@ -15,6 +15,7 @@ import pytest
 
 from env.latency_model import LatencyModel, StepTable, StepTableKey
 from env.profiles.online_calibration import (
+    ONLINE_ALPHA,
     PREFILL,
     OnlineCorrection,
     fit_factors,
@@ -57,8 +58,10 @@ class FakeTokenizer:
 
 @dataclass
 class FakeEngine:
-    """Stands in for ``VLLMEngine``: each call takes the wall time ``model`` predicts, times
-    this machine's ``step_factor[k]`` (decode) or ``prefill_factor`` (one-token calls)."""
+    """Stands in for ``VLLMEngine`` (a fake: the engine-marked test below calibrates the real
+    one): each call takes the wall time ``model`` predicts, times this machine's
+    ``step_factor[k]`` (decode) or ``prefill_factor`` (one-token calls), reported step by step
+    to ``on_step``; each branch reports ``accepted`` accepted drafts when k > 0."""
 
     model: LatencyModel
     step_factor: dict[int, float]
@@ -67,23 +70,29 @@ class FakeEngine:
         default_factory=lambda: SimpleNamespace(method_name="ngram", max_n=8, k_max=4)
     )
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    accepted: int = 0
     calls: int = 0
 
     def prompt_token_ids(self, text: str) -> list[str]:
         return self.tokenizer.encode(text) + ["<chat>"] * 5
 
-    def run(self, prompt, n: int, k: int, max_tokens: int, ignore_eos: bool = False, **_):
+    def run(self, prompt, n: int, k: int, max_tokens: int, ignore_eos: bool = False,
+            on_step=None, **_):  # fmt: skip
         self.calls += 1
         p = len(self.prompt_token_ids(prompt))
         ttft = 0.01
         if max_tokens == 1:
             wall = self.model.prefill_time(p, n) + float(self.model.step_time(n, 0, "ngram"))
-            wall *= self.prefill_factor
-        else:
+            steps = [wall * self.prefill_factor]
+        else:  # one token per step, whatever the reported acceptance says
             step = float(self.model.step_time(n, k, "ngram")) * self.step_factor[k]
-            wall = ttft + (max_tokens - 1) * step
-        branches = [SimpleNamespace(accepted_tokens=0, token_count=max_tokens) for _ in range(n)]
-        return SimpleNamespace(wall_s=wall, ttft_s=ttft, prompt_tokens=p, branches=branches)
+            steps = [ttft] + [step] * (max_tokens - 1)
+        for step_s in steps if on_step else ():
+            on_step(SimpleNamespace(step_s=step_s, live=n, finished=[]))
+        branches = [SimpleNamespace(accepted_tokens=self.accepted if k else 0,
+                                    token_count=max_tokens) for _ in range(n)]  # fmt: skip
+        return SimpleNamespace(wall_s=sum(steps), ttft_s=steps[0], prompt_tokens=p,
+                               branches=branches)  # fmt: skip
 
 
 TEXTS = ["one two three four five six seven eight nine ten " * 4]
@@ -100,6 +109,18 @@ def test_quick_calibration_recovers_per_k_factors_and_prefill():
             assert got == pytest.approx(f * float(model.step_time(b, k, "ngram")), rel=1e-9)
     assert fitted.prefill_time(300, 4) == pytest.approx(0.45 * model.prefill_time(300, 4))
     assert fitted.meta["quick_calibration"]["ngram/1"] == pytest.approx(0.4)
+
+
+def test_quick_calibration_times_measured_steps_not_steps_inferred_from_acceptance():
+    """Drafts the engine reports as accepted do not shorten the steps it actually took: the
+    factors come from the step reports (a step count inferred from 5 accepted drafts per branch
+    would make each step look 1.4x longer)."""
+    model = profile_model()
+    factors = {0: 0.5, 1: 0.6, 2: 0.7, 4: 0.8}
+    engine = FakeEngine(model, factors, prefill_factor=0.5, accepted=5)
+    fitted = quick_calibration(engine, model, budget_s=30, progress=False, texts=TEXTS)
+    for k, f in factors.items():
+        assert fitted.meta["quick_calibration"][f"ngram/{k}"] == pytest.approx(f)
 
 
 def test_fit_factors_takes_the_median_so_one_outlier_does_not_move_it():
@@ -167,6 +188,24 @@ def test_online_correction_fixes_a_far_off_start_within_one_call():
     for _ in range(30):  # one call's worth of steps, the start model 12x too slow
         online.update("ngram", 1, 4, float(model.step_time(4, 1, "ngram")) / 12)
     assert online.factors()[StepTableKey("ngram", 1)] == pytest.approx(1 / 12, rel=0.01)
+
+
+def test_one_calls_noise_moves_the_ratio_part_way_a_far_off_one_at_once():
+    """A call (250 steps) whose steps run 15% slower than the calibrated model moves the ratio
+    71% of the way (an average of weight ``ONLINE_ALPHA`` from the calibration); steps 2x off
+    make it jump, and then follow them, within a fifth of a call."""
+    model = profile_model()
+    online = OnlineCorrection(model)
+    key = StepTableKey("ngram", 2)
+    for _ in range(250):
+        online.update("ngram", 2, 4, 1.15 * float(model.step_time(4, 2, "ngram")))
+    assert online.factors()[key] == pytest.approx(1.15 ** (1 - (1 - ONLINE_ALPHA) ** 250), rel=1e-6)
+    steps = 0
+    while online.factors()[key] < 2.0 and steps < 100:
+        online.update("ngram", 2, 4, 2.3 * float(model.step_time(4, 2, "ngram")))
+        steps += 1
+    assert steps <= 50  # a fifth of one call
+    assert online.factors()[key] == pytest.approx(2.3, rel=0.15)
 
 
 def test_online_hook_feeds_prefill_then_decode_steps_at_the_live_batch():
