@@ -90,6 +90,7 @@ refusal is only as fast as the loop gets to run."""
 VERDICTS_FIRST_S = 0.05
 """Longest an admitted call waits, before its work starts, for the verdicts of the requests
 that arrived with it (``CompletionService._after_pending_verdicts``)."""
+VERDICT_POLL_S = 0.001
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 LATENESS_WINDOW = 16
 """Recent calls over which the largest lateness of a result reaching the event loop is kept."""
@@ -171,8 +172,6 @@ class CompletionService:
         )  # fmt: skip
         self._running = 0
         self._deciding = 0  # requests between arrival and their verdict (event loop only)
-        self._verdicts_out = asyncio.Event()  # set while no request awaits its verdict
-        self._verdicts_out.set()
         self._lateness: deque[float] = deque(maxlen=LATENESS_WINDOW)
         self._lock = threading.Lock()
         self.metrics.running.set_function(lambda: self._running)
@@ -198,12 +197,12 @@ class CompletionService:
         arrival = time.monotonic()
         status = "500"
         try:
-            self._deciding_starts()
+            self._deciding += 1
             try:
                 body, problem, deadline, max_tokens, prepared = await self._parse(request, endpoint)
                 verdict, ticket = self._admit(problem, prepared, max_tokens, arrival + deadline)
             finally:
-                self._deciding_ends()
+                self._deciding -= 1
             try:
                 await self._after_pending_verdicts()
                 prepared = prepared or await self._prepare(problem, endpoint)
@@ -236,18 +235,9 @@ class CompletionService:
         deadline (within the response margin kept back from every deadline).
         """
         await asyncio.sleep(0)  # handlers of requests that arrived meanwhile start first
-        if self._deciding:  # an event, not polling: 20 admitted calls polling each millisecond
-            with contextlib.suppress(TimeoutError):  # took the loop from the refusals
-                await asyncio.wait_for(self._verdicts_out.wait(), VERDICTS_FIRST_S)
-
-    def _deciding_starts(self) -> None:
-        self._deciding += 1
-        self._verdicts_out.clear()
-
-    def _deciding_ends(self) -> None:
-        self._deciding -= 1
-        if not self._deciding:
-            self._verdicts_out.set()
+        give_up = time.monotonic() + VERDICTS_FIRST_S
+        while self._deciding and time.monotonic() < give_up:
+            await asyncio.sleep(VERDICT_POLL_S)
 
     async def _parse(
         self, request: Request, endpoint: str
