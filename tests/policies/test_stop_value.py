@@ -146,6 +146,24 @@ def test_tuning_takes_the_fastest_setting_that_keeps_the_static_accuracy():
     assert tune_settings(table, tolerance=0.06)[0] == StopSetting(4, 0, 0.1, 1.0)
 
 
+def test_a_budget_must_be_clearly_faster_than_the_full_deadline():
+    """At deadline 2 both a budget (acting as under deadline 1) and the full deadline keep the
+    floor; the budget is 4% faster, so a margin of 0.1 takes the full deadline, no margin the
+    budget; a budget 20% faster is kept either way."""
+    configs, prices, deadlines = [(4, 0)], (0.0, 0.1), (1.0, 2.0)
+    accuracy = np.array([[[0.50, 0.52], [0.50, 0.50]]])  # (configs, prices, deadlines)
+    static = np.array([[0.50, 0.49]])
+    close = np.array([[[0.90, 1.00], [0.72, 0.75]]])  # fastest: price 0.1 at deadline 1
+    table = SweepTable(configs, prices, deadlines, accuracy, close, static, static + 1)
+    assert tune_settings(table, budget_margin=0.0)[1] == StopSetting(4, 0, 0.1, 0.5)
+    assert tune_settings(table, budget_margin=0.1)[1] == StopSetting(4, 0, 0.1, 1.0)
+    far = close.copy()
+    far[0, 1, 0] = 0.60  # the budget now saves 20% against the full deadline's 0.75
+    table = SweepTable(configs, prices, deadlines, accuracy, far, static, static + 1)
+    assert tune_settings(table, budget_margin=0.1)[1] == StopSetting(4, 0, 0.1, 0.5)
+    assert tune_settings(table, budget_margin=0.1)[0] == StopSetting(4, 0, 0.1, 1.0)
+
+
 def test_value_net_learns_a_conditional_mean():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20_000, 3)).astype(np.float32)
