@@ -51,8 +51,9 @@ ONLINE_ALPHA = 0.005
 """Weight of one step in a ratio near its current value: the start-up calibration still weighs
 29% after one call's 250 steps.  On a quiet machine whole calls ran 10-25% off the calibrated
 model one way or the other, and the next call did not follow: a ratio set by each call's
-steps at once (a plain mean over the first 50 steps, then weight 0.02) predicted the next
-held-out call with median error 12% (the README's command, ``--seed 8``); this one, 6%."""
+steps at once (a plain mean over the first 50 steps, then weight 0.02) predicted the held-out
+calls of the README's command (``--seed 8``) with median error 12%; this one, together with
+the step-timed start-up calibration, 6%."""
 FAR_LOG_RATIO = math.log(1.5)
 """When the recent steps and the ratio differ by more than this (factor 1.5), the ratio jumps
 to the recent steps: a far-off start-up model (timed while another process held the cores)
@@ -166,8 +167,8 @@ def _time_steps(engine, prompt: str, batch: int, k: int, tokens: int) -> dict:
     median decode step (the first step, which holds the prefill, left out).
 
     Measured steps need no step count inferred from the drafts' acceptance (16 tokens at k = 4
-    take anywhere from 4 to 16 steps, and a count off by one moved a whole call's average by
-    10-25%), and their median shrugs off one slow step."""
+    take anywhere from 4 to 16 steps, so one step more or less in the count moves the sample by
+    6-25%), and their median shrugs off one slow step."""
     steps: list[float] = []
     engine.run(prompt, n=batch, k=k, max_tokens=tokens, ignore_eos=True,
                on_step=lambda report: steps.append(report.step_s))  # fmt: skip
