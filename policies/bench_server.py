@@ -19,9 +19,11 @@ within each level, so drifts in the machine's load hit both.  The clients run in
 process.  A stress level follows (``--stress 50:8:32``: 50 clients, 8 s deadlines, answers of at
 most 32 tokens, batched only): every request must be answered in time or refused within 50 ms.
 Refusals of the clients' first requests, which all arrive at once, are reported apart from the
-later ones.  Beside it, mode ``floor`` sends the same clients to a bare FastAPI app that refuses
-every request at once (same error handlers, no engine, ``FLOOR_DURATION_S``): how fast this
-machine's HTTP stack and client can refuse such a burst at all.
+later ones, with two server-side figures (``ServerClock``): how long the app took to see the
+whole burst, and the longest a refusal of it spent inside the app.  Beside it, mode ``floor``
+sends the same clients to a bare FastAPI app that refuses every request at once (same error
+handlers, no engine, ``FLOOR_DURATION_S``): how fast this machine's HTTP stack and client can
+refuse such a burst at all.
 
 The deadline, 45 s by default, fits this CPU: the bundled model writes up to the engine's 256
 tokens per answer at about 15 tokens/s alone,
@@ -128,6 +130,43 @@ def _client_process(url, slices, deadline, duration, pause_s, max_tokens, path) 
 
 
 # ------------------------------------------------------------------------ server side
+class ServerClock:
+    """ASGI middleware: when each HTTP request reached the app and when its response began, on
+    the server's monotonic clock.  A refusal that reaches the client late either waited before
+    the app saw it (the HTTP intake on the event loop) or in the app: this tells which."""
+
+    def __init__(self, app) -> None:
+        self.app, self.records = app, []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = {"path": scope["path"], "in": time.monotonic()}
+        self.records.append(record)
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                record["out"], record["status"] = time.monotonic(), message["status"]
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
+def intake_summary(records: list[dict], path: str = "/v1/chat/completions") -> dict:
+    """Of the completions that reached the app within ``ARRIVAL_BURST_S`` of the first (the
+    clients' first requests): how long the app took to see all of them (last arrival - first)
+    and the longest a refusal among them spent inside the app."""
+    calls = [r for r in records if r["path"] == path]
+    if not calls:
+        return {"burst_intake_s": None, "burst_refusal_in_app_max_s": None}
+    first = min(r["in"] for r in calls)
+    burst = [r for r in calls if r["in"] < first + ARRIVAL_BURST_S]
+    refused = [r["out"] - r["in"] for r in burst if r.get("status") == 429]
+    return {"burst_intake_s": max(r["in"] for r in burst) - first,
+            "burst_refusal_in_app_max_s": max(refused, default=None)}  # fmt: skip
+
+
 class _Server:
     """A uvicorn server for an app, in a thread of this process."""
 
@@ -178,7 +217,8 @@ def _rss_mb() -> float:
 
 
 def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, workdir) -> dict:
-    server = _Server(app)
+    clock = ServerClock(app)
+    server = _Server(clock)
     slices = [problems[i::clients] for i in range(clients)]
     path = Path(workdir) / f"clients-{clients}.json"
     ctx = multiprocessing.get_context("spawn")
@@ -189,7 +229,7 @@ def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, work
     server.stop()
     if proc.exitcode != 0:
         raise SystemExit(f"the client process failed (exit {proc.exitcode})")
-    return json.loads(path.read_text())
+    return {**json.loads(path.read_text()), "server": clock.records}
 
 
 def health_summary(checks: list[dict]) -> dict:
@@ -354,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                 "request_max_tokens": request_tokens,
                 "wall_s": time.monotonic() - started,
                 "summary": {**summarize(results["requests"], deadline, duration, gold),
-                            **health_summary(results["health"])},
+                            **health_summary(results["health"]),
+                            **intake_summary(results["server"])},
                 "engine_left_requests": engine.has_unfinished_requests(),
                 "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
                 "latency_factors": {f"{key.method}/{key.k}": round(f, 3)
@@ -366,6 +407,11 @@ def main(argv: list[str] | None = None) -> None:
             slowest = health["health_max_s"] or 0.0
             print(f"  /health: {health['health_ok']} of {health['health_checks']} answered 200, "
                   f"slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
+            if health["burst_refusal_in_app_max_s"] is not None:
+                print(f"  arrival burst: the app saw it over {1000 * health['burst_intake_s']:.0f}"
+                      f" ms; a refusal spent at most "
+                      f"{1000 * health['burst_refusal_in_app_max_s']:.1f} ms in the app",
+                      flush=True)  # fmt: skip
     report = {
         "command": "python -m policies.bench_server " + " ".join(argv or sys.argv[1:]),
         "cpu_count": os.cpu_count(),

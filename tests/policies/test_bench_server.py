@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.bench_server import health_summary, summarize
+from policies.bench_server import ServerClock, health_summary, intake_summary, summarize
 
 
 def _record(
@@ -76,3 +76,47 @@ def test_health_checks_are_counted_and_the_slowest_kept():
               {"at_s": 2.0, "status": 0, "elapsed_s": 5.0}]  # fmt: skip
     assert health_summary(checks) == {"health_checks": 3, "health_ok": 2, "health_max_s": 5.0}
     assert health_summary([])["health_max_s"] is None
+
+
+def test_the_server_clock_times_requests_inside_the_app_with_a_real_client():
+    """Through a real httpx client over ASGI: the clock records when the app saw each request
+    and when its response began (the app sleeps 20 ms before a 429)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(0.02)
+        await send({"type": "http.response.start", "status": 429, "headers": []})
+        await send({"type": "http.response.body", "body": b"busy"})
+
+    clock = ServerClock(app)
+
+    async def burst():
+        transport = httpx.ASGITransport(app=clock)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions") for _ in range(3)))
+
+    started = time.monotonic()
+    replies = asyncio.run(burst())
+    assert [r.status_code for r in replies] == [429] * 3
+    assert len(clock.records) == 3 and all(r["status"] == 429 for r in clock.records)
+    assert all(started <= r["in"] < r["out"] for r in clock.records)
+    summary = intake_summary(clock.records)
+    assert 0.02 <= summary["burst_refusal_in_app_max_s"] < 1.0
+    assert 0 <= summary["burst_intake_s"] < 0.02
+
+
+def test_intake_summary_keeps_to_the_burst_and_to_completions():
+    records = [
+        {"path": "/v1/chat/completions", "in": 10.0, "out": 10.001, "status": 429},
+        {"path": "/v1/chat/completions", "in": 10.08, "out": 10.09, "status": 429},
+        {"path": "/v1/chat/completions", "in": 10.09, "out": 15.0, "status": 200},
+        {"path": "/health", "in": 10.5, "out": 10.9, "status": 200},
+        {"path": "/v1/chat/completions", "in": 13.0, "out": 13.5, "status": 429},  # later
+    ]
+    summary = intake_summary(records)
+    assert summary["burst_intake_s"] == pytest.approx(0.09)
+    assert summary["burst_refusal_in_app_max_s"] == pytest.approx(0.01)
+    assert intake_summary([])["burst_intake_s"] is None
