@@ -202,9 +202,10 @@ class Admission:
             ]
         loads = [*self.in_flight(), *reserved]
         busy = sum(c.live for c in loads)
+        engine = (len(loads), busy)
         memo = self._refusal
         if memo is not None and memo.covers(now, k, prompt_tokens, max_tokens, deadline_s,
-                                            (len(loads), busy)):  # fmt: skip
+                                            engine):  # fmt: skip
             waited = now - memo.at
             return replace(memo.verdict, retry_after_s=memo.verdict.retry_after_s - waited)
         model = self._new_decision()
@@ -228,7 +229,6 @@ class Admission:
             return Verdict(False, 0, "deadline_unmeetable", alone, math.inf)
         retry = self._retry_after(calls, model, prompt_tokens, need, k, deadline_s)
         verdict = Verdict(False, 0, "engine_busy", alone, retry)
-        engine = (len(calls), busy)
         # a prompt shorter by one token saves at most one token's prefill per branch
         per_token = model.prefill_per_token_s * self.n_grid[0]
         spare = lateness / per_token if per_token > 0 else math.inf

@@ -403,14 +403,14 @@ def main(argv: list[str] | None = None) -> None:
             }  # fmt: skip
             rows.append(row)
             print(_table([row]).splitlines()[-1], flush=True)
-            health = row["summary"]
-            slowest = health["health_max_s"] or 0.0
-            print(f"  /health: {health['health_ok']} of {health['health_checks']} answered 200, "
-                  f"slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
-            if health["burst_refusal_in_app_max_s"] is not None:
-                print(f"  arrival burst: the app saw it over {1000 * health['burst_intake_s']:.0f}"
+            summary = row["summary"]
+            slowest = summary["health_max_s"] or 0.0
+            print(f"  /health: {summary['health_ok']} of {summary['health_checks']} answered "
+                  f"200, slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
+            if summary["burst_refusal_in_app_max_s"] is not None:
+                print(f"  arrival burst: the app saw it over {1000 * summary['burst_intake_s']:.0f}"
                       f" ms; a refusal spent at most "
-                      f"{1000 * health['burst_refusal_in_app_max_s']:.1f} ms in the app",
+                      f"{1000 * summary['burst_refusal_in_app_max_s']:.1f} ms in the app",
                       flush=True)  # fmt: skip
     report = {
         "command": "python -m policies.bench_server " + " ".join(argv or sys.argv[1:]),

@@ -307,22 +307,23 @@ class OnlineCorrection:
             count = self._count[key] + 1
             current = self._decayed(self._log_ratio, key, now)
             recent = self._decayed(self._recent, key, now)
-            if count > 1:  # the first step sets the recent mean; later ones are clipped
-                log_ratio_r = min(max(log_ratio, recent - self._log_clip), recent + self._log_clip)
-            else:
-                log_ratio_r = log_ratio
-            recent += max(1.0 / RECENT_STEPS, 1.0 / count) * (log_ratio_r - recent)
+            # the first step sets the recent mean; later ones are clipped around it
+            into_recent = self._clipped(log_ratio, recent) if count > 1 else log_ratio
+            recent += max(1.0 / RECENT_STEPS, 1.0 / count) * (into_recent - recent)
             since_jump = self._since_jump.get(key, RECENT_STEPS)  # steps since a jump
             if count >= RECENT_MIN_STEPS and abs(recent - current) > FAR_LOG_RATIO:
                 current, since_jump = recent, 1
             else:  # just after a jump, a plain mean: the recent mean it jumped to lags
-                clipped = min(max(log_ratio, current - self._log_clip), current + self._log_clip)
                 weight = 1.0 / (since_jump + 1) if since_jump < RECENT_STEPS else self.alpha
-                current += weight * (clipped - current)
+                current += weight * (self._clipped(log_ratio, current) - current)
                 since_jump += 1
             self._log_ratio[key], self._recent[key] = current, recent
             self._since_jump[key] = since_jump
             self._count[key], self._updated[key] = count, now
+
+    def _clipped(self, log_ratio: float, around: float) -> float:
+        """``log_ratio`` at most ``clip`` (as a factor) away from ``around``."""
+        return min(max(log_ratio, around - self._log_clip), around + self._log_clip)
 
     def _decayed(self, values: dict[StepTableKey, float], key: StepTableKey, now: float) -> float:
         """A key's log value in ``values`` as of ``now`` (decayed since its last update; under
