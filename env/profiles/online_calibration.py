@@ -45,7 +45,6 @@ from env.profiles.calibrate import _unique_prompt
 PREFILL = StepTableKey("prefill", -1)
 """Factor key of the prefill terms (base, per token, per branch) of a model."""
 
-WARMUP_PROMPT = "What is 2 + 2? Put the final answer in \\boxed{}."
 
 ONLINE_ALPHA = 0.005
 """Weight of one step in a ratio near its current value: the start-up calibration still weighs
@@ -199,8 +198,6 @@ def quick_calibration(
     engines = engine if isinstance(engine, dict) else {engine.config.method_name: engine}
     texts = list(texts) if texts else _default_texts()
     started = time.monotonic()
-    for e in engines.values():  # the first call after start-up is slow; not measured
-        e.run(WARMUP_PROMPT, n=1, k=0, max_tokens=4)
     plan = _calibration_plan(engines, latency_model, batches)
     prefill_method = latency_model.meta.get("prefill_method") or next(iter(engines))
     prefill_method = prefill_method if prefill_method in engines else next(iter(engines))

@@ -33,7 +33,6 @@ from env.task.problems import load_math500
 from env.task.prompt import build_user_message
 
 TARGETS = {"median": 0.10, "p90": 0.25}
-WARMUP_PROMPT = "What is 2 + 2? Put the final answer in \\boxed{}."
 
 
 def profile_settings(profile: Profile) -> ProfileSettings:
@@ -162,8 +161,6 @@ def validate(profile: Profile, engines: dict, plan: list[dict], progress: bool =
     """Run the planned calls, predict each, and return the records and summary."""
     model = profile.latency_model()
     max_tokens = int(profile.manifest["sampling"]["max_tokens"])
-    for engine in engines.values():  # the first call after start-up is slow; not measured
-        engine.run(WARMUP_PROMPT, n=1, k=0, max_tokens=8)
     records = []
     for call in tqdm(plan, desc="validate", unit="call", disable=not progress):
         prompt = build_user_message(call["problem"].problem)

@@ -193,3 +193,22 @@ def test_a_problem_is_tokenized_once_per_call(controller, monkeypatch):
     prepared = controller.prepare(PROBLEM)
     solution = controller.solve(prepared, 5.0, max_tokens=4)
     assert len(calls) == 2 and solution.prompt_tokens == prepared.prompt_tokens
+
+
+@pytest.mark.engine
+def test_a_freshly_started_engine_answers_its_first_call_within_a_short_deadline(policy_dir):
+    """The engine warms itself up at start (``VLLMEngine.warm_up``).  Without it, the first
+    call with log-probabilities spent 2.4-3.5 s in its first engine step on this CPU, so a fresh
+    server's first request with a 2 s deadline ended at the deadline with nothing written."""
+    from engine.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(EngineConfig(spec_method="ngram", k_max=4, max_n=16, max_tokens=48))
+    try:
+        assert engine.warmup_s > 0
+        solution = DecodingController(policy_dir, engine).solve(
+            "What is 12 + 30?", deadline_s=2.0, max_tokens=4
+        )
+    finally:
+        engine.shutdown()
+    assert solution.stopped_by in ("complete", "early_stop"), solution.stopped_by
+    assert solution.batch_max >= 1 and solution.latency_s <= 2.0
