@@ -23,7 +23,10 @@ later ones, with two server-side figures (``ServerClock``): how long the app too
 whole burst, and the longest a refusal of it spent inside the app.  Beside it, mode ``floor``
 sends the same clients to a bare FastAPI app that refuses every request at once (same error
 handlers, no engine, ``FLOOR_DURATION_S``): how fast this machine's HTTP stack and client can
-refuse such a burst at all.
+refuse such a burst at all.  The stress level runs once per ``--stress-clients``: "httpx" (one
+pooled httpx client for all 50, as at the other levels) and "lean"
+(``policies.lean_http_client``, whose docstring says why: 50 clients on one event loop queue
+behind each other's client code, which real users on their own machines do not).
 
 The deadline, 45 s by default, fits this CPU: the bundled model writes up to the engine's 256
 tokens per answer at about 15 tokens/s alone,
@@ -107,25 +110,30 @@ async def _health_probe(http, url: str, start: float, stop_at: float, out: list)
 
 
 async def _clients(url: str, slices: list[list[str]], deadline: float, duration: float,
-                   pause_s: float, max_tokens: int | None) -> dict:  # fmt: skip
+                   pause_s: float, max_tokens: int | None, client: str) -> dict:  # fmt: skip
+    """Every client's requests (through ``client``: "httpx", one pooled ``httpx.AsyncClient``
+    for all, or "lean", ``policies.lean_http_client``) and the health probe's (httpx)."""
     import httpx
+
+    from policies.lean_http_client import LeanClient
 
     out: list[dict] = []
     health: list[dict] = []
     limits = httpx.Limits(max_connections=len(slices) + 1)  # one more for the health probe
     async with httpx.AsyncClient(limits=limits, timeout=deadline + 30.0) as http:
+        calls = http if client == "httpx" else LeanClient(timeout=deadline + 30.0)
         await http.get(url + "/health")
         start = time.monotonic()
         probe = asyncio.create_task(_health_probe(http, url, start, start + duration, health))
-        await asyncio.gather(*(_client(http, url, s, deadline, start, start + duration, pause_s,
-                                       max_tokens,
+        await asyncio.gather(*(_client(calls, url, s, deadline, start, start + duration,
+                                       pause_s, max_tokens,
                                        out) for s in slices))  # fmt: skip
         await probe
     return {"requests": out, "health": health}
 
 
-def _client_process(url, slices, deadline, duration, pause_s, max_tokens, path) -> None:
-    results = asyncio.run(_clients(url, slices, deadline, duration, pause_s, max_tokens))
+def _client_process(url, slices, deadline, duration, pause_s, max_tokens, client, path) -> None:
+    results = asyncio.run(_clients(url, slices, deadline, duration, pause_s, max_tokens, client))
     Path(path).write_text(json.dumps(results))
 
 
@@ -216,13 +224,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, workdir) -> dict:
+def _level(app, clients, deadline, duration, pause_s, max_tokens, problems, client,
+           workdir) -> dict:  # fmt: skip
     clock = ServerClock(app)
     server = _Server(clock)
     slices = [problems[i::clients] for i in range(clients)]
     path = Path(workdir) / f"clients-{clients}.json"
     ctx = multiprocessing.get_context("spawn")
-    work = (server.url, slices, deadline, duration, pause_s, max_tokens, str(path))
+    work = (server.url, slices, deadline, duration, pause_s, max_tokens, client, str(path))
     proc = ctx.Process(target=_client_process, args=work)
     proc.start()
     proc.join()
@@ -284,6 +293,11 @@ def summarize(results: list[dict], deadline: float, duration: float, gold: dict)
     }
 
 
+def _mode_label(row: dict) -> str:
+    """The mode, and at the stress level the client that measured it."""
+    return f"{row['mode']} ({row['client']})" if row.get("stress") else row["mode"]
+
+
 def _table(rows: list[dict]) -> str:
     head = ("| clients | mode | deadline s | requests | in time | in time / min | with answer | "
             "correct | refused | refusal p95 ms | refusal max ms: arrival burst / after | late | "
@@ -299,7 +313,7 @@ def _table(rows: list[dict]) -> str:
             return "-" if v is None else f"{v:.1f}"
 
         lines.append(
-            f"| {r['clients']} | {r['mode']} | {r['deadline_s']:g} | {s['requests']} | "
+            f"| {r['clients']} | {_mode_label(r)} | {r['deadline_s']:g} | {s['requests']} | "
             f"{s['answered_in_time']} ({s['answered_in_time_share']:.0%}) | "
             f"{s['answered_in_time_per_min']:.1f} | {s['with_answer']} | {s['correct']} | "
             f"{s['refused']} | {ms(s['refusal_p95_s'])} | {ms(s['refusal_burst_max_s'])} / "
@@ -310,22 +324,34 @@ def _table(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Throughput and latency against clients; and the stress level's slowest refusals (arrival
+    burst and later) per mode and client, against the 50 ms target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
     for mode in ("batched", "serial"):
         mine = [r for r in rows if r["mode"] == mode and not r.get("stress")]
         x = [r["clients"] for r in mine]
         left.plot(x, [r["summary"]["answered_in_time_per_min"] for r in mine], "o-", label=mode)
-        right.plot(x, [r["summary"]["latency_p95_s"] or 0 for r in mine], "o-", label=mode)
+        middle.plot(x, [r["summary"]["latency_p95_s"] or 0 for r in mine], "o-", label=mode)
     left.set(xlabel="concurrent clients", ylabel="answered within deadline per minute",
              title="Throughput in time")  # fmt: skip
-    right.set(xlabel="concurrent clients", ylabel="p95 latency of answered requests (s)",
-              title="Latency")  # fmt: skip
-    for ax in (left, right):
+    middle.set(xlabel="concurrent clients", ylabel="p95 latency of answered requests (s)",
+               title="Latency")  # fmt: skip
+    stress = [r for r in rows if r.get("stress")]
+    at = range(len(stress))
+    for shift, key, label in ((-0.2, "refusal_burst_max_s", "arrival burst"),
+                              (0.2, "refusal_after_burst_max_s", "later")):  # fmt: skip
+        right.bar([i + shift for i in at], [1000 * (r["summary"][key] or 0) for r in stress],
+                  width=0.4, label=label)  # fmt: skip
+    right.axhline(1000 * FAST_REFUSAL_S, color="k", ls="--", lw=1, label="target 50 ms")
+    right.set_xticks(list(at), [_mode_label(r).replace(" (", "\n(") for r in stress])
+    clients = stress[0]["clients"] if stress else "-"
+    right.set(ylabel="slowest refusal (ms)", title=f"Refusals at {clients} clients")
+    for ax in (left, middle, right):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle("policies.bench_server: one engine, bundled SmolLM2-135M on this CPU")
@@ -346,6 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         "--stress",
         default="50:8:32",
         help="CLIENTS:DEADLINE:MAX_TOKENS of the stress level, batched ('' = none)",
+    )
+    parser.add_argument(
+        "--stress-clients",
+        nargs="+",
+        default=["httpx", "lean"],
+        choices=["httpx", "lean"],
+        help="HTTP clients the stress level runs with, each in turn (policies.lean_http_client)",
     )
     parser.add_argument("--calibrate-s", type=float, default=60.0)
     parser.add_argument("--modes", nargs="+", default=["serial", "batched"],
@@ -376,42 +409,46 @@ def main(argv: list[str] | None = None) -> None:
         clients, deadline, tokens = args.stress.split(":")
         levels.append((int(clients), float(deadline), int(tokens), True))
     rows = []
-    for clients, deadline, request_tokens, stress in levels:
-        for mode in ["floor", "batched"] if stress else args.modes:
-            rss_before = _rss_mb()
-            started = time.monotonic()
-            floor = mode == "floor"  # else a fresh service
-            app = (
-                refusal_floor_app()
-                if floor
-                else create_app(controller, latency, max_calls=max_calls[mode])
-            )
-            duration = FLOOR_DURATION_S if floor else args.duration
-            results = _level(app, clients, deadline, duration, args.pause_s, request_tokens,
-                             texts, out)  # fmt: skip
-            row = {
-                "clients": clients, "mode": mode, "deadline_s": deadline, "stress": stress,
-                "request_max_tokens": request_tokens,
-                "wall_s": time.monotonic() - started,
-                "summary": {**summarize(results["requests"], deadline, duration, gold),
-                            **health_summary(results["health"]),
-                            **intake_summary(results["server"])},
-                "engine_left_requests": engine.has_unfinished_requests(),
-                "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
-                "latency_factors": {f"{key.method}/{key.k}": round(f, 3)
-                                    for key, f in latency.correction.factors().items()},
-            }  # fmt: skip
-            rows.append(row)
-            print(_table([row]).splitlines()[-1], flush=True)
-            summary = row["summary"]
-            slowest = summary["health_max_s"] or 0.0
-            print(f"  /health: {summary['health_ok']} of {summary['health_checks']} answered "
-                  f"200, slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
-            if summary["burst_refusal_in_app_max_s"] is not None:
-                print(f"  arrival burst: the app saw it over {1000 * summary['burst_intake_s']:.0f}"
-                      f" ms; a refusal spent at most "
-                      f"{1000 * summary['burst_refusal_in_app_max_s']:.1f} ms in the app",
-                      flush=True)  # fmt: skip
+    runs = [(level, mode, client)
+            for level in levels
+            for mode in (["floor", "batched"] if level[3] else args.modes)
+            for client in (args.stress_clients if level[3] else ["httpx"])]  # fmt: skip
+    for (clients, deadline, request_tokens, stress), mode, client in runs:
+        rss_before = _rss_mb()
+        started = time.monotonic()
+        floor = mode == "floor"  # else a fresh service
+        app = (
+            refusal_floor_app()
+            if floor
+            else create_app(controller, latency, max_calls=max_calls[mode])
+        )
+        duration = FLOOR_DURATION_S if floor else args.duration
+        results = _level(app, clients, deadline, duration, args.pause_s, request_tokens,
+                         texts, client, out)  # fmt: skip
+        row = {
+            "clients": clients, "mode": mode, "client": client, "deadline_s": deadline,
+            "stress": stress,
+            "request_max_tokens": request_tokens,
+            "wall_s": time.monotonic() - started,
+            "summary": {**summarize(results["requests"], deadline, duration, gold),
+                        **health_summary(results["health"]),
+                        **intake_summary(results["server"])},
+            "engine_left_requests": engine.has_unfinished_requests(),
+            "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
+            "latency_factors": {f"{key.method}/{key.k}": round(f, 3)
+                                for key, f in latency.correction.factors().items()},
+        }  # fmt: skip
+        rows.append(row)
+        print(_table([row]).splitlines()[-1], flush=True)
+        summary = row["summary"]
+        slowest = summary["health_max_s"] or 0.0
+        print(f"  /health: {summary['health_ok']} of {summary['health_checks']} answered "
+              f"200, slowest {1000 * slowest:.0f} ms", flush=True)  # fmt: skip
+        if summary["burst_refusal_in_app_max_s"] is not None:
+            print(f"  arrival burst: the app saw it over {1000 * summary['burst_intake_s']:.0f}"
+                  f" ms; a refusal spent at most "
+                  f"{1000 * summary['burst_refusal_in_app_max_s']:.1f} ms in the app",
+                  flush=True)  # fmt: skip
     report = {
         "command": "python -m policies.bench_server " + " ".join(argv or sys.argv[1:]),
         "cpu_count": os.cpu_count(),

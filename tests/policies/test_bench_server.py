@@ -120,3 +120,53 @@ def test_intake_summary_keeps_to_the_burst_and_to_completions():
     assert summary["burst_intake_s"] == pytest.approx(0.09)
     assert summary["burst_refusal_in_app_max_s"] == pytest.approx(0.01)
     assert intake_summary([])["burst_intake_s"] is None
+
+
+def test_the_lean_client_reads_what_httpx_reads_from_a_real_server():
+    """Over real TCP from uvicorn: the stress level's lean client and httpx see the same status,
+    Retry-After and error body from the floor app."""
+    import asyncio
+
+    import httpx
+
+    from policies.bench_server import _Server, refusal_floor_app
+    from policies.lean_http_client import LeanClient
+
+    server = _Server(refusal_floor_app())
+    body = {"model": "m", "messages": [{"role": "user", "content": "1 + 1?"}], "deadline_s": 8}
+    try:
+        url = server.url + "/v1/chat/completions"
+        lean = asyncio.run(LeanClient(timeout=10.0).post(url, json=body))
+        reference = httpx.post(url, json=body, timeout=10.0)
+    finally:
+        server.stop()
+    assert lean.status_code == reference.status_code == 429
+    assert lean.headers["retry-after"] == reference.headers["retry-after"] == "1"
+    assert lean.json() == reference.json()
+    assert lean.json()["error"]["code"] == "engine_busy"
+
+
+def test_the_lean_client_refuses_what_it_cannot_read():
+    import asyncio
+
+    from policies.lean_http_client import LeanClient, read_response
+
+    def parse(raw: bytes):
+        async def run():
+            reader = asyncio.StreamReader()
+            reader.feed_data(raw)
+            reader.feed_eof()
+            return await read_response(reader)
+
+        return asyncio.run(run())
+
+    ok = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nRetry-After: 3\r\n\r\n{}")
+    assert (ok.status_code, ok.headers["retry-after"], ok.json()) == (200, "3", {})
+    with pytest.raises(ConnectionError, match="Content-Length"):
+        parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    with pytest.raises(ConnectionError, match="status line"):
+        parse(b"SSH-2.0-OpenSSH\r\n")
+    with pytest.raises(ValueError, match="plain http"):
+        asyncio.run(LeanClient(timeout=1.0).post("https://example.org/v1", json={}))
+    with pytest.raises(ValueError, match="timeout"):
+        LeanClient(timeout=0)
