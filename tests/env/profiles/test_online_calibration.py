@@ -5,6 +5,7 @@ quick calibration of the real n-gram engine predicting a fresh call."""
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -250,9 +251,11 @@ def test_quick_calibration_on_the_ngram_engine_predicts_a_fresh_call(ngram_engin
     model = quick_calibration(ngram_engine, shipped, budget_s=15, progress=False, batches=(1, 4))
     assert time.monotonic() - started < 40
     prompt = "Compute 17 * 23 and explain each step. Put the final answer in \\boxed{}."
-    rollout = ngram_engine.run(prompt, n=2, k=2, max_tokens=48, ignore_eos=True)
-    predicted = predict_call(model, rollout, "ngram")["predicted_s"]
-    assert predicted == pytest.approx(rollout.wall_s, rel=0.4)
+    ratios = []  # three calls, so that one busy moment of a shared machine does not decide
+    for _ in range(3):
+        rollout = ngram_engine.run(prompt, n=2, k=2, max_tokens=48, ignore_eos=True)
+        ratios.append(predict_call(model, rollout, "ngram")["predicted_s"] / rollout.wall_s)
+    assert statistics.median(ratios) == pytest.approx(1.0, rel=0.4), ratios
 
 
 def test_a_ratio_without_steps_decays_to_the_base_model(monkeypatch):
