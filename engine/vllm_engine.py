@@ -158,7 +158,7 @@ class VLLMEngine:
         calibration, validation) need no warm-up of their own.
         """
         started = time.monotonic()
-        self.run(WARMUP_PROMPT, n=1, k=0, max_tokens=4, logprobs=True)
+        self.run(WARMUP_PROMPT, n=1, k=0, max_tokens=min(4, self.config.max_tokens), logprobs=True)
         return time.monotonic() - started
 
     def _start(self) -> None:
