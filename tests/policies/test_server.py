@@ -427,3 +427,19 @@ def test_a_one_decision_policy_is_refused_at_start_with_retrain(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["server", "--policy", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"cannot serve .*LatencyTTS-v1.*Retrain"):
         main()
+
+
+def test_startup_objects_are_frozen_out_of_the_cyclic_collector():
+    """``serving_parts`` ends with ``freeze_startup_objects``: objects alive then are no longer
+    scanned by full collections (which stop the HTTP event loop with every other thread)."""
+    import gc
+
+    from policies.server import freeze_startup_objects
+
+    before = gc.get_freeze_count()
+    made = [[i] for i in range(1000)]  # containers: the collector tracks them
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen >= before + len(made) and frozen == gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
