@@ -51,7 +51,7 @@ class LeanClient:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"LeanClient speaks plain http://host:port/... only, got {url!r}")
-        payload = _dumps(body)
+        payload = json.dumps(body, separators=(",", ":")).encode()
         head = (
             f"POST {parts.path or '/'} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
@@ -63,10 +63,6 @@ class LeanClient:
             return await read_response(reader)
         finally:
             writer.close()
-
-
-def _dumps(body: dict) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def read_response(reader: asyncio.StreamReader) -> LeanResponse:
