@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "bare env": decisions_per_second(made.unwrapped, args.decisions),
     }
     print(f"profile: {profile.label}; {len(backend.problems)} problems, "
-          f"{backend.max_branches} branches each, method {backend.method}")  # fmt: skip
+          f"calls of up to {backend.max_branches} of {backend.recorded_branches} recorded "
+          f"branches, method {backend.method}")  # fmt: skip
     for name, value in results.items():
         print(f"{name:>15}: {value:,.0f} decisions/s ({RACE_ENV_ID}, random actions)")
     return results

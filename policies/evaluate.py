@@ -183,7 +183,7 @@ def oracle_draw(
 
     The search is pruned by the best time so far, so a draw costs a few small replays.
     """
-    permutation = rng.permutation(backend.max_branches)
+    permutation = backend.branch_order(rng)
     best: Outcome | None = None
     for n in sorted(n_grid):
         for k in k_grid:

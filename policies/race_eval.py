@@ -166,7 +166,7 @@ def _stops_of_draw(
     """Replay one draw without early stops: the end time of each finishing engine step, whether
     the leader is right after it, and per (family, threshold) the first (time, correct) at
     which its rule stops (the decided vote counts as a stop for every rule)."""
-    drawn = rng.permutation(backend.max_branches)[:n]
+    drawn = backend.branch_order(rng)[:n]
     finish = backend.finish_times(problem, drawn, k)
     order = np.argsort(finish, kind="stable")
     finish, classes = finish[order], backend.branch_classes[problem, drawn[order]]

@@ -115,7 +115,7 @@ def _trace_of_draw(
     backend: ReplayBackend, problem: int, n: int, k: int, rng: np.random.Generator
 ) -> tuple[list[tuple], float]:
     """The decision points of one draw replayed without early stops, and its start time."""
-    drawn = rng.permutation(backend.max_branches)[:n]
+    drawn = backend.branch_order(rng)[:n]
     finish = backend.finish_times(problem, drawn, k)
     order = np.argsort(finish, kind="stable")
     finish = finish[order]
@@ -154,7 +154,7 @@ def race_traces(
     columns: list[list] = [[] for _ in range(9)]
     offsets, meta = [0], []
     for c, (n, k) in enumerate(tqdm(configs, desc="stop-value traces", disable=not progress)):
-        reps = 1 if n >= backend.max_branches else repeats
+        reps = 1 if n >= backend.recorded_branches else repeats
         for p in problems:
             for r in range(reps):
                 points, start = _trace_of_draw(backend, p, n, k, draw_rng(seed, p, r))

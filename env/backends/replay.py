@@ -16,11 +16,14 @@ the step table covers batches up to ``MAX_ENGINE_BATCH``, beyond this call's own
 ``under_load(L)`` gives a view of the backend whose steps run at batch ``live + L`` (the same k
 for the whole batch: vLLM's k is engine-wide).  With no load the tables are the recorded ones.
 
-Draws are the first ``n`` entries of a random permutation of the recorded branches, so two calls
-with equally seeded generators share their branches (common random numbers across actions).
-``n`` larger than the number of recorded branches is rejected rather than sampled with
-replacement: duplicated branches would vote twice with identical answers and overstate
-agreement.
+Draws are the first ``n`` entries of a random permutation of the recorded branches
+(``branch_order``), so two calls with equally seeded generators share their branches (common
+random numbers across actions).  ``n`` larger than ``max_branches`` is rejected rather than
+sampled with replacement: duplicated branches would vote twice with identical answers and
+overstate agreement.  A profile may record more branches per problem than a call may run
+(manifest ``max_call_branches``): then even the largest call is a fresh sample of the recorded
+ones on every draw, where a call of every recorded branch would replay one race on every draw
+and an evaluation's repeated draws would not be independent.
 """
 
 from __future__ import annotations
@@ -93,11 +96,11 @@ class ReplayBackend:
     The precomputed tables are public (read-only) so that other replays of the same profile,
     such as a race driven step by step, share them instead of recomputing:
 
-    :ivar branch_tokens: (problems, max_branches) tokens each recorded branch generated.
-    :ivar branch_classes: (problems, max_branches) answer class per branch, -1 for no answer.
+    :ivar branch_tokens: (problems, recorded_branches) tokens each recorded branch generated.
+    :ivar branch_classes: (problems, recorded_branches) answer class per branch, -1 for no answer.
     :ivar class_correct: per problem, whether each answer class is right.
     :ivar class_answer: per problem, each answer class's text (its first member's).
-    :ivar branch_confidence: (problems, max_branches, 2) each branch's mean and lowest windowed
+    :ivar branch_confidence: (problems, recorded_branches, 2) each branch's mean and lowest windowed
         token log-probability (NaN where unknown), or None when the profile has none.
     :ivar tokens_per_step: (problems, k slots) expected tokens per decode step.
     :ivar step_seconds: (k slots, max_batch + 1) seconds of a decode step per live batch of this
@@ -138,7 +141,9 @@ class ReplayBackend:
                         r["subject"])
             for i, r in enumerate(rows)
         )  # fmt: skip
-        self._max_branches = min(len(r["branch_tokens"]) for r in rows)
+        self.recorded_branches = min(len(r["branch_tokens"]) for r in rows)
+        cap = int(self.profile.manifest.get("max_call_branches", self.recorded_branches))
+        self._max_branches = min(self.recorded_branches, cap)
         self._step_table_keys = self._keys_per_k_slot()
         self._k_grid = tuple(key.k for key in self._step_table_keys)
         self._slot_of_k = {k: slot for slot, k in enumerate(self._k_grid)}
@@ -154,7 +159,7 @@ class ReplayBackend:
         return keys
 
     def _build_arrays(self, rows: list[dict]) -> None:
-        n_max, model, keys = self._max_branches, self.latency_model, self._step_table_keys
+        n_max, model, keys = self.recorded_branches, self.latency_model, self._step_table_keys
         self.branch_tokens = np.stack([np.asarray(r["branch_tokens"][:n_max], float) for r in rows])
         self.branch_classes = np.stack([np.asarray(r["branch_class"][:n_max], int) for r in rows])
         width = max(int(self.branch_classes.max()) + 1, 1)
@@ -191,7 +196,8 @@ class ReplayBackend:
         self.step_seconds = self._engine_step_seconds
         self._views: dict[int, ReplayBackend] = {0: self}
         prompts = np.array([[p.prompt_tokens] for p in self._problems])
-        self.start_seconds = model.call_overhead_s + model.prefill_time(prompts, batch[: n_max + 1])
+        calls = batch[: self._max_branches + 1]
+        self.start_seconds = model.call_overhead_s + model.prefill_time(prompts, calls)
 
     @property
     def name(self) -> str:
@@ -208,6 +214,10 @@ class ReplayBackend:
     @property
     def max_branches(self) -> int:
         return self._max_branches
+
+    def branch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """A random order of the recorded branches; a call of ``n`` runs its first ``n``."""
+        return rng.permutation(self.recorded_branches)
 
     @property
     def k_grid(self) -> tuple[int, ...]:
@@ -284,11 +294,15 @@ class ReplayBackend:
         ``stop_times_s``: ``run`` at several deadlines on the same branches, for the searches
         that compare budgets and deadlines in hindsight (one outcome per stop time)."""
         if not 1 <= n <= self._max_branches:
-            raise ValueError(f"n={n} outside 1..{self._max_branches} (recorded branches)")
+            cap, recorded = self._max_branches, self.recorded_branches
+            raise ValueError(
+                f"n={n} outside 1..{cap}: a call runs at most {cap} of the {recorded} "
+                "recorded branches"
+            )
         if k not in self._slot_of_k:
             raise ValueError(f"k={k} not in this backend's k grid {self._k_grid}")
         p, slot = problem_index, self._slot_of_k[k]
-        drawn = rng.permutation(self._max_branches)[:n]
+        drawn = self.branch_order(rng)[:n]
         order, sorted_steps, finish, step_s, start = self._finish_schedule(p, slot, drawn)
         branches = drawn[order]
         classes = self.branch_classes[p, branches].tolist()

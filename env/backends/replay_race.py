@@ -78,7 +78,7 @@ class ReplayRace:
         if k not in backend.k_grid:
             raise ValueError(f"k={k} not in this backend's k grid {backend.k_grid}")
         state.start(n, k)
-        drawn = self.rng.permutation(backend.max_branches)[:n]
+        drawn = backend.branch_order(self.rng)[:n]
         self._branches = drawn
         self._need = np.maximum(backend.branch_tokens[self.p, drawn], 1.0)
         self._tokens = backend.branch_tokens[self.p, drawn]

@@ -99,6 +99,11 @@ VOTE_TOLERANCE = 0.02  # issue 5: majority-vote curve within +-2 points at every
 EFFECTIVE_TOLERANCE = 0.15  # relative: "close to the published median" effective answers
 PASS1_TOLERANCE = 0.01  # stored branches keep the published mean success rate
 PLOT_NAME = "calibration.png"
+# 256 branches per problem, as in the public Llama-3.2-1B best-of-256 runs; calls run at most
+# 64, so the evaluation's repeated draws of a 64-branch call are different samples (with 64
+# recorded, every draw of such a call replayed the same race).
+N_MAX = 256
+MAX_CALL_BRANCHES = 64
 
 
 @dataclass
@@ -324,15 +329,22 @@ def _add_finish_times(rows: list[dict], n_test: int) -> tuple[RooflineModel, dic
 def generate(
     out: Path | None = None,
     seed: int = 0,
-    n_max: int = 64,
+    n_max: int = N_MAX,
     train_problems: int = 7500,
     progress: bool = True,
     command: str | None = None,
+    max_call_branches: int = MAX_CALL_BRANCHES,
 ) -> SyntheticProfile:
     """Generate, calibrate, check and save the synthetic profile; deterministic for a seed.
 
+    ``n_max`` branches are recorded per problem and a replayed call runs at most
+    ``max_call_branches`` of them (``ReplayBackend`` reads it from the manifest), so every
+    draw of even the largest call is a new sample of the problem's branches.
+
     A little over 60 lines: the steps (fit, draw, check, save) are listed in the order the
     manifest records them, each a call or two."""
+    if not 1 <= max_call_branches <= n_max:
+        raise ValueError(f"max_call_branches={max_call_branches} must lie in 1..n_max={n_max}")
     started = time.monotonic()
     out = Path(out) if out is not None else profiles_dir() / PROFILE_NAME
     rates, majority = load_published()
@@ -368,6 +380,7 @@ def generate(
         "vllm_version": None,
         "sampling": SAMPLING,
         "n_max": n_max,
+        "max_call_branches": max_call_branches,
         "k_grid": list(K_GRID),
         "spec_methods": list(SPEC_METHODS),
         "token_logprobs": {
@@ -407,7 +420,13 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=None, help=f"folder (default data/profiles/{PROFILE_NAME})"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-max", type=int, default=64, help="branches recorded per problem")
+    parser.add_argument("--n-max", type=int, default=N_MAX, help="branches recorded per problem")
+    parser.add_argument(
+        "--max-call-branches",
+        type=int,
+        default=MAX_CALL_BRANCHES,
+        help="most branches a replayed call runs (fewer than recorded: draws differ)",
+    )
     parser.add_argument("--train-problems", type=int, default=7500, help="MATH train problems")
     parser.add_argument(
         "--sensitivity",
@@ -419,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         print(format_sensitivity(length_sensitivity(args.seed)))
         return
     command = "python -m env.synthetic.generate " + " ".join(sys.argv[1:] if argv is None else argv)
-    profile = generate(args.out, args.seed, args.n_max, args.train_problems, True, command.strip())
+    profile = generate(args.out, args.seed, args.n_max, args.train_problems, True,
+                       command.strip(), args.max_call_branches)  # fmt: skip
     print(format_summary(profile.manifest))
     plot = save_plot(profile.path, profile.path / PLOT_NAME)
     print(f"wrote {profile.path} in {profile.manifest['duration_s']:.1f} s; plot {plot}")

@@ -142,7 +142,7 @@ def test_oracle_is_the_earliest_right_stop(test_backend):
     for p in range(len(test_backend.problems)):
         earliest = np.inf
         for n in N_GRID:
-            drawn = draw_rng(0, p, 0).permutation(test_backend.max_branches)[:n]
+            drawn = test_backend.branch_order(draw_rng(0, p, 0))[:n]
             for k in K_GRID:
                 times = np.unique(test_backend.finish_times(p, drawn, k))
                 times = times[times <= horizon]

@@ -19,7 +19,7 @@ def test_replay_backend_implements_the_protocol(profile):
     assert isinstance(ReplayBackend(profile, "test"), Backend)
 
 
-def _handmade_profile(folder, classes, correct_class=1):
+def _handmade_profile(folder, classes, correct_class=1, max_call_branches=None):
     """One problem, branches of 100, 200, ... tokens finishing at 1, 2, ... s (k = 0)."""
     n = len(classes)
     latency_model = {
@@ -37,6 +37,8 @@ def _handmade_profile(folder, classes, correct_class=1):
         "branch_finish_reason": ["stop"] * n, "accept": {},
     }  # fmt: skip
     manifest = {"name": "handmade", "synthetic": True, "latency_model": latency_model}
+    if max_call_branches is not None:
+        manifest["max_call_branches"] = max_call_branches
     return ReplayBackend(save_profile(folder, manifest, [row]), "test")
 
 
@@ -85,6 +87,22 @@ def test_n_beyond_recorded_branches_is_rejected(tmp_path):
         backend.run(0, 3, 0, 10.0, np.random.default_rng(0))
 
 
+def test_a_call_cap_below_the_recorded_branches_makes_every_draw_a_new_sample(tmp_path):
+    """With 8 recorded branches and calls capped at 4, a 4-branch call draws a different set of
+    branches from different generators (with no cap, n = every branch is one race on every
+    draw), and more than 4 is refused."""
+    backend = _handmade_profile(tmp_path / "p", list(range(8)), max_call_branches=4)
+    assert (backend.max_branches, backend.recorded_branches) == (4, 8)
+    sets = {frozenset(backend.branch_order(np.random.default_rng(s))[:4].tolist())
+            for s in range(20)}  # fmt: skip
+    assert len(sets) > 5 and all(len(s) == 4 for s in sets)
+    assert set().union(*sets) == set(range(8))
+    latencies = {backend.run(0, 4, 0, 10.0, np.random.default_rng(s)).latency_s for s in range(20)}
+    assert len(latencies) > 1  # the draw changes the race, not just the order of one race
+    with pytest.raises(ValueError, match="at most 4 of the 8 recorded branches"):
+        backend.run(0, 5, 0, 10.0, np.random.default_rng(0))
+
+
 def test_replay_votes_by_the_voting_rules_in_finish_order(profile):
     """Replay's outcome is VoteTally's over the drawn branches as they finish in time."""
     backend = ReplayBackend(profile, "test")
@@ -93,7 +111,7 @@ def test_replay_votes_by_the_voting_rules_in_finish_order(profile):
         p, n = int(rng.integers(len(rows))), int(rng.integers(1, 17))
         k, deadline, seed = int(rng.choice(backend.k_grid)), float(rng.uniform(0.1, 6.0)), 7
         outcome = backend.run(p, n, k, deadline, np.random.default_rng(seed))
-        drawn = np.random.default_rng(seed).permutation(backend.max_branches)[:n]
+        drawn = backend.branch_order(np.random.default_rng(seed))[:n]
         finish = backend.finish_times(p, drawn, k)
         tally, last_finish = VoteTally(n), 0.0
         for b in np.argsort(finish, kind="stable"):

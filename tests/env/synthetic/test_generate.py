@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 
 from env.latency_model import tokens_per_step
+from env.paths import profiles_dir
 from env.profiles.store import PROBLEM_COLUMNS, load_profile
 from env.synthetic.answers import simulate_votes, stored_vote_curve
 from env.synthetic.branches import PARAMETERS, SAMPLING, base_length_model
 from env.synthetic.generate import (
     MAJORITY_FILE,
     PLOT_NAME,
+    PROFILE_NAME,
     TARGET_MODEL,
     _load_problems,
     generate,
@@ -37,6 +39,7 @@ from env.task.problems import load_math500, load_math_train
 SEED = 0
 TRAIN_PROBLEMS = 120
 N_MAX = 64
+N_MAX_BUNDLED = 256
 CURVE_TOLERANCE = 0.02  # issue 5: +-2 points at every N
 EFFECTIVE_TOLERANCE = 0.15  # relative, "close to the published median"
 # issue 12: real Llama-3.2-1B-Instruct samples (rlc-audit 'bon' arms, 5 sessions of 256)
@@ -66,12 +69,26 @@ def gold_class(row) -> int:
     return int(np.asarray(row["branch_class"])[correct][0]) if correct.any() else -1
 
 
+def test_a_call_cap_above_the_recorded_branches_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"max_call_branches=65 must lie in 1..n_max=64"):
+        generate(tmp_path / "x", n_max=64, max_call_branches=65, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_bundled_profile_draws_its_calls_from_four_times_as_many_branches():
+    """256 recorded per problem, calls of at most 64: repeated MATH-500 draws of a 64-branch
+    call are different samples, not one race replayed."""
+    manifest = json.loads((profiles_dir() / PROFILE_NAME / "manifest.json").read_text())
+    assert (manifest["n_max"], manifest["max_call_branches"]) == (N_MAX_BUNDLED, 64)
+
+
 def test_manifest_marks_synthetic_and_sources_every_parameter(generated, profile):
     manifest = profile.manifest
     assert manifest["synthetic"] is True
     assert manifest["target_model"] == TARGET_MODEL
     assert manifest["hardware"] == "NVIDIA H100 SXM (roofline)"
     assert manifest["n_max"] == N_MAX and manifest["k_grid"] == list(K_GRID)
+    assert manifest["max_call_branches"] == min(N_MAX, 64)
     assert manifest["spec_methods"] == list(SPEC_METHODS)
     assert "synthetic profile" in profile.label
     for field in ("created", "command", "duration_s", "sampling", "seed"):
