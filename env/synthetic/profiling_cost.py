@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--write", action="store_true", help="refresh docs/scale_out.md's table")
     args = parser.parse_args(argv)
-    if args.problems < 1 or not 1 <= args.branches <= 64 or args.max_tokens < 1:
+    if args.problems < 1 or not 1 <= args.branches <= 256 or args.max_tokens < 1:
         parser.error(
-            "--problems >= 1, --branches in 1..64 (the synthetic profile's), --max-tokens >= 1"
+            "--problems >= 1, --branches in 1..256 (the synthetic profile's), --max-tokens >= 1"
         )
     costs = profiling_costs(RunShape(problems=args.problems, branches=args.branches,
                                      max_tokens=args.max_tokens))  # fmt: skip

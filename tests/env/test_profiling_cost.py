@@ -103,7 +103,7 @@ def test_the_command_refuses_impossible_shapes():
     from env.synthetic.profiling_cost import main
 
     with pytest.raises(SystemExit):
-        main(["--branches", "65"])
+        main(["--branches", "257"])
     with pytest.raises(ValueError, match="fewer than branches"):
-        profiling_costs(replace(RunShape(), branches=65))
+        profiling_costs(replace(RunShape(), branches=257))
     assert np.isfinite(profiling_costs(RunShape(problems=1, branches=1))["rows"][0]["gpu_hours"])
