@@ -33,6 +33,7 @@ import numpy as np
 
 from engine.distributed import gpus_needed
 from env.paths import profiles_dir
+from env.synthetic.generate import N_MAX
 from env.synthetic.hardware import HF_CONFIGS, LLAMA32_1B, TransformerSpec
 from env.synthetic.roofline import H100_SXM, RooflineModel
 
@@ -316,9 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--write", action="store_true", help="refresh docs/scale_out.md's table")
     args = parser.parse_args(argv)
-    if args.problems < 1 or not 1 <= args.branches <= 256 or args.max_tokens < 1:
+    if args.problems < 1 or not 1 <= args.branches <= N_MAX or args.max_tokens < 1:
         parser.error(
-            "--problems >= 1, --branches in 1..256 (the synthetic profile's), --max-tokens >= 1"
+            f"--problems >= 1, --branches in 1..{N_MAX} (the synthetic profile's), "
+            "--max-tokens >= 1"
         )
     costs = profiling_costs(RunShape(problems=args.problems, branches=args.branches,
                                      max_tokens=args.max_tokens))  # fmt: skip
