@@ -432,6 +432,14 @@ class StopValueArgs:
     n_min: int = 4
 
 
+def stop_value_configs(
+    n_grid: Sequence[int], k_grid: Sequence[int], n_min: int
+) -> list[tuple[int, int]]:
+    """The (n, k) the traces and the tuning cover: every k, n from ``n_min`` (or the largest n
+    when the grid stops below it)."""
+    return [(n, k) for n in n_grid if n >= min(n_min, max(n_grid)) for k in k_grid]
+
+
 def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
     """The problems ``policies.race_eval.tune_baselines`` tunes on (same seed, same draw)."""
     return np.random.default_rng(seed).permutation(total)[:count].tolist()
@@ -454,7 +462,7 @@ def learn_stop_value(
     taken = set(tune_ids)
     rest = [p for p in range(total) if p not in taken] or list(range(total))
     fit_ids = rest[: args.fit_problems]
-    configs = [(n, k) for n in n_grid if n >= min(args.n_min, max(n_grid)) for k in backend.k_grid]
+    configs = stop_value_configs(n_grid, backend.k_grid, args.n_min)
     prompts = prompt_table(backend, featurizer)
     fit_traces = race_traces(backend, fit_ids, 1, seed + 1, configs, progress)
     learner_seed = seed if args.learner_seed is None else args.learner_seed

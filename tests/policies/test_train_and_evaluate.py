@@ -10,7 +10,10 @@ import pytest
 from env.config import RACE_ENV_ID
 from policies.evaluate import Args
 from policies.evaluate import main as evaluate_main
+from policies.frontier import frontier, latency_saving
 from policies.saved_policy import load_race_policy
+from policies.saving_bound import Args as SavingBoundArgs
+from policies.saving_bound import main as saving_bound_main
 from tests.fake_profile import make_fake_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +92,35 @@ def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
                                 out=str(tmp_path), tune_problems=40))  # fmt: skip
     assert report["deadlines_s"] == [0.7, 3.0] and "policy" in report["methods"]
     assert (tmp_path / "report.json").is_file() and (tmp_path / "races.png").is_file()
+
+
+def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tmp_path):
+    """Each family's hindsight bound is at least what its tuned controller reached on the same
+    test draws (the tuned setting is one of the bound's candidates) wherever that controller
+    kept the accuracy target; "all" is at least every family's."""
+    out, _ = trained
+    result = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path)))
+    assert (tmp_path / "saving_bound.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    static = report["methods"]["static_best"]
+    front = frontier([r["mean_latency_s"] for r in static], [r["accuracy"] for r in static])
+    families = result["families"]
+    assert {"static_best", "margin", "esc", "adaptive_consistency", "stop_value", "all"} <= set(
+        families
+    )
+    reached = {name: report["methods"][name] for name in ("margin", "esc", "static_best")}
+    reached["stop_value"] = report["methods"]["policy"]
+    checked = 0
+    for name, rows in reached.items():
+        for d, row in enumerate(rows):
+            if row["accuracy"] < static[d]["accuracy"] - 0.005:
+                continue
+            saving = latency_saving([row["mean_latency_s"]], [row["accuracy"]], front)[0]
+            assert families[name]["per_deadline"][d]["saving"] >= saving - 1e-9, (name, d)
+            checked += 1
+    assert checked >= len(static)  # static_best keeps its own accuracy at every deadline
+    for d in range(len(static)):
+        values = [f["per_deadline"][d]["saving"] for f in families.values()]
+        assert families["all"]["per_deadline"][d]["saving"] == max(
+            v for v in values if v is not None
+        )
