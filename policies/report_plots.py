@@ -82,6 +82,39 @@ def plot_report(report: dict, path: Path) -> Path:
     return Path(path)
 
 
+def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
+    """The hindsight bound (``policies.saving_bound``) per family against the deadline, beside
+    what the policy reached as trained and the target's line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    deadlines = result["deadlines_s"]
+    for name, family in result["families"].items():
+        values = [np.nan if r["saving"] is None else 100 * r["saving"]
+                  for r in family["per_deadline"]]  # fmt: skip
+        wide = name == "all"
+        ax.plot(deadlines, values, marker="o", ms=3.5, lw=3.0 if wide else 1.2,
+                alpha=0.6 if wide else 1.0, zorder=3 if wide else 2,
+                label=f"{name} (bound)")  # fmt: skip
+    if result["policy_saving"]:
+        ax.plot(deadlines, [100 * v for v in result["policy_saving"]], "k--", marker="s", ms=4,
+                lw=2.0, label="policy as trained")  # fmt: skip
+    ax.axhline(100 * target, color="red", lw=1, ls=":", label=f"target (grid mean {target:.0%})")
+    ax.set_xscale("log")
+    ax.set_xticks(deadlines, [f"{d:g}" for d in deadlines])
+    ax.minorticks_off()
+    ax.set_xlabel("deadline (s)")
+    ax.set_ylabel("latency saving vs static_best's frontier (%)")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], -20))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"settings tuned on the test draws (hindsight)\n{report_label(result)}",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def _format(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {v:+.3f}" for k, v in value.items())

@@ -35,6 +35,7 @@ from env.profiles.store import write_json
 from policies.evaluate import REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import sweep_rules
+from policies.report_plots import plot_saving_bound
 from policies.saved_policy import load_race_policy
 from policies.stop_value import StopValuePolicy
 from policies.stop_value_training import (
@@ -167,6 +168,7 @@ def saving_bound(run: Path) -> dict:
         "run": str(run),
         "profile": report["profile"],
         "deadlines_s": deadlines,
+        "num_problems": report["num_problems"],
         "repeats": repeats,
         "accuracy_slack": ACCURACY_SLACK,
         "families": {
@@ -209,17 +211,19 @@ class Args:
     run: str
     """train.py output folder (report.json and policy/)"""
     out: str | None = None
-    """where saving_bound.json goes (default: the run folder)"""
+    """where saving_bound.json and saving_bound.png go (default: the run folder)"""
 
 
 def main(args: Args) -> dict:
     run = Path(args.run)
     result = saving_bound(run)
     print_bound(result)
-    path = Path(args.out or run) / "saving_bound.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
-    print(f"written: {path}")
+    out = Path(args.out or run)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "saving_bound.json", result)
+    target = TARGETS["latency_saving_vs_static_best"]
+    plot = plot_saving_bound(result, out / "saving_bound.png", target)
+    print(f"written: {out / 'saving_bound.json'} {plot}")
     return result
 
 

@@ -397,8 +397,11 @@ def test_load_every_request_answered_in_time_or_refused(server, kind):
 
 
 def test_ten_openai_clients_at_once_share_the_engine(server, client):
-    """Ten threads with the real openai client, one problem each, 20 s deadlines: every one is
-    answered in time, and their calls ran in one engine batch."""
+    """Ten threads with the real openai client, one problem each, 40 s deadlines: every one is
+    answered in time, and their calls ran in one engine batch.  (With 20 s, admission refused the
+    tenth call on a slow CI machine: the nine in flight were predicted to take 18.5 s, past its
+    safety margin; the deadline is not what this test is about.)"""
+    deadline_s = 40.0
 
     def ask(i: int):
         started = time.monotonic()
@@ -406,14 +409,14 @@ def test_ten_openai_clients_at_once_share_the_engine(server, client):
             model=SERVED_MODEL_NAME,
             messages=[{"role": "user", "content": f"What is {i} + {2 * i}?"}],
             max_tokens=24,
-            extra_body={"deadline_s": 20.0},
+            extra_body={"deadline_s": deadline_s},
         )
         return response.model_extra["tts"], time.monotonic() - started
 
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(ask, range(10)))
     for tts, elapsed in answers:
-        assert tts["latency_s"] <= 20.0 and elapsed <= 20.0 + HTTP_SLACK_S
+        assert tts["latency_s"] <= deadline_s and elapsed <= deadline_s + HTTP_SLACK_S
     assert max(tts["batch_max"] for tts, _ in answers) >= 10  # all ten in one batch at once
     assert not server.engine.has_unfinished_requests()
 

@@ -33,7 +33,10 @@ def test_decode_steps_correct_the_model_and_prefill_steps_do_not():
     for _ in range(10):
         latency.on_step(BatchStep(predicted / 2, 8, 0, 2, False, 0))
     latency.on_step(BatchStep(predicted / 2, 8, 3, 2, False, 0))  # no table for k=3: ignored
-    assert float(latency.model().step_time(8, 0, "ngram")) == pytest.approx(predicted / 2)
+    # rel 1e-3: the correction decays towards the base model (half-life 60 s) while no step
+    # arrives, about 1e-5 per millisecond between the last step and this read
+    corrected = float(latency.model().step_time(8, 0, "ngram"))
+    assert corrected == pytest.approx(predicted / 2, rel=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
     kept the accuracy target; "all" is at least every family's."""
     out, _ = trained
     result = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path)))
-    assert (tmp_path / "saving_bound.json").is_file()
+    assert (tmp_path / "saving_bound.json").is_file() and (tmp_path / "saving_bound.png").is_file()
     report = json.loads((out / "report.json").read_text())
     static = report["methods"]["static_best"]
     front = frontier([r["mean_latency_s"] for r in static], [r["accuracy"] for r in static])
