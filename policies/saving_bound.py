@@ -31,6 +31,7 @@ import numpy as np
 import tyro
 
 from env.backends.replay import ReplayBackend
+from env.features import ProblemFeaturizer
 from env.profiles.store import write_json
 from policies.evaluate import REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
@@ -115,7 +116,7 @@ def rule_candidates(
 
 def stop_value_candidates(
     model: StopValuePolicy,
-    featurizer,
+    featurizer: ProblemFeaturizer,
     backend: ReplayBackend,
     deadlines: Sequence[float],
     repeats: int,
