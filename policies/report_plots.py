@@ -50,6 +50,13 @@ def report_label(report: dict) -> str:
     return f"{label}, {report['num_problems']} problems x {report['repeats']} draws"
 
 
+def _deadline_axis(ax, deadlines: Sequence[float]) -> None:
+    """Deadline grids are geometric: a log axis with ticks at the deadlines."""
+    ax.set_xscale("log")
+    ax.set_xticks(deadlines, [f"{d:g}" for d in deadlines])
+    ax.minorticks_off()
+
+
 def plot_report(report: dict, path: Path) -> Path:
     """Three panels: accuracy against deadline, mean latency against deadline, and the
     accuracy-latency frontier (each method's (mean latency, accuracy) points over its deadlines,
@@ -69,10 +76,8 @@ def plot_report(report: dict, path: Path) -> Path:
         ax.set_xlabel(labels[x])
         ax.set_ylabel(labels[y])
         ax.grid(alpha=0.3)
-    for ax in axes[:2]:  # deadline grids are geometric: log axis, ticks at the deadlines
-        ax.set_xscale("log")
-        ax.set_xticks(report["deadlines_s"], [f"{d:g}" for d in report["deadlines_s"]])
-        ax.minorticks_off()
+    for ax in axes[:2]:
+        _deadline_axis(ax, report["deadlines_s"])
     axes[2].set_title("accuracy-latency frontier (left/up is better)", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"MATH-500: {report_label(report)}", fontsize=10)
@@ -99,9 +104,7 @@ def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
         ax.plot(deadlines, [100 * v for v in result["policy_saving"]], "k--", marker="s", ms=4,
                 lw=2.0, label="policy as trained")  # fmt: skip
     ax.axhline(100 * target, color="red", lw=1, ls=":", label=f"target (grid mean {target:.0%})")
-    ax.set_xscale("log")
-    ax.set_xticks(deadlines, [f"{d:g}" for d in deadlines])
-    ax.minorticks_off()
+    _deadline_axis(ax, deadlines)
     ax.set_xlabel("deadline (s)")
     ax.set_ylabel("latency saving vs static_best's frontier (%)")
     ax.set_ylim(bottom=max(ax.get_ylim()[0], -20))
