@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from policies.frontier import frontier
-from policies.saving_bound import Candidates, best_saving, saving_bound, with_shorter_horizons
+from policies.saving_bound import (
+    Candidates,
+    ahead_bound,
+    best_saving,
+    saving_bound,
+    with_shorter_horizons,
+)
 
 
 def test_the_bound_takes_the_largest_saving_among_settings_that_keep_the_accuracy():
@@ -35,3 +41,40 @@ def test_a_deadline_also_offers_every_setting_of_the_shorter_ones():
     assert widened[0].accuracy.tolist() == [0.1]
     assert widened[1].accuracy.tolist() == [0.1, 0.3, 0.4]
     assert widened[1].latency.tolist() == [0.2, 0.5, 0.6]
+
+
+def _rows(*points: tuple[float, float]) -> list[dict]:
+    return [{"accuracy": a, "mean_latency_s": t} for a, t in points]
+
+
+def test_the_ahead_bound_keeps_both_accuracy_targets_and_measures_against_the_heuristics():
+    report = {
+        "deadlines_s": [1.0, 2.0],
+        "methods": {
+            "static_best": _rows((0.40, 0.9), (0.50, 1.8)),
+            "margin": _rows((0.38, 0.5), (0.46, 1.0)),
+            "esc": _rows((0.41, 0.8), (0.45, 0.9)),
+        },
+    }
+    family = [
+        # the floor is esc's 0.41 less 0.003 (above static_best's 0.40 less 0.005): 0.40 @ 0.1 s
+        # is too inaccurate, 0.42 @ 0.9 s slower than the heuristics' frontier there
+        Candidates(np.array([0.408, 0.40, 0.42]), np.array([0.4, 0.1, 0.9])),
+        # at 2 s the floor is static_best's 0.495: 0.47 @ 0.2 s is too inaccurate
+        Candidates(np.array([0.47, 0.50]), np.array([0.2, 1.2])),
+    ]
+    bound = ahead_bound(report, {"mine": family})
+    assert bound["heuristics"] == ["esc", "margin"]
+    rows = bound["families"]["mine"]["per_deadline"]
+    # the joint frontier: 0.38 @ 0.5, 0.41 @ 0.8, 0.45 @ 0.9, 0.46 @ 1.0 s
+    assert rows[0]["accuracy"] == 0.408
+    assert rows[0]["saving"] == pytest.approx(1 - 0.4 / (0.5 + 0.3 * 0.028 / 0.03))
+    # above the heuristics' best accuracy: judged against their most accurate point's time
+    assert rows[1]["accuracy"] == 0.50 and rows[1]["saving"] == pytest.approx(1 - 1.2 / 1.0)
+    assert [r["accuracy_lead"] for r in rows] == pytest.approx([0.01, 0.04])
+    assert bound["families"]["mine"]["mean_accuracy_lead"] == pytest.approx(0.025)
+
+
+def test_a_run_without_heuristics_has_no_ahead_bound():
+    report = {"deadlines_s": [1.0], "methods": {"static_best": _rows((0.4, 0.9))}}
+    assert ahead_bound(report, {"mine": [Candidates(np.array([0.4]), np.array([0.5]))]}) == {}

@@ -124,3 +124,16 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         assert families["all"]["per_deadline"][d]["saving"] == max(
             v for v in values if v is not None
         )
+    ahead = result["ahead_of_heuristics"]
+    joint = frontier(
+        [r["mean_latency_s"] for h in ahead["heuristics"] for r in report["methods"][h]],
+        [r["accuracy"] for h in ahead["heuristics"] for r in report["methods"][h]],
+    )
+    best = [max(report["methods"][h][d]["accuracy"] for h in ahead["heuristics"])
+            for d in range(len(static))]  # fmt: skip
+    for d, row in enumerate(report["methods"]["policy"]):
+        lead = ahead["families"]["stop_value"]["per_deadline"][d]["accuracy_lead"]
+        assert lead >= row["accuracy"] - best[d] - 1e-9
+        if row["accuracy"] >= max(static[d]["accuracy"] - 0.005, best[d] - 0.003):
+            saving = latency_saving([row["mean_latency_s"]], [row["accuracy"]], joint)[0]
+            assert ahead["families"]["stop_value"]["per_deadline"][d]["saving"] >= saving - 1e-9
