@@ -11,6 +11,7 @@ from env.backends.replay_race import ReplayRace
 from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from env.race_env import RaceEnv
+from policies import stop_value
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RuleController, leader_posterior
 from policies.race_eval import draw_rng, run_race
@@ -195,6 +196,24 @@ def test_an_averaged_value_net_is_one_mlp_giving_its_members_mean():
     other = ValueNet(members[0].weights, members[0].biases, members[0].mean + 1, members[0].scale)
     with pytest.raises(ValueError, match="standardization"):
         ValueNet.average([members[0], other])
+
+
+def test_many_rows_go_through_the_value_net_in_chunks_with_the_same_outputs(monkeypatch):
+    """A sweep's millions of rows are scored a chunk at a time (bounded memory); the outputs
+    are those of one pass, row for row, and a single row still works."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1_000, 3)).astype(np.float32)
+    y = rng.normal(size=(1_000, 2)).astype(np.float32)
+    net, _ = fit_value_net(x, y, hidden=8, epochs=1, seed=0)
+    whole = net(x)
+    calls = []
+    forward = ValueNet._forward
+    monkeypatch.setattr(stop_value, "FORWARD_CHUNK_ROWS", 300)
+    monkeypatch.setattr(ValueNet, "_forward", lambda self, rows: calls.append(len(rows))
+                        or forward(self, rows))  # fmt: skip
+    np.testing.assert_allclose(net(x), whole, rtol=1e-6, atol=1e-7)
+    assert calls == [300, 300, 300, 100]
+    assert net(x[0]).shape == (2,)
 
 
 def test_saved_stop_value_policy_serves_like_the_trained_one(tmp_path, backend, featurizer,
