@@ -148,9 +148,12 @@ def stop_value_candidates(
     ])  # fmt: skip
 
 
-def saving_bound(run: Path) -> dict:
+def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
     """The bound for a train.py run folder (its ``report.json`` and ``policy``), per family and
     over all families together, beside what the run's policy reached."""
+    if not 0.0 <= slack < 1.0:
+        raise ValueError(f"accuracy slack {slack} must be a share of accuracy in [0, 1), e.g. "
+                         "0.005 for half a point")  # fmt: skip
     report_path = run / "report.json"
     if not report_path.is_file() or not (run / "policy").is_dir():
         raise FileNotFoundError(f"{run} is not a train.py run folder (needs report.json and "
@@ -175,7 +178,7 @@ def saving_bound(run: Path) -> dict:
                    np.concatenate([f[d].latency for f in families.values()]))
         for d in range(len(deadlines))
     ]  # fmt: skip
-    bound = {name: best_saving(cands, ref_acc, front) for name, cands in families.items()}
+    bound = {name: best_saving(cands, ref_acc, front, slack) for name, cands in families.items()}
     achieved = report.get("targets", {}).get("per_deadline", [])
     return {
         "run": str(run),
@@ -183,17 +186,19 @@ def saving_bound(run: Path) -> dict:
         "deadlines_s": deadlines,
         "num_problems": report["num_problems"],
         "repeats": repeats,
-        "accuracy_slack": ACCURACY_SLACK,
+        "accuracy_slack": slack,
         "families": {
             name: {"per_deadline": rows, "mean_saving": _mean(rows)}
             for name, rows in sorted(bound.items())
         },
         "policy_saving": [row["latency_saving_vs_static_best"] for row in achieved],
-        "ahead_of_heuristics": ahead_bound(report, families),
+        "ahead_of_heuristics": ahead_bound(report, families, slack),
     }
 
 
-def ahead_bound(report: dict, families: dict[str, list[Candidates]]) -> dict:
+def ahead_bound(
+    report: dict, families: dict[str, list[Candidates]], slack: float = ACCURACY_SLACK
+) -> dict:
     """The bound on being ahead of the heuristics (the module docstring), per family, beside
     what the run's policy reached (empty when the report has no heuristic rows)."""
     methods = report["methods"]
@@ -202,7 +207,7 @@ def ahead_bound(report: dict, families: dict[str, list[Candidates]]) -> dict:
         return {}
     deadlines = range(len(report["deadlines_s"]))
     best = [max(methods[h][d]["accuracy"] for h in names) for d in deadlines]
-    floors = [max(methods[REFERENCE][d]["accuracy"] - ACCURACY_SLACK, b - HEURISTIC_SLACK)
+    floors = [max(methods[REFERENCE][d]["accuracy"] - slack, b - HEURISTIC_SLACK)
               for d, b in zip(deadlines, best, strict=True)]  # fmt: skip
     joint = frontier([row["mean_latency_s"] for h in names for row in methods[h]],
                      [row["accuracy"] for h in names for row in methods[h]])  # fmt: skip
@@ -286,11 +291,15 @@ class Args:
     """train.py output folder (report.json and policy/)"""
     out: str | None = None
     """where saving_bound.json and saving_bound.png go (default: the run folder)"""
+    accuracy_slack: float = ACCURACY_SLACK
+    """how far below static_best a setting may be and still count, as a share of accuracy
+    (default 0.005: the target's half point; 0 asks what room is left without giving up any
+    accuracy)"""
 
 
 def main(args: Args) -> dict:
     run = Path(args.run)
-    result = saving_bound(run)
+    result = saving_bound(run, args.accuracy_slack)
     print_bound(result)
     out = Path(args.out or run)
     out.mkdir(parents=True, exist_ok=True)

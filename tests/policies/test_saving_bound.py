@@ -32,6 +32,8 @@ def test_the_bound_takes_the_largest_saving_among_settings_that_keep_the_accurac
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not a train\.py run folder"):
         saving_bound(tmp_path)
+    with pytest.raises(ValueError, match=r"accuracy slack -0\.1 must be a share of accuracy"):
+        saving_bound(tmp_path, slack=-0.1)
 
 
 def test_a_deadline_also_offers_every_setting_of_the_shorter_ones():

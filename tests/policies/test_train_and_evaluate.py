@@ -124,6 +124,12 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         assert families["all"]["per_deadline"][d]["saving"] == max(
             v for v in values if v is not None
         )
+    strict = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), accuracy_slack=0))
+    assert strict["accuracy_slack"] == 0
+    for name, family in strict["families"].items():  # fewer settings count: never more room
+        for d, row in enumerate(family["per_deadline"]):
+            loose = families[name]["per_deadline"][d]["saving"]
+            assert row["saving"] is None or row["saving"] <= loose + 1e-12
     ahead = result["ahead_of_heuristics"]
     joint = frontier(
         [r["mean_latency_s"] for h in ahead["heuristics"] for r in report["methods"][h]],
