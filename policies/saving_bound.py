@@ -21,7 +21,7 @@ saving against the tuned heuristics' joint frontier (the report's esc, adaptive_
 margin rows) among the settings that keep both accuracy targets (against ``static_best`` and
 against the best heuristic there), and the largest accuracy lead over the best heuristic.
 
-    python -m policies.saving_bound --run RUN_FOLDER [--out DIR]
+    python -m policies.saving_bound --run RUN_FOLDER [--out DIR] [--accuracy-slack 0.005]
 """
 
 from __future__ import annotations
