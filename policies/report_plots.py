@@ -93,13 +93,14 @@ def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
     frontier, and (when the run has heuristics) against the heuristics' joint frontier."""
     plt = _pyplot()
     ahead = result.get("ahead_of_heuristics") or {}
-    panels = [(result, target, "static_best's frontier")]
+    cross = result.get("cross_validated", {})
+    panels = [(result, target, "static_best's frontier", cross.get("static", {}))]
     if ahead:
         threshold = ahead["threshold"]["latency_saving"]
-        panels.append((ahead, threshold, "the heuristics' joint frontier"))
+        panels.append((ahead, threshold, "the heuristics' joint frontier", cross.get("ahead", {})))
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.8), squeeze=False)
     deadlines = result["deadlines_s"]
-    for ax, (bound, line, against) in zip(axes[0], panels, strict=True):
+    for ax, (bound, line, against, validated) in zip(axes[0], panels, strict=True):
         for name, family in bound["families"].items():
             values = [np.nan if r["saving"] is None else 100 * r["saving"]
                       for r in family["per_deadline"]]  # fmt: skip
@@ -107,6 +108,11 @@ def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
             ax.plot(deadlines, values, marker="o", ms=3.5, lw=3.0 if wide else 1.2,
                     alpha=0.6 if wide else 1.0, zorder=3 if wide else 2,
                     label=f"{name} (bound)")  # fmt: skip
+        if "all" in validated:
+            values = [np.nan if r["saving"] is None else 100 * r["saving"]
+                      for r in validated["all"]["per_deadline"]]  # fmt: skip
+            ax.plot(deadlines, values, color="tab:orange", ls=":", marker="^", ms=4, lw=2.0,
+                    label="all, chosen on half, scored on the other")  # fmt: skip
         mine = bound["policy_saving"]
         if mine and None not in mine:
             ax.plot(deadlines, [100 * v for v in mine], "k--", marker="s", ms=4, lw=2.0,

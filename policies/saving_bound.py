@@ -40,11 +40,12 @@ from env.features import ProblemFeaturizer
 from env.profiles.store import write_json
 from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
-from policies.race_eval import sweep_rules
+from policies.race_eval import SweepResult, sweep_rules
 from policies.report_plots import plot_saving_bound
 from policies.saved_policy import load_race_policy
 from policies.stop_value import StopValuePolicy
 from policies.stop_value_training import (
+    Traces,
     prompt_table,
     race_traces,
     stop_value_configs,
@@ -73,17 +74,20 @@ def best_saving(
     slack: float = ACCURACY_SLACK,
 ) -> list[dict]:
     """Per deadline, the candidate with the largest saving against ``front`` among those at most
-    ``slack`` below ``reference_accuracy`` there (None where no candidate keeps it)."""
+    ``slack`` below ``reference_accuracy`` there (None where no candidate keeps it); ``setting``
+    is its index among the deadline's candidates."""
     rows = []
     for cands, floor in zip(per_deadline, reference_accuracy, strict=True):
         keep = cands.accuracy >= floor - slack - 1e-12
         if not keep.any():
-            rows.append({"saving": None, "accuracy": None, "mean_latency_s": None})
+            rows.append({"saving": None, "accuracy": None, "mean_latency_s": None,
+                         "setting": None})  # fmt: skip
             continue
         saving = latency_saving(cands.latency[keep], cands.accuracy[keep], front)
         i = int(np.argmax(saving))
         rows.append({"saving": float(saving[i]), "accuracy": float(cands.accuracy[keep][i]),
-                     "mean_latency_s": float(cands.latency[keep][i])})  # fmt: skip
+                     "mean_latency_s": float(cands.latency[keep][i]),
+                     "setting": int(np.flatnonzero(keep)[i])})  # fmt: skip
     return rows
 
 
@@ -104,53 +108,75 @@ def with_shorter_horizons(per_deadline: Sequence[Candidates]) -> list[Candidates
 
 
 def rule_candidates(
-    backend: ReplayBackend,
-    deadlines: Sequence[float],
-    repeats: int,
-    seed: int,
-    n_grid: Sequence[int],
-    k_grid: Sequence[int],
+    sweep: SweepResult, draws: np.ndarray | None = None
 ) -> dict[str, list[Candidates]]:
-    """Every vote-rule family's settings on every test draw (``policies.race_eval.sweep_rules``
-    on all problems of ``backend``), with shorter horizons."""
-    sweep = sweep_rules(backend, deadlines, range(len(backend.problems)), repeats, seed, n_grid,
-                        k_grid)  # fmt: skip
+    """Every vote-rule family's settings (a ``policies.race_eval.sweep_rules`` sweep) on the
+    flagged draws (all when None), with shorter horizons."""
+    keep = slice(None) if draws is None else draws
     out: dict[str, list[Candidates]] = {}
     for family in {config[0] for config in sweep.correct}:
         configs = [c for c in sweep.correct if c[0] == family]
         out[family] = with_shorter_horizons([
-            Candidates(np.array([sweep.accuracy(c, d) for c in configs]),
-                       np.array([sweep.mean_latency(c, d) for c in configs]))
-            for d in range(len(deadlines))
+            Candidates(np.array([sweep.correct[c][d][keep].mean() for c in configs]),
+                       np.array([sweep.latency[c][d][keep].mean() for c in configs]))
+            for d in range(len(sweep.deadlines_s))
         ])  # fmt: skip
     return out
 
 
-def stop_value_candidates(
-    model: StopValuePolicy,
-    featurizer: ProblemFeaturizer,
-    backend: ReplayBackend,
-    deadlines: Sequence[float],
-    repeats: int,
-    seed: int,
-    n_grid: Sequence[int],
-) -> list[Candidates]:
-    """The value network's settings on every test draw: every (n, k, price), with shorter
-    horizons (as its tuning)."""
-    n_min = model.info.get("args", {}).get("n_min", min(n_grid))
-    configs = stop_value_configs(n_grid, backend.k_grid, n_min)
-    traces = race_traces(backend, range(len(backend.problems)), repeats, seed, configs)
-    table = sweep_stop_value(model.net, traces, prompt_table(backend, featurizer), featurizer,
-                             deadlines)  # fmt: skip
-    return with_shorter_horizons([
-        Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
-        for d in range(len(deadlines))
-    ])  # fmt: skip
+@dataclass
+class StopValueReplay:
+    """The run's value network replayed on every test draw under every (n, k) it tunes over."""
+
+    model: StopValuePolicy
+    featurizer: ProblemFeaturizer
+    traces: Traces
+    prompts: np.ndarray
+    deadlines: Sequence[float]
+
+    @classmethod
+    def on(
+        cls,
+        model: StopValuePolicy,
+        featurizer: ProblemFeaturizer,
+        backend: ReplayBackend,
+        deadlines: Sequence[float],
+        repeats: int,
+        seed: int,
+        n_grid: Sequence[int],
+    ) -> StopValueReplay:
+        n_min = model.info.get("args", {}).get("n_min", min(n_grid))
+        configs = stop_value_configs(n_grid, backend.k_grid, n_min)
+        traces = race_traces(backend, range(len(backend.problems)), repeats, seed, configs)
+        return cls(model, featurizer, traces, prompt_table(backend, featurizer), deadlines)
+
+    def candidates(self, problems: np.ndarray | None = None) -> list[Candidates]:
+        """Every (n, k, price) on the draws of the flagged problems (all when None), with
+        shorter horizons (as its tuning)."""
+        counted = None if problems is None else problems[self.traces.problem]
+        table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
+                                 self.deadlines, counted=counted)  # fmt: skip
+        return with_shorter_horizons([
+            Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
+            for d in range(len(self.deadlines))
+        ])  # fmt: skip
+
+
+def rows_on(sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray) -> list[dict]:
+    """A tuned rule controller's rows (accuracy, mean latency per deadline; ``controllers``: its
+    report entries) on the flagged draws, read off the sweep."""
+    rows = []
+    for d, c in enumerate(controllers):
+        key = (c["family"], c["threshold"], c["n"], c["k"])
+        rows.append({"accuracy": float(sweep.correct[key][d][draws].mean()),
+                     "mean_latency_s": float(sweep.latency[key][d][draws].mean())})  # fmt: skip
+    return rows
 
 
 def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
     """The bound for a train.py run folder (its ``report.json`` and ``policy``), per family and
-    over all families together, beside what the run's policy reached."""
+    over all families together, beside what the run's policy reached; and the cross-validated
+    figures (``cross_validate``)."""
     if not 0.0 <= slack < 1.0:
         raise ValueError(f"accuracy slack {slack} must be a share of accuracy in [0, 1), e.g. "
                          "0.005 for half a point")  # fmt: skip
@@ -163,23 +189,39 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
         raise ValueError(f"{report_path} has no {REFERENCE!r} rows to measure against")
     policy = load_race_policy(run / "policy")
     deadlines, repeats, seed = report["deadlines_s"], report["repeats"], report["seed"]
-    reference = report["methods"][REFERENCE]
-    ref_acc = [row["accuracy"] for row in reference]
-    front = frontier([row["mean_latency_s"] for row in reference], ref_acc)
     backend = ReplayBackend(policy_profile(policy), "test", report["spec_method"])
     config = policy.env_config
-    families = rule_candidates(backend, deadlines, repeats, seed, config.n_grid, config.k_grid)
+    count = len(backend.problems)
+    sweep = sweep_rules(backend, deadlines, range(count), repeats, seed, config.n_grid,
+                        config.k_grid)  # fmt: skip
+    replay = None
     if isinstance(policy.model, StopValuePolicy):
-        families[STOP_VALUE] = stop_value_candidates(
-            policy.model, policy.featurizer, backend, deadlines, repeats, seed, config.n_grid
-        )
-    families["all"] = [
-        Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
-                   np.concatenate([f[d].latency for f in families.values()]))
-        for d in range(len(deadlines))
-    ]  # fmt: skip
-    bound = {name: best_saving(cands, ref_acc, front, slack) for name, cands in families.items()}
+        replay = StopValueReplay.on(policy.model, policy.featurizer, backend, deadlines, repeats,
+                                    seed, config.n_grid)  # fmt: skip
+    problem_of_draw = np.repeat(np.arange(count), repeats)  # the sweep's draw order
+
+    def families_on(problems: np.ndarray | None) -> dict[str, list[Candidates]]:
+        families = rule_candidates(sweep, None if problems is None else problems[problem_of_draw])
+        if replay is not None:
+            families[STOP_VALUE] = replay.candidates(problems)
+        families["all"] = [
+            Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
+                       np.concatenate([f[d].latency for f in families.values()]))
+            for d in range(len(deadlines))
+        ]  # fmt: skip
+        return families
+
+    families = families_on(None)
+    static = static_yardstick(report["methods"], slack)
+    bound = {name: best_saving(cands, static.floors, static.front, 0.0)
+             for name, cands in families.items()}  # fmt: skip
     achieved = report.get("targets", {}).get("per_deadline", [])
+    halves = []
+    for half in range(2):
+        problems = np.arange(count) % 2 == half
+        tuned = {name: rows_on(sweep, report["controllers"][name], problems[problem_of_draw])
+                 for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
+        halves.append((tuned, families_on(problems)))
     return {
         "run": str(run),
         "profile": report["profile"],
@@ -193,7 +235,43 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
         },
         "policy_saving": [row["latency_saving_vs_static_best"] for row in achieved],
         "ahead_of_heuristics": ahead_bound(report, families, slack),
+        "cross_validated": cross_validate(halves, slack),
     }
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """What a setting is held to at each deadline: the accuracy it must keep (``floors``) and
+    the frontier its latency is measured against (``front``)."""
+
+    floors: list[float]
+    front: np.ndarray
+
+
+def static_yardstick(methods: dict, slack: float) -> Yardstick:
+    """The saving target's: within ``slack`` of static_best, against its frontier."""
+    rows = methods[REFERENCE]
+    accuracy = [row["accuracy"] for row in rows]
+    front = frontier([row["mean_latency_s"] for row in rows], accuracy)
+    return Yardstick([a - slack for a in accuracy], front)
+
+
+def heuristic_yardstick(methods: dict, slack: float) -> Yardstick | None:
+    """The lead target's: within ``slack`` of static_best and ``HEURISTIC_SLACK`` of the best
+    heuristic, against the heuristics' joint frontier (None without heuristic rows)."""
+    names = [h for h in HEURISTICS if h in methods]
+    if not names:
+        return None
+    best = _best_heuristic_accuracy(methods, names)
+    floors = [max(s - slack, b - HEURISTIC_SLACK) for s, b in
+              zip(static_yardstick(methods, 0.0).floors, best, strict=True)]  # fmt: skip
+    joint = frontier([row["mean_latency_s"] for h in names for row in methods[h]],
+                     [row["accuracy"] for h in names for row in methods[h]])  # fmt: skip
+    return Yardstick(floors, joint)
+
+
+def _best_heuristic_accuracy(methods: dict, names: Sequence[str]) -> list[float]:
+    return [max(methods[h][d]["accuracy"] for h in names) for d in range(len(methods[names[0]]))]
 
 
 def ahead_bound(
@@ -202,18 +280,14 @@ def ahead_bound(
     """The bound on being ahead of the heuristics (the module docstring), per family, beside
     what the run's policy reached (empty when the report has no heuristic rows)."""
     methods = report["methods"]
-    names = [h for h in HEURISTICS if h in methods]
-    if not names:
+    stick = heuristic_yardstick(methods, slack)
+    if stick is None:
         return {}
-    deadlines = range(len(report["deadlines_s"]))
-    best = [max(methods[h][d]["accuracy"] for h in names) for d in deadlines]
-    floors = [max(methods[REFERENCE][d]["accuracy"] - slack, b - HEURISTIC_SLACK)
-              for d, b in zip(deadlines, best, strict=True)]  # fmt: skip
-    joint = frontier([row["mean_latency_s"] for h in names for row in methods[h]],
-                     [row["accuracy"] for h in names for row in methods[h]])  # fmt: skip
+    names = [h for h in HEURISTICS if h in methods]
+    best = _best_heuristic_accuracy(methods, names)
     out: dict[str, dict] = {}
     for name, cands in sorted(families.items()):
-        rows = best_saving(cands, floors, joint, slack=0.0)
+        rows = best_saving(cands, stick.floors, stick.front, slack=0.0)
         lead = best_lead(cands, best)
         for row, gain in zip(rows, lead, strict=True):
             row["accuracy_lead"] = gain
@@ -228,6 +302,52 @@ def ahead_bound(
         "policy_saving": [row.get("latency_saving_vs_heuristics") for row in achieved],
         "policy_accuracy_lead": [row.get("accuracy_minus_best_heuristic") for row in achieved],
     }
+
+
+def cross_validate(
+    halves: Sequence[tuple[dict, dict[str, list[Candidates]]]], slack: float
+) -> dict:
+    """How much of the bound survives choosing on other draws: per family and deadline, the
+    setting the bound would choose on one half of the problems, scored on the other half (its
+    saving, and its accuracy above the floor there: negative where it misses the target),
+    averaged over both ways.
+
+    Why: the bound picks the best of thousands of settings on the draws it scores, so part of
+    it is noise; the cross-validated figure is what a controller would reach if it could tune
+    on draws like the test draws but not on them.  ``halves``: per half, the tuned baselines'
+    rows there (``rows_on``; kept as ``tuned_rows``) and the families' candidates there."""
+    out: dict[str, dict] = {"tuned_rows": [methods for methods, _ in halves]}
+    for target, yardstick in (("static", static_yardstick), ("ahead", heuristic_yardstick)):
+        sticks = [yardstick(methods, slack) for methods, _ in halves]
+        if any(stick is None for stick in sticks):
+            continue
+        families = {}
+        for name in sorted(halves[0][1]):
+            ways = []
+            for pick, other in ((0, 1), (1, 0)):
+                chosen = best_saving(halves[pick][1][name], sticks[pick].floors,
+                                     sticks[pick].front, 0.0)  # fmt: skip
+                ways.append([_score(halves[other][1][name][d], row["setting"], sticks[other], d)
+                             for d, row in enumerate(chosen)])  # fmt: skip
+            rows = [
+                {"saving": None, "above_floor": None} if a is None or b is None
+                else {"saving": (a[0] + b[0]) / 2, "above_floor": (a[1] + b[1]) / 2}
+                for a, b in zip(*ways, strict=True)
+            ]  # fmt: skip
+            families[name] = {"per_deadline": rows, "mean_saving": _mean(rows)}
+        out[target] = families
+    return out
+
+
+def _score(
+    cands: Candidates, setting: int | None, stick: Yardstick, d: int
+) -> tuple[float, float] | None:
+    """A chosen setting's saving against ``stick``'s frontier and its accuracy above the floor."""
+    if setting is None:
+        return None
+    accuracy, latency = cands.accuracy[setting], cands.latency[setting]
+    saving = latency_saving([latency], [accuracy], stick.front)[0]
+    return float(saving), float(accuracy - stick.floors[d])
 
 
 def _mean(rows: list[dict]) -> float | None:
@@ -266,10 +386,19 @@ def print_bound(result: dict) -> None:
             rows[policy], means[policy] = mine, float(np.mean(mine))
         return rows, means
 
+    cross = result.get("cross_validated", {})
+
+    def cross_table(target: str, mine: list, against: str) -> None:
+        if target in cross:
+            _print_table(f"cross-validated: the bound's choice on one half of the problems, "
+                         f"scored on the other (saving vs {against})", deadlines,
+                         *with_policy(cross[target], "saving", mine))  # fmt: skip
+
     static = with_policy(result["families"], "saving", result["policy_saving"])
     _print_table(f"hindsight bound on the latency saving vs {REFERENCE} ({label}; settings tuned "
                  f"on the test draws, accuracy within {100 * result['accuracy_slack']:.1f} point)",
                  deadlines, *static)  # fmt: skip
+    cross_table("static", result["policy_saving"], REFERENCE)
     ahead = result.get("ahead_of_heuristics")
     if not ahead:
         return
@@ -281,6 +410,7 @@ def print_bound(result: dict) -> None:
     _print_table("hindsight bound on the accuracy lead over the best heuristic (points)",
                  deadlines, *with_policy(ahead["families"], "accuracy_lead",
                                          ahead["policy_accuracy_lead"]))  # fmt: skip
+    cross_table("ahead", ahead["policy_saving"], "the heuristics' joint frontier")
 
 
 @dataclass

@@ -313,22 +313,25 @@ def sweep_stop_value(
     featurizer: ProblemFeaturizer,
     deadlines_s: Sequence[float],
     prices: Sequence[float] = PRICES,
+    counted: np.ndarray | None = None,
 ) -> SweepTable:
     """Accuracy and latency of every (config, price) at every deadline, read off ``traces``
     (each config's draws weigh equally: a config with one repeat at n = all branches stands
-    for the same draws as the others' several)."""
+    for the same draws as the others' several); ``counted`` (one flag per trace) limits the
+    means to some traces, e.g. half of the problems (``policies.saving_bound``)."""
     configs = traces.configs
     shape = (len(configs), len(prices), len(deadlines_s))
     accuracy, latency = np.zeros(shape), np.zeros(shape)
     static_acc, static_lat = np.zeros(shape[::2]), np.zeros(shape[::2])
     n_traces = len(traces.problem)
+    members = [(traces.config == c) & (True if counted is None else counted)
+               for c in range(len(configs))]  # fmt: skip
     for d, deadline in enumerate(deadlines_s):
         view = traces.at_deadline(deadline)
         rows = np.flatnonzero(view.decision)
         out = net(point_features(traces, view, prompts, featurizer, rows))
         owner = view.owner[rows]
-        for c in range(len(configs)):
-            mine = traces.config == c
+        for c, mine in enumerate(members):
             static_acc[c, d] = view.end_correct[mine].mean()
             static_lat[c, d] = view.end_s[mine].mean()
         for j, price in enumerate(prices):
@@ -339,8 +342,7 @@ def sweep_stop_value(
             where = np.where(stopped, first, 0)
             correct = np.where(stopped, traces.correct[where], view.end_correct)
             time_s = np.where(stopped, traces.time_s[where], view.end_s)
-            for c in range(len(configs)):
-                mine = traces.config == c
+            for c, mine in enumerate(members):
                 accuracy[c, j, d] = correct[mine].mean()
                 latency[c, j, d] = time_s[mine].mean()
     return SweepTable(list(configs), tuple(prices), tuple(float(d) for d in deadlines_s),

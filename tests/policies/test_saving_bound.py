@@ -10,6 +10,7 @@ from policies.saving_bound import (
     Candidates,
     ahead_bound,
     best_saving,
+    cross_validate,
     saving_bound,
     with_shorter_horizons,
 )
@@ -24,7 +25,8 @@ def test_the_bound_takes_the_largest_saving_among_settings_that_keep_the_accurac
     ]
     rows = best_saving(cands, [0.6, 0.6], front, slack=0.005)
     assert rows[0]["accuracy"] == 0.598 and rows[0]["saving"] == pytest.approx(1 - 1.8 / 1.99)
-    assert rows[1] == {"saving": None, "accuracy": None, "mean_latency_s": None}
+    assert rows[0]["setting"] == 1
+    assert rows[1] == {"saving": None, "accuracy": None, "mean_latency_s": None, "setting": None}
     loose = best_saving(cands[:1], [0.6], front, slack=0.2)
     assert loose[0]["saving"] == pytest.approx(0.5)
 
@@ -80,3 +82,20 @@ def test_the_ahead_bound_keeps_both_accuracy_targets_and_measures_against_the_he
 def test_a_run_without_heuristics_has_no_ahead_bound():
     report = {"deadlines_s": [1.0], "methods": {"static_best": _rows((0.4, 0.9))}}
     assert ahead_bound(report, {"mine": [Candidates(np.array([0.4]), np.array([0.5]))]}) == {}
+
+
+def test_cross_validation_scores_each_halfs_choice_on_the_other_half():
+    """The setting chosen on one half (largest saving there) is scored on the other: a setting
+    that only looks fast on the half it was chosen on does not count at its own figure."""
+    static = {"static_best": _rows((0.40, 1.0))}
+    lucky = Candidates(np.array([0.40, 0.40]), np.array([0.5, 0.8]))  # setting 0 looks faster
+    plain = Candidates(np.array([0.38, 0.40]), np.array([0.9, 0.8]))  # setting 0: slow, wrong
+    result = cross_validate([(static, {"mine": [lucky]}), (static, {"mine": [plain]})], 0.005)
+    row = result["static"]["mine"]["per_deadline"][0]
+    # half 0 picks setting 0, scored on half 1: 0.38 @ 0.9 s against 0.40 @ 1.0 s
+    # half 1 picks setting 1, scored on half 0: 0.40 @ 0.8 s
+    scored_on_1 = 1 - 0.9 / (1.0 * 0.38 / 0.40)
+    assert row["saving"] == pytest.approx((scored_on_1 + (1 - 0.8)) / 2)
+    assert row["above_floor"] == pytest.approx(((0.38 - 0.395) + (0.40 - 0.395)) / 2)
+    assert "ahead" not in result  # no heuristic rows, no lead target
+    assert result["tuned_rows"] == [static, static]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from env.config import RACE_ENV_ID
@@ -124,6 +125,13 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         assert families["all"]["per_deadline"][d]["saving"] == max(
             v for v in values if v is not None
         )
+    halves = result["cross_validated"]["tuned_rows"]  # 30 test problems: two halves of 15
+    for name in ("static_best", "margin", "esc", "adaptive_consistency"):
+        for d, row in enumerate(report["methods"][name]):  # the sweep replays the evaluation
+            split = [half[name][d]["accuracy"] for half in halves]
+            assert np.mean(split) == pytest.approx(row["accuracy"], abs=1e-9), (name, d)
+    for name in ("static", "ahead"):
+        assert set(result["cross_validated"][name]) == set(families)
     strict = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), accuracy_slack=0))
     assert strict["accuracy_slack"] == 0
     for name, family in strict["families"].items():  # fewer settings count: never more room
