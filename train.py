@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 from stable_baselines3 import PPO
@@ -58,7 +57,12 @@ from policies.ppo_training import (
     validation_rewards,
 )
 from policies.race_controllers import DeadlineTable
-from policies.race_eval import default_deadlines, tune_baselines
+from policies.race_eval import (
+    BASELINE_TUNING_REPEATS,
+    default_deadlines,
+    hold_out_validation,
+    tune_baselines,
+)
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value_training import StopValueArgs, learn_stop_value
 
@@ -155,8 +159,8 @@ def main(args: Args) -> dict:
     featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
 
     # The baselines to beat, tuned per deadline on the training problems.
-    baselines = tune_baselines(fit_backend, deadlines, args.tune_problems, 2, args.seed,
-                               config.n_grid, config.k_grid)  # fmt: skip
+    baselines = tune_baselines(fit_backend, deadlines, args.tune_problems, BASELINE_TUNING_REPEATS,
+                               args.seed, config.n_grid, config.k_grid)  # fmt: skip
     for name, table in baselines.items():
         clock.say(f"{name} (n, k, threshold) per deadline:",
                   [(c.n, c.k, c.threshold) for c in table])  # fmt: skip
@@ -253,17 +257,6 @@ def validate_stop_value(
     rewards = validation_rewards(controllers, val_backend, deadlines, config.latency_cost, seed)
     _, validation = select_on_validation(rewards, "stop_value")
     return {"learner": "stop_value", "kept": "stop_value", "validation": validation}
-
-
-def hold_out_validation(
-    profile: Profile, val_problems: int, seed: int
-) -> tuple[set[str], set[str]]:
-    """Ids of the training problems to fit and train on, and of those held back for validation
-    (``val_problems``, at most a fifth of them)."""
-    train_ids = [r["id"] for r in profile.split("train")]
-    rng = np.random.default_rng(seed)
-    val_ids = set(rng.choice(train_ids, min(val_problems, len(train_ids) // 5), replace=False))
-    return {i for i in train_ids if i not in val_ids}, val_ids
 
 
 def featurizer_and_config(

@@ -29,12 +29,17 @@ from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
 from env.backends.replay_race import ReplayRace
 from env.config import LoadDistribution
+from env.profiles.store import Profile
 from env.race import RaceState, begin_call
 from policies.race_controllers import RULE_FAMILIES, RaceController, RuleController, StopRule
 
 TUNING_TOLERANCE = 0.005
 """A heuristic's tuned configuration may be this much (0.5 point) less accurate on the
 training problems than the static table's best; within that, the fastest wins."""
+
+
+BASELINE_TUNING_REPEATS = 2
+"""Draws per training problem the baselines are tuned on (``train.py``)."""
 
 
 def draw_rng(seed: int, problem: int, repeat: int) -> np.random.Generator:
@@ -281,3 +286,14 @@ def tune_baselines(
     chosen = rng.permutation(len(backend.problems))[:problems].tolist()
     sweep = sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
     return tune_controllers(sweep)
+
+
+def hold_out_validation(
+    profile: Profile, val_problems: int, seed: int
+) -> tuple[set[str], set[str]]:
+    """Ids of the training problems to fit and train on, and of those held back for validation
+    (``val_problems``, at most a fifth of them)."""
+    train_ids = [r["id"] for r in profile.split("train")]
+    rng = np.random.default_rng(seed)
+    val_ids = set(rng.choice(train_ids, min(val_problems, len(train_ids) // 5), replace=False))
+    return {i for i in train_ids if i not in val_ids}, val_ids

@@ -21,7 +21,8 @@ saving against the tuned heuristics' joint frontier (the report's esc, adaptive_
 margin rows) among the settings that keep both accuracy targets (against ``static_best`` and
 against the best heuristic there), and the largest accuracy lead over the best heuristic.
 
-    python -m policies.saving_bound --run RUN_FOLDER [--out DIR] [--accuracy-slack 0.005]
+    python -m policies.saving_bound --run RUN_FOLDER [--out DIR] [--transfer]
+                                    [--accuracy-slack 0.005]
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ import tyro
 
 from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
-from env.profiles.store import write_json
+from env.profiles.store import Profile, write_json
 from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
-from policies.race_eval import SweepResult, sweep_rules
+from policies.race_eval import (
+    BASELINE_TUNING_REPEATS,
+    SweepResult,
+    hold_out_validation,
+    sweep_rules,
+)
 from policies.report_plots import plot_saving_bound
-from policies.saved_policy import load_race_policy
+from policies.saved_policy import SavedRacePolicy, load_race_policy
 from policies.stop_value import StopValuePolicy
 from policies.stop_value_training import (
     Traces,
@@ -50,6 +56,7 @@ from policies.stop_value_training import (
     race_traces,
     stop_value_configs,
     sweep_stop_value,
+    tuning_problem_indices,
 )
 
 ACCURACY_SLACK = -TARGETS["accuracy_vs_static_best"]
@@ -126,7 +133,8 @@ def rule_candidates(
 
 @dataclass
 class StopValueReplay:
-    """The run's value network replayed on every test draw under every (n, k) it tunes over."""
+    """The run's value network replayed on some problems' draws under every (n, k) it tunes
+    over."""
 
     model: StopValuePolicy
     featurizer: ProblemFeaturizer
@@ -140,6 +148,7 @@ class StopValueReplay:
         model: StopValuePolicy,
         featurizer: ProblemFeaturizer,
         backend: ReplayBackend,
+        problems: Sequence[int],
         deadlines: Sequence[float],
         repeats: int,
         seed: int,
@@ -147,7 +156,7 @@ class StopValueReplay:
     ) -> StopValueReplay:
         n_min = model.info.get("args", {}).get("n_min", min(n_grid))
         configs = stop_value_configs(n_grid, backend.k_grid, n_min)
-        traces = race_traces(backend, range(len(backend.problems)), repeats, seed, configs)
+        traces = race_traces(backend, problems, repeats, seed, configs)
         return cls(model, featurizer, traces, prompt_table(backend, featurizer), deadlines)
 
     def candidates(self, problems: np.ndarray | None = None) -> list[Candidates]:
@@ -173,10 +182,63 @@ def rows_on(sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray) 
     return rows
 
 
-def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
+@dataclass
+class Draws:
+    """Every controller family replayed on a set of draws: the rule sweep, the value network's
+    replay (when the run has one) and which problem each draw of the sweep belongs to."""
+
+    sweep: SweepResult
+    replay: StopValueReplay | None
+    problem_of_draw: np.ndarray
+
+    @classmethod
+    def of(
+        cls, policy: SavedRacePolicy, backend: ReplayBackend, problems: Sequence[int],
+        deadlines: Sequence[float], repeats: int, seed: int,
+    ) -> Draws:  # fmt: skip
+        config = policy.env_config
+        sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
+                            config.k_grid)  # fmt: skip
+        replay = None
+        if isinstance(policy.model, StopValuePolicy):
+            replay = StopValueReplay.on(policy.model, policy.featurizer, backend, problems,
+                                        deadlines, repeats, seed, config.n_grid)  # fmt: skip
+        return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
+
+    def families(self, problems: np.ndarray | None = None) -> dict[str, list[Candidates]]:
+        """Each family's candidates on the draws of the flagged problems (a flag per problem of
+        the backend; all when None), and all of them together."""
+        draws = None if problems is None else problems[self.problem_of_draw]
+        families = rule_candidates(self.sweep, draws)
+        if self.replay is not None:
+            families[STOP_VALUE] = self.replay.candidates(problems)
+        families["all"] = [
+            Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
+                       np.concatenate([f[d].latency for f in families.values()]))
+            for d in range(len(self.sweep.deadlines_s))
+        ]  # fmt: skip
+        return families
+
+    def world(self, report: dict, problems: np.ndarray | None = None) -> World:
+        """The tuned baselines' rows (the report's controllers) and the families' candidates on
+        the flagged problems' draws."""
+        draws = (np.ones(len(self.problem_of_draw), bool) if problems is None
+                 else problems[self.problem_of_draw])  # fmt: skip
+        tuned = {name: rows_on(self.sweep, report["controllers"][name], draws)
+                 for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
+        return tuned, self.families(problems)
+
+
+World = tuple[dict, dict[str, list[Candidates]]]
+"""Draws as the cross-validation sees them: the tuned baselines' rows there (``rows_on``) and
+each family's candidates there."""
+
+
+def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = False) -> dict:
     """The bound for a train.py run folder (its ``report.json`` and ``policy``), per family and
-    over all families together, beside what the run's policy reached; and the cross-validated
-    figures (``cross_validate``)."""
+    over all families together, beside what the run's policy reached; the cross-validated
+    figures (``cross_validate``); with ``transfer``, the bound's choices on the training draws
+    the run tuned on, scored on the test draws (``choose_and_score``)."""
     if not 0.0 <= slack < 1.0:
         raise ValueError(f"accuracy slack {slack} must be a share of accuracy in [0, 1), e.g. "
                          "0.005 for half a point")  # fmt: skip
@@ -189,40 +251,17 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
         raise ValueError(f"{report_path} has no {REFERENCE!r} rows to measure against")
     policy = load_race_policy(run / "policy")
     deadlines, repeats, seed = report["deadlines_s"], report["repeats"], report["seed"]
-    backend = ReplayBackend(policy_profile(policy), "test", report["spec_method"])
-    config = policy.env_config
+    profile = policy_profile(policy)
+    backend = ReplayBackend(profile, "test", report["spec_method"])
     count = len(backend.problems)
-    sweep = sweep_rules(backend, deadlines, range(count), repeats, seed, config.n_grid,
-                        config.k_grid)  # fmt: skip
-    replay = None
-    if isinstance(policy.model, StopValuePolicy):
-        replay = StopValueReplay.on(policy.model, policy.featurizer, backend, deadlines, repeats,
-                                    seed, config.n_grid)  # fmt: skip
-    problem_of_draw = np.repeat(np.arange(count), repeats)  # the sweep's draw order
-
-    def families_on(problems: np.ndarray | None) -> dict[str, list[Candidates]]:
-        families = rule_candidates(sweep, None if problems is None else problems[problem_of_draw])
-        if replay is not None:
-            families[STOP_VALUE] = replay.candidates(problems)
-        families["all"] = [
-            Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
-                       np.concatenate([f[d].latency for f in families.values()]))
-            for d in range(len(deadlines))
-        ]  # fmt: skip
-        return families
-
-    families = families_on(None)
+    test = Draws.of(policy, backend, range(count), deadlines, repeats, seed)
+    families = test.families()
     static = static_yardstick(report["methods"], slack)
     bound = {name: best_saving(cands, static.floors, static.front, 0.0)
              for name, cands in families.items()}  # fmt: skip
     achieved = report.get("targets", {}).get("per_deadline", [])
-    halves = []
-    for half in range(2):
-        problems = np.arange(count) % 2 == half
-        tuned = {name: rows_on(sweep, report["controllers"][name], problems[problem_of_draw])
-                 for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
-        halves.append((tuned, families_on(problems)))
-    return {
+    halves = [test.world(report, np.arange(count) % 2 == half) for half in range(2)]
+    result = {
         "run": str(run),
         "profile": report["profile"],
         "deadlines_s": deadlines,
@@ -237,6 +276,25 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK) -> dict:
         "ahead_of_heuristics": ahead_bound(report, families, slack),
         "cross_validated": cross_validate(halves, slack),
     }
+    if transfer:
+        tuning = training_draws(policy, profile, report).world(report)
+        scored = choose_and_score([(tuning, test.world(report))], slack)
+        result["transferred"] = {"tuned_rows": tuning[0], **scored}
+    return result
+
+
+def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> Draws:
+    """The draws the run tuned its baselines on (``train.py``: its training problems less the
+    validation ones, ``tune_problems`` of them, two draws each, the run's seed)."""
+    args = policy.info.get("train", {}).get("args")
+    if not args:
+        raise ValueError(f"{policy.folder} records no training arguments: cannot rebuild the "
+                         "draws it was tuned on")  # fmt: skip
+    fit_ids, _ = hold_out_validation(profile, args["val_problems"], args["seed"])
+    backend = ReplayBackend(profile, "train", report["spec_method"], ids=fit_ids)
+    problems = tuning_problem_indices(args["tune_problems"], len(backend.problems), args["seed"])
+    return Draws.of(policy, backend, problems, report["deadlines_s"], BASELINE_TUNING_REPEATS,
+                    args["seed"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -304,36 +362,45 @@ def ahead_bound(
     }
 
 
-def cross_validate(
-    halves: Sequence[tuple[dict, dict[str, list[Candidates]]]], slack: float
-) -> dict:
+def cross_validate(halves: Sequence[World], slack: float) -> dict:
     """How much of the bound survives choosing on other draws: per family and deadline, the
-    setting the bound would choose on one half of the problems, scored on the other half (its
-    saving, and its accuracy above the floor there: negative where it misses the target),
-    averaged over both ways.
+    setting the bound would choose on one half of the problems, scored on the other half,
+    averaged over both ways (``choose_and_score``).
 
     Why: the bound picks the best of thousands of settings on the draws it scores, so part of
     it is noise; the cross-validated figure is what a controller would reach if it could tune
-    on draws like the test draws but not on them.  ``halves``: per half, the tuned baselines'
-    rows there (``rows_on``; kept as ``tuned_rows``) and the families' candidates there."""
-    out: dict[str, dict] = {"tuned_rows": [methods for methods, _ in halves]}
+    on draws like the test draws but not on them.  ``halves``: the two halves' worlds (their
+    tuned baselines' rows are kept as ``tuned_rows``)."""
+    first, second = halves
+    out = choose_and_score([(first, second), (second, first)], slack)
+    return {"tuned_rows": [methods for methods, _ in halves], **out}
+
+
+def choose_and_score(pairs: Sequence[tuple[World, World]], slack: float) -> dict:
+    """Per target (``static``: the saving target's yardstick, ``ahead``: the lead target's),
+    family and deadline: the setting the bound chooses in the first world of each pair (the
+    largest saving among those keeping the floors there), scored in the second (its saving,
+    and its accuracy above the floor there: negative where it misses the target), averaged
+    over the pairs."""
+    out: dict[str, dict] = {}
     for target, yardstick in (("static", static_yardstick), ("ahead", heuristic_yardstick)):
-        sticks = [yardstick(methods, slack) for methods, _ in halves]
-        if any(stick is None for stick in sticks):
+        sticks = [(yardstick(a[0], slack), yardstick(b[0], slack)) for a, b in pairs]
+        if any(x is None or y is None for x, y in sticks):
             continue
         families = {}
-        for name in sorted(halves[0][1]):
+        for name in sorted(pairs[0][0][1]):
             ways = []
-            for pick, other in ((0, 1), (1, 0)):
-                chosen = best_saving(halves[pick][1][name], sticks[pick].floors,
-                                     sticks[pick].front, 0.0)  # fmt: skip
-                ways.append([_score(halves[other][1][name][d], row["setting"], sticks[other], d)
+            for (chosen_in, scored_in), (pick, score) in zip(pairs, sticks, strict=True):
+                chosen = best_saving(chosen_in[1][name], pick.floors, pick.front, 0.0)
+                ways.append([_score(scored_in[1][name][d], row["setting"], score, d)
                              for d, row in enumerate(chosen)])  # fmt: skip
-            rows = [
-                {"saving": None, "above_floor": None} if a is None or b is None
-                else {"saving": (a[0] + b[0]) / 2, "above_floor": (a[1] + b[1]) / 2}
-                for a, b in zip(*ways, strict=True)
-            ]  # fmt: skip
+            rows = []
+            for scores in zip(*ways, strict=True):
+                if any(x is None for x in scores):
+                    rows.append({"saving": None, "above_floor": None})
+                else:
+                    saving, above = np.mean(scores, axis=0)
+                    rows.append({"saving": float(saving), "above_floor": float(above)})
             families[name] = {"per_deadline": rows, "mean_saving": _mean(rows)}
         out[target] = families
     return out
@@ -386,13 +453,18 @@ def print_bound(result: dict) -> None:
             rows[policy], means[policy] = mine, float(np.mean(mine))
         return rows, means
 
-    cross = result.get("cross_validated", {})
+    chosen_elsewhere = (
+        ("cross_validated", "cross-validated: the bound's choice on one half of the test "
+                            "problems, scored on the other"),
+        ("transferred", "transferred: the bound's choice on the training draws the run tuned "
+                        "on, scored on the test draws"),
+    )  # fmt: skip
 
     def cross_table(target: str, mine: list, against: str) -> None:
-        if target in cross:
-            _print_table(f"cross-validated: the bound's choice on one half of the problems, "
-                         f"scored on the other (saving vs {against})", deadlines,
-                         *with_policy(cross[target], "saving", mine))  # fmt: skip
+        for key, title in chosen_elsewhere:
+            if target in result.get(key, {}):
+                _print_table(f"{title} (saving vs {against})", deadlines,
+                             *with_policy(result[key][target], "saving", mine))  # fmt: skip
 
     static = with_policy(result["families"], "saving", result["policy_saving"])
     _print_table(f"hindsight bound on the latency saving vs {REFERENCE} ({label}; settings tuned "
@@ -421,6 +493,9 @@ class Args:
     """train.py output folder (report.json and policy/)"""
     out: str | None = None
     """where saving_bound.json and saving_bound.png go (default: the run folder)"""
+    transfer: bool = False
+    """also choose on the training draws the run tuned on and score on the test draws (two more
+    sweeps, about a minute)"""
     accuracy_slack: float = ACCURACY_SLACK
     """how far below static_best a setting may be and still count, as a share of accuracy
     (default 0.005: the target's half point; 0 asks what room is left without giving up any
@@ -429,7 +504,7 @@ class Args:
 
 def main(args: Args) -> dict:
     run = Path(args.run)
-    result = saving_bound(run, args.accuracy_slack)
+    result = saving_bound(run, args.accuracy_slack, args.transfer)
     print_bound(result)
     out = Path(args.out or run)
     out.mkdir(parents=True, exist_ok=True)

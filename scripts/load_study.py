@@ -60,6 +60,7 @@ from policies.race_eval import (
     SweepResult,
     default_deadlines,
     evaluate_controller,
+    hold_out_validation,
     load_rng,
     sweep_rules,
     tune_controllers,
@@ -241,7 +242,7 @@ def build_study(args: Args, clock: train.Stopwatch) -> Study:
     profile = load_profile(args.profile)
     method = args.spec_method or choose_spec_method(profile)
     out = Path(args.out or f"runs/load-study-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    fit_ids, val_ids = train.hold_out_validation(profile, args.val_problems, args.seed)
+    fit_ids, val_ids = hold_out_validation(profile, args.val_problems, args.seed)
     fit = ReplayBackend(profile, "train", method, ids=fit_ids)
     val = ReplayBackend(profile, "train", method, ids=val_ids)
     test = ReplayBackend(profile, "test", method)

@@ -30,7 +30,8 @@ def _train(root: Path, *extra: str) -> tuple[Path, str]:
         sys.executable, "train.py", "--profile", str(profile), *extra, "--timesteps", "512",
         "--wandb", "disabled", "--out", str(out), "--deadlines", "0.5", "1", "2", "4",
         "--n-envs", "2", "--n-steps", "64", "--batch-size", "64", "--val-problems", "30",
-        "--tune-problems", "60", "--teach-episodes", "200", "--eval-repeats", "1",
+        "--tune-problems", "60", "--value.tune-problems", "60", "--teach-episodes", "200",
+        "--eval-repeats", "1",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -132,6 +133,16 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
             assert np.mean(split) == pytest.approx(row["accuracy"], abs=1e-9), (name, d)
     for name in ("static", "ahead"):
         assert set(result["cross_validated"][name]) == set(families)
+    moved = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), transfer=True))
+    tuning = moved["transferred"]["tuned_rows"]["static_best"]  # the draws train.py tuned on
+    info = load_race_policy(out / "policy").model.info
+    recorded, n_min = info["tuning"]["static_best_accuracy"], info["args"]["n_min"]
+    chosen = report["controllers"]["static_best"]
+    for d, row in enumerate(tuning):  # its tuning took the most accurate (n, k) on these draws
+        assert row["accuracy"] >= recorded[d] - 1e-9  # recorded: the best with n >= n_min
+        if chosen[d]["n"] >= n_min:
+            assert row["accuracy"] == pytest.approx(recorded[d], abs=1e-9)
+    assert set(moved["transferred"]["ahead"]) == set(families)
     strict = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), accuracy_slack=0))
     assert strict["accuracy_slack"] == 0
     for name, family in strict["families"].items():  # fewer settings count: never more room
