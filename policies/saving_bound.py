@@ -5,7 +5,7 @@ tells the two apart.  It replays every setting of every controller family *on th
 themselves* (the draws the report was measured on) and keeps, per deadline, the largest latency
 saving against the reference's frontier among the settings that also keep the accuracy target
 (at most ``ACCURACY_SLACK`` below the reference at that deadline); any setting may also act as
-under a shorter deadline of the grid (``with_shorter_horizons``).  Tuning on the draws it is
+under a shorter deadline of the grid (``policies.bound_candidates``).  Tuning on the draws it is
 scored on is hindsight, so the figure is optimistic: no controller of a family, with one setting
 per deadline tuned anywhere else, reaches more on these draws while keeping the accuracy target.
 
@@ -20,6 +20,11 @@ The same candidates bound the target of being ahead of the heuristics: per deadl
 saving against the tuned heuristics' joint frontier (the report's esc, adaptive_consistency and
 margin rows) among the settings that keep both accuracy targets (against ``static_best`` and
 against the best heuristic there), and the largest accuracy lead over the best heuristic.
+
+Part of a bound chosen on the draws it scores is noise, and a controller is tuned on other
+problems.  So the same choices are also scored where they were not made: cross-validated (each
+half of the test problems chooses, the other half scores) and, with ``transfer``, chosen on the
+training draws the run tuned its baselines on and scored on the test draws.
 
     python -m policies.saving_bound --run RUN_FOLDER [--out DIR] [--transfer]
                                     [--accuracy-slack 0.005]
@@ -37,41 +42,19 @@ import numpy as np
 import tyro
 
 from env.backends.replay import ReplayBackend
-from env.features import ProblemFeaturizer
 from env.profiles.store import Profile, write_json
+from policies.bound_candidates import Candidates, Draws, World
 from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
-from policies.race_eval import (
-    BASELINE_TUNING_REPEATS,
-    SweepResult,
-    hold_out_validation,
-    sweep_rules,
-)
+from policies.race_eval import BASELINE_TUNING_REPEATS, hold_out_validation
 from policies.report_plots import plot_saving_bound
 from policies.saved_policy import SavedRacePolicy, load_race_policy
-from policies.stop_value import StopValuePolicy
-from policies.stop_value_training import (
-    Traces,
-    prompt_table,
-    race_traces,
-    stop_value_configs,
-    sweep_stop_value,
-    tuning_problem_indices,
-)
+from policies.stop_value_training import tuning_problem_indices
 
 ACCURACY_SLACK = -TARGETS["accuracy_vs_static_best"]
 """How far below the reference a setting may be and still count (the accuracy target)."""
 HEURISTIC_SLACK = -TARGETS["accuracy_vs_best_heuristic"]
 """How far below the best heuristic a setting may be and still count (the heuristic target)."""
-STOP_VALUE = "stop_value"
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """A family's settings at one deadline: mean accuracy and mean latency of each."""
-
-    accuracy: np.ndarray
-    latency: np.ndarray
 
 
 def best_saving(
@@ -101,137 +84,6 @@ def best_saving(
 def best_lead(per_deadline: Sequence[Candidates], best_accuracy: Sequence[float]) -> list[float]:
     """Per deadline, the most accurate candidate's lead over ``best_accuracy``."""
     return [float(c.accuracy.max() - b) for c, b in zip(per_deadline, best_accuracy, strict=True)]
-
-
-def with_shorter_horizons(per_deadline: Sequence[Candidates]) -> list[Candidates]:
-    """At each deadline, the settings there and every setting read at a shorter deadline of the
-    grid: any controller may act as under a shorter deadline (a budget, as the stop-value
-    tuning allows)."""
-    return [
-        Candidates(np.concatenate([c.accuracy for c in per_deadline[: d + 1]]),
-                   np.concatenate([c.latency for c in per_deadline[: d + 1]]))
-        for d in range(len(per_deadline))
-    ]  # fmt: skip
-
-
-def rule_candidates(
-    sweep: SweepResult, draws: np.ndarray | None = None
-) -> dict[str, list[Candidates]]:
-    """Every vote-rule family's settings (a ``policies.race_eval.sweep_rules`` sweep) on the
-    flagged draws (all when None), with shorter horizons."""
-    keep = slice(None) if draws is None else draws
-    out: dict[str, list[Candidates]] = {}
-    for family in {config[0] for config in sweep.correct}:
-        configs = [c for c in sweep.correct if c[0] == family]
-        out[family] = with_shorter_horizons([
-            Candidates(np.array([sweep.correct[c][d][keep].mean() for c in configs]),
-                       np.array([sweep.latency[c][d][keep].mean() for c in configs]))
-            for d in range(len(sweep.deadlines_s))
-        ])  # fmt: skip
-    return out
-
-
-@dataclass
-class StopValueReplay:
-    """The run's value network replayed on some problems' draws under every (n, k) it tunes
-    over."""
-
-    model: StopValuePolicy
-    featurizer: ProblemFeaturizer
-    traces: Traces
-    prompts: np.ndarray
-    deadlines: Sequence[float]
-
-    @classmethod
-    def on(
-        cls,
-        model: StopValuePolicy,
-        featurizer: ProblemFeaturizer,
-        backend: ReplayBackend,
-        problems: Sequence[int],
-        deadlines: Sequence[float],
-        repeats: int,
-        seed: int,
-        n_grid: Sequence[int],
-    ) -> StopValueReplay:
-        n_min = model.info.get("args", {}).get("n_min", min(n_grid))
-        configs = stop_value_configs(n_grid, backend.k_grid, n_min)
-        traces = race_traces(backend, problems, repeats, seed, configs)
-        return cls(model, featurizer, traces, prompt_table(backend, featurizer), deadlines)
-
-    def candidates(self, problems: np.ndarray | None = None) -> list[Candidates]:
-        """Every (n, k, price) on the draws of the flagged problems (all when None), with
-        shorter horizons (as its tuning)."""
-        counted = None if problems is None else problems[self.traces.problem]
-        table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
-                                 self.deadlines, counted=counted)  # fmt: skip
-        return with_shorter_horizons([
-            Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
-            for d in range(len(self.deadlines))
-        ])  # fmt: skip
-
-
-def rows_on(sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray) -> list[dict]:
-    """A tuned rule controller's rows (accuracy, mean latency per deadline; ``controllers``: its
-    report entries) on the flagged draws, read off the sweep."""
-    rows = []
-    for d, c in enumerate(controllers):
-        key = (c["family"], c["threshold"], c["n"], c["k"])
-        rows.append({"accuracy": float(sweep.correct[key][d][draws].mean()),
-                     "mean_latency_s": float(sweep.latency[key][d][draws].mean())})  # fmt: skip
-    return rows
-
-
-@dataclass
-class Draws:
-    """Every controller family replayed on a set of draws: the rule sweep, the value network's
-    replay (when the run has one) and which problem each draw of the sweep belongs to."""
-
-    sweep: SweepResult
-    replay: StopValueReplay | None
-    problem_of_draw: np.ndarray
-
-    @classmethod
-    def of(
-        cls, policy: SavedRacePolicy, backend: ReplayBackend, problems: Sequence[int],
-        deadlines: Sequence[float], repeats: int, seed: int,
-    ) -> Draws:  # fmt: skip
-        config = policy.env_config
-        sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
-                            config.k_grid)  # fmt: skip
-        replay = None
-        if isinstance(policy.model, StopValuePolicy):
-            replay = StopValueReplay.on(policy.model, policy.featurizer, backend, problems,
-                                        deadlines, repeats, seed, config.n_grid)  # fmt: skip
-        return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
-
-    def families(self, problems: np.ndarray | None = None) -> dict[str, list[Candidates]]:
-        """Each family's candidates on the draws of the flagged problems (a flag per problem of
-        the backend; all when None), and all of them together."""
-        draws = None if problems is None else problems[self.problem_of_draw]
-        families = rule_candidates(self.sweep, draws)
-        if self.replay is not None:
-            families[STOP_VALUE] = self.replay.candidates(problems)
-        families["all"] = [
-            Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
-                       np.concatenate([f[d].latency for f in families.values()]))
-            for d in range(len(self.sweep.deadlines_s))
-        ]  # fmt: skip
-        return families
-
-    def world(self, report: dict, problems: np.ndarray | None = None) -> World:
-        """The tuned baselines' rows (the report's controllers) and the families' candidates on
-        the flagged problems' draws."""
-        draws = (np.ones(len(self.problem_of_draw), bool) if problems is None
-                 else problems[self.problem_of_draw])  # fmt: skip
-        tuned = {name: rows_on(self.sweep, report["controllers"][name], draws)
-                 for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
-        return tuned, self.families(problems)
-
-
-World = tuple[dict, dict[str, list[Candidates]]]
-"""Draws as the cross-validation sees them: the tuned baselines' rows there (``rows_on``) and
-each family's candidates there."""
 
 
 def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = False) -> dict:

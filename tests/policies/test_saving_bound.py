@@ -1,19 +1,14 @@
-"""The hindsight bound on the latency saving (``policies.saving_bound``)."""
+"""The hindsight bound on the latency saving (``policies.saving_bound``) and its candidates
+(``policies.bound_candidates``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from policies.bound_candidates import Candidates, with_shorter_horizons
 from policies.frontier import frontier
-from policies.saving_bound import (
-    Candidates,
-    ahead_bound,
-    best_saving,
-    cross_validate,
-    saving_bound,
-    with_shorter_horizons,
-)
+from policies.saving_bound import ahead_bound, best_saving, cross_validate, saving_bound
 
 
 def test_the_bound_takes_the_largest_saving_among_settings_that_keep_the_accuracy():

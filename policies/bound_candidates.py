@@ -1,0 +1,172 @@
+"""Every controller family's settings replayed on a set of draws: the candidates the hindsight
+bound (``policies.saving_bound``) chooses among.
+
+The vote rules come from one ``policies.race_eval.sweep_rules`` sweep, the run's value network
+from one set of ``policies.stop_value_training.race_traces``; both keep each draw apart, so the
+same replay serves every subset of problems (the halves the bound cross-validates on) without
+replaying again.  Any setting may also act as under a shorter deadline of the grid
+(``with_shorter_horizons``), as the stop-value tuning allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from env.backends.replay import ReplayBackend
+from env.features import ProblemFeaturizer
+from policies.evaluate import HEURISTICS, REFERENCE
+from policies.race_eval import SweepResult, sweep_rules
+from policies.saved_policy import SavedRacePolicy
+from policies.stop_value import StopValuePolicy
+from policies.stop_value_training import (
+    Traces,
+    prompt_table,
+    race_traces,
+    stop_value_configs,
+    sweep_stop_value,
+)
+
+STOP_VALUE = "stop_value"
+"""The value network's family name."""
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A family's settings at one deadline: mean accuracy and mean latency of each."""
+
+    accuracy: np.ndarray
+    latency: np.ndarray
+
+
+def with_shorter_horizons(per_deadline: Sequence[Candidates]) -> list[Candidates]:
+    """At each deadline, the settings there and every setting read at a shorter deadline of the
+    grid: any controller may act as under a shorter deadline (a budget, as the stop-value
+    tuning allows)."""
+    return [
+        Candidates(np.concatenate([c.accuracy for c in per_deadline[: d + 1]]),
+                   np.concatenate([c.latency for c in per_deadline[: d + 1]]))
+        for d in range(len(per_deadline))
+    ]  # fmt: skip
+
+
+def rule_candidates(
+    sweep: SweepResult, draws: np.ndarray | None = None
+) -> dict[str, list[Candidates]]:
+    """Every vote-rule family's settings (a ``policies.race_eval.sweep_rules`` sweep) on the
+    flagged draws (all when None), with shorter horizons."""
+    keep = slice(None) if draws is None else draws
+    out: dict[str, list[Candidates]] = {}
+    for family in sorted({config[0] for config in sweep.correct}):  # a fixed order for "all"
+        configs = [c for c in sweep.correct if c[0] == family]
+        out[family] = with_shorter_horizons([
+            Candidates(np.array([sweep.correct[c][d][keep].mean() for c in configs]),
+                       np.array([sweep.latency[c][d][keep].mean() for c in configs]))
+            for d in range(len(sweep.deadlines_s))
+        ])  # fmt: skip
+    return out
+
+
+@dataclass
+class StopValueReplay:
+    """The run's value network replayed on some problems' draws under every (n, k) it tunes
+    over."""
+
+    model: StopValuePolicy
+    featurizer: ProblemFeaturizer
+    traces: Traces
+    prompts: np.ndarray
+    deadlines: Sequence[float]
+
+    @classmethod
+    def on(
+        cls,
+        model: StopValuePolicy,
+        featurizer: ProblemFeaturizer,
+        backend: ReplayBackend,
+        problems: Sequence[int],
+        deadlines: Sequence[float],
+        repeats: int,
+        seed: int,
+        n_grid: Sequence[int],
+    ) -> StopValueReplay:
+        n_min = model.info.get("args", {}).get("n_min", min(n_grid))
+        configs = stop_value_configs(n_grid, backend.k_grid, n_min)
+        traces = race_traces(backend, problems, repeats, seed, configs)
+        return cls(model, featurizer, traces, prompt_table(backend, featurizer), deadlines)
+
+    def candidates(self, problems: np.ndarray | None = None) -> list[Candidates]:
+        """Every (n, k, price) on the draws of the flagged problems (all when None), with
+        shorter horizons (as its tuning)."""
+        counted = None if problems is None else problems[self.traces.problem]
+        table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
+                                 self.deadlines, counted=counted)  # fmt: skip
+        return with_shorter_horizons([
+            Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
+            for d in range(len(self.deadlines))
+        ])  # fmt: skip
+
+
+def rows_on(sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray) -> list[dict]:
+    """A tuned rule controller's rows (accuracy, mean latency per deadline; ``controllers``: its
+    report entries) on the flagged draws, read off the sweep."""
+    rows = []
+    for d, c in enumerate(controllers):
+        key = (c["family"], c["threshold"], c["n"], c["k"])
+        rows.append({"accuracy": float(sweep.correct[key][d][draws].mean()),
+                     "mean_latency_s": float(sweep.latency[key][d][draws].mean())})  # fmt: skip
+    return rows
+
+
+@dataclass
+class Draws:
+    """Every controller family replayed on a set of draws: the rule sweep, the value network's
+    replay (when the run has one) and which problem each draw of the sweep belongs to."""
+
+    sweep: SweepResult
+    replay: StopValueReplay | None
+    problem_of_draw: np.ndarray
+
+    @classmethod
+    def of(
+        cls, policy: SavedRacePolicy, backend: ReplayBackend, problems: Sequence[int],
+        deadlines: Sequence[float], repeats: int, seed: int,
+    ) -> Draws:  # fmt: skip
+        config = policy.env_config
+        sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
+                            config.k_grid)  # fmt: skip
+        replay = None
+        if isinstance(policy.model, StopValuePolicy):
+            replay = StopValueReplay.on(policy.model, policy.featurizer, backend, problems,
+                                        deadlines, repeats, seed, config.n_grid)  # fmt: skip
+        return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
+
+    def families(self, problems: np.ndarray | None = None) -> dict[str, list[Candidates]]:
+        """Each family's candidates on the draws of the flagged problems (a flag per problem of
+        the backend; all when None), and all of them together."""
+        draws = None if problems is None else problems[self.problem_of_draw]
+        families = rule_candidates(self.sweep, draws)
+        if self.replay is not None:
+            families[STOP_VALUE] = self.replay.candidates(problems)
+        families["all"] = [
+            Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
+                       np.concatenate([f[d].latency for f in families.values()]))
+            for d in range(len(self.sweep.deadlines_s))
+        ]  # fmt: skip
+        return families
+
+    def world(self, report: dict, problems: np.ndarray | None = None) -> World:
+        """The tuned baselines' rows (the report's controllers) and the families' candidates on
+        the flagged problems' draws."""
+        draws = (np.ones(len(self.problem_of_draw), bool) if problems is None
+                 else problems[self.problem_of_draw])  # fmt: skip
+        tuned = {name: rows_on(self.sweep, report["controllers"][name], draws)
+                 for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
+        return tuned, self.families(problems)
+
+
+World = tuple[dict, dict[str, list[Candidates]]]
+"""Draws as the cross-validation sees them: the tuned baselines' rows there (``rows_on``) and
+each family's candidates there."""
