@@ -447,6 +447,21 @@ def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(total)[:count].tolist()
 
 
+def fitting_problem_indices(count: int, tuning: int, total: int, seed: int) -> list[int]:
+    """The problems the value network is fitted on: the next ``count`` of the permutation the
+    tuning problems head (``tuning_problem_indices``), so both are random and disjoint (all
+    problems when the tuning takes every one).
+
+    Why random: training problems come in the order of their source (MATH train, grouped by
+    subject), and taking the first ones not tuned on fitted the network on Algebra, Counting &
+    Probability and Geometry only; its settings then carried over badly to MATH-500's seven
+    subjects (``policies.saving_bound --transfer``).
+    """
+    order = np.random.default_rng(seed).permutation(total)
+    rest = order[tuning:] if tuning < total else order
+    return rest[:count].tolist()
+
+
 def learn_stop_value(
     backend: ReplayBackend,
     featurizer: ProblemFeaturizer,
@@ -461,9 +476,7 @@ def learn_stop_value(
     deadline on others (the module docstring's steps 1-3)."""
     total = len(backend.problems)
     tune_ids = tuning_problem_indices(args.tune_problems, total, seed)
-    taken = set(tune_ids)
-    rest = [p for p in range(total) if p not in taken] or list(range(total))
-    fit_ids = rest[: args.fit_problems]
+    fit_ids = fitting_problem_indices(args.fit_problems, args.tune_problems, total, seed)
     configs = stop_value_configs(n_grid, backend.k_grid, args.n_min)
     prompts = prompt_table(backend, featurizer)
     fit_traces = race_traces(backend, fit_ids, 1, seed + 1, configs, progress)

@@ -29,12 +29,14 @@ from policies.stop_value_training import (
     SweepTable,
     fit_value_ensemble,
     fit_value_net,
+    fitting_problem_indices,
     learn_stop_value,
     point_features,
     prompt_table,
     race_traces,
     sweep_stop_value,
     tune_settings,
+    tuning_problem_indices,
 )
 from tests.fake_profile import make_fake_profile
 
@@ -196,6 +198,18 @@ def test_an_averaged_value_net_is_one_mlp_giving_its_members_mean():
     other = ValueNet(members[0].weights, members[0].biases, members[0].mean + 1, members[0].scale)
     with pytest.raises(ValueError, match="standardization"):
         ValueNet.average([members[0], other])
+
+
+def test_fitting_problems_are_a_random_sample_apart_from_the_tuning_ones():
+    """Training problems come grouped by subject: the fitting set must be drawn at random (the
+    first problems not tuned on were three subjects of seven), and never overlap the tuning."""
+    tune = tuning_problem_indices(2000, 6900, seed=0)
+    fit = fitting_problem_indices(2000, 2000, 6900, seed=0)
+    assert len(fit) == 2000 and not set(fit) & set(tune)
+    assert max(fit) > 6000 and min(fit) < 100  # spread over the whole range, not a prefix
+    thirds = np.histogram(fit, bins=3, range=(0, 6900))[0]
+    assert thirds.min() > 500  # about 667 per third of the source order
+    assert sorted(fitting_problem_indices(50, 50, 50, seed=1)) == list(range(50))  # all tuned
 
 
 def test_many_rows_go_through_the_value_net_in_chunks_with_the_same_outputs(monkeypatch):
