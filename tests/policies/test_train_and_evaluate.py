@@ -12,6 +12,8 @@ from env.config import RACE_ENV_ID
 from policies.evaluate import Args
 from policies.evaluate import main as evaluate_main
 from policies.frontier import frontier, latency_saving
+from policies.retune import Args as RetuneArgs
+from policies.retune import main as retune_main
 from policies.saved_policy import load_race_policy
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
@@ -162,3 +164,27 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         if row["accuracy"] >= max(static[d]["accuracy"] - 0.005, best[d] - 0.003):
             saving = latency_saving([row["mean_latency_s"]], [row["accuracy"]], joint)[0]
             assert ahead["families"]["stop_value"]["per_deadline"][d]["saving"] >= saving - 1e-9
+
+
+def test_retuning_for_the_lead_keeps_the_network_and_scores_on_the_runs_draws(trained, tmp_path):
+    """``policies.retune`` keeps the value network, changes only the settings, writes a policy
+    that loads and serves, and reports it beside the run's own baselines (same rows)."""
+    out, _ = trained
+    report = retune_main(RetuneArgs(run=str(out), out=str(tmp_path)))
+    run_report = json.loads((out / "report.json").read_text())
+    for name, rows in run_report["methods"].items():
+        if name != "policy":
+            assert report["methods"][name] == rows  # the run's baselines, untouched
+    assert report["targets"]["evaluated"] and len(report["methods"]["policy"]) == len(rows)
+    before, after = load_race_policy(out / "policy"), load_race_policy(tmp_path / "policy")
+    assert np.array_equal(before.model.net.weights[0], after.model.net.weights[0])
+    kept = [s for s, moved in zip(after.model.settings, report["retune"]["retuned"], strict=True)
+            if not moved]  # fmt: skip
+    assert all(s in before.model.settings for s in kept)
+    assert all(0 < s.budget <= 1 for s in after.model.settings)
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "report.png").is_file()
+
+
+def test_retuning_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not a train\.py run folder"):
+        retune_main(RetuneArgs(run=str(tmp_path), out=str(tmp_path / "out")))

@@ -1,0 +1,128 @@
+"""Re-tune a trained stop-value policy for the lead over the heuristics, and score it.
+
+``train.py`` tunes the value network's settings for the fastest one at the static table's full
+training accuracy.  Issue 13's lead target asks something else: less latency than the tuned
+heuristics at equal accuracy, keeping within 0.5 point of ``static_best`` and 0.3 of the best
+heuristic.  This command keeps the run's value network and chooses, per deadline, the setting
+(n, k, price, budget) with the largest saving against the heuristics' frontier on the training
+draws the run tuned on, among those keeping both floors there (the choice
+``policies.saving_bound --transfer`` scores).  It writes the re-tuned policy (served like any
+race policy) and its report: the re-tuned policy on the test draws of the run, beside the run's
+own baselines, so every target compares the same draws.
+
+    python -m policies.retune --run RUN_FOLDER --out DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from env.backends.replay import ReplayBackend
+from env.race_env import RaceEnv
+from policies.bound_candidates import STOP_VALUE
+from policies.evaluate import evaluate_methods, policy_profile, summarize_targets, write_report
+from policies.learned_controller import LearnedController
+from policies.report_plots import print_report
+from policies.saved_policy import SavedRacePolicy, load_race_policy, save_race_policy
+from policies.saving_bound import ACCURACY_SLACK, best_saving, heuristic_yardstick, training_draws
+from policies.stop_value import StopSetting, StopValuePolicy
+from policies.stop_value_training import PRICES
+
+
+def lead_settings(policy: SavedRacePolicy, report: dict) -> tuple[list[StopSetting], list[bool]]:
+    """Per deadline of the run, the setting with the largest saving against the heuristics'
+    training frontier within both floors (the run's own setting where none keeps them), and
+    whether it was re-tuned."""
+    if not isinstance(policy.model, StopValuePolicy):
+        raise ValueError(f"{policy.folder} is not a stop-value policy: only its settings can be "
+                         "re-tuned (train with --learner stop_value)")  # fmt: skip
+    tuning = training_draws(policy, policy_profile(policy), report)
+    methods, families = tuning.world(report)
+    stick = heuristic_yardstick(methods, ACCURACY_SLACK)
+    if stick is None:
+        raise ValueError("the run's report has no tuned heuristics to measure the lead against")
+    configs, deadlines = tuning.replay.traces.configs, report["deadlines_s"]
+    per_horizon = len(configs) * len(PRICES)  # candidates per grid deadline (see candidates())
+    settings, retuned = [], []
+    chosen = best_saving(families[STOP_VALUE], stick.floors, stick.front, 0.0)
+    for d, row in enumerate(chosen):
+        if row["setting"] is None:
+            settings.append(policy.model.settings[d])
+            retuned.append(False)
+            continue
+        horizon, rest = divmod(row["setting"], per_horizon)
+        config, price = divmod(rest, len(PRICES))
+        n, k = configs[config]
+        settings.append(StopSetting(n, k, PRICES[price], deadlines[horizon] / deadlines[d]))
+        retuned.append(True)
+    return settings, retuned
+
+
+def retune(run: Path, out: Path) -> dict:
+    """Write ``out/policy`` (the re-tuned policy) and ``out/report.json`` (its figures beside
+    the run's baselines and targets); returns the report."""
+    report_path = run / "report.json"
+    if not report_path.is_file() or not (run / "policy").is_dir():
+        raise FileNotFoundError(f"{run} is not a train.py run folder (needs report.json and "
+                                "policy/)")  # fmt: skip
+    report = json.loads(report_path.read_text())
+    policy = load_race_policy(run / "policy")
+    settings, retuned = lead_settings(policy, report)
+    deadlines = report["deadlines_s"]
+    note = {"objective": "lead over the heuristics", "from": str(run), "retuned": retuned,
+            "settings_before": [dataclasses.asdict(s) for s in policy.model.settings]}  # fmt: skip
+    model = dataclasses.replace(policy.model, settings=settings,
+                                info={**policy.model.info, "retune": note})  # fmt: skip
+    folder = out / "policy"
+    save_race_policy(folder, model, policy.featurizer, policy.env_config, policy.info)
+    if (run / "policy" / "confidence.json").is_file():
+        shutil.copy(run / "policy" / "confidence.json", folder / "confidence.json")
+    config = policy.env_config
+    test = ReplayBackend(policy_profile(policy), "test", report["spec_method"])
+    controller = LearnedController(model, RaceEnv(test, policy.featurizer, config))
+    mine = evaluate_methods({"policy": controller}, test, deadlines, report["repeats"],
+                            report["seed"], config.latency_cost, n_grid=config.n_grid,
+                            k_grid=config.k_grid)  # fmt: skip
+    methods = {**report["methods"], "policy": mine["methods"]["policy"]}
+    chosen = [dataclasses.asdict(s) for s in settings]
+    merged = {**report, "methods": methods, "retune": {**note, "settings": chosen}}
+    merged["targets"] = summarize_targets(merged)
+    write_report(merged, out)
+    return merged
+
+
+@dataclass
+class Args:
+    """Re-tune a train.py run's stop-value policy for the lead over the heuristics."""
+
+    run: str
+    """train.py output folder (report.json and policy/)"""
+    out: str
+    """where the re-tuned policy/ and its report.json and report.png go"""
+
+
+def main(args: Args) -> dict:
+    out = Path(args.out)
+    report = retune(Path(args.run), out)
+    print_report(report)
+    settings = [(s["n"], s["k"], s["price"], round(s["budget"], 3))
+                for s in report["retune"]["settings"]]  # fmt: skip
+    print(f"re-tuned settings (n, k, price, budget): {settings}")
+    print(f"policy: {out / 'policy'}\nreport: {out / 'report.json'} {out / 'report.png'}")
+    return report
+
+
+def cli(argv: Sequence[str] | None = None) -> dict:
+    return main(tyro.cli(Args, args=sys.argv[1:] if argv is None else list(argv)))
+
+
+if __name__ == "__main__":
+    cli()
