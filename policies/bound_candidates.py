@@ -20,8 +20,9 @@ from env.features import ProblemFeaturizer
 from policies.evaluate import HEURISTICS, REFERENCE
 from policies.race_eval import SweepResult, sweep_rules
 from policies.saved_policy import SavedRacePolicy
-from policies.stop_value import StopValuePolicy
+from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import (
+    PRICES,
     Traces,
     prompt_table,
     race_traces,
@@ -53,17 +54,16 @@ def with_shorter_horizons(per_deadline: Sequence[Candidates]) -> list[Candidates
 
 
 def rule_candidates(
-    sweep: SweepResult, draws: np.ndarray | None = None
+    sweep: SweepResult, draws: np.ndarray | slice = slice(None)
 ) -> dict[str, list[Candidates]]:
     """Every vote-rule family's settings (a ``policies.race_eval.sweep_rules`` sweep) on the
-    flagged draws (all when None), with shorter horizons."""
-    keep = slice(None) if draws is None else draws
+    flagged draws (all by default), with shorter horizons."""
     out: dict[str, list[Candidates]] = {}
     for family in sorted({config[0] for config in sweep.correct}):  # a fixed order for "all"
         configs = [c for c in sweep.correct if c[0] == family]
         out[family] = with_shorter_horizons([
-            Candidates(np.array([sweep.correct[c][d][keep].mean() for c in configs]),
-                       np.array([sweep.latency[c][d][keep].mean() for c in configs]))
+            Candidates(np.array([sweep.correct[c][d][draws].mean() for c in configs]),
+                       np.array([sweep.latency[c][d][draws].mean() for c in configs]))
             for d in range(len(sweep.deadlines_s))
         ])  # fmt: skip
     return out
@@ -79,6 +79,7 @@ class StopValueReplay:
     traces: Traces
     prompts: np.ndarray
     deadlines: Sequence[float]
+    prices: Sequence[float] = PRICES
 
     @classmethod
     def on(
@@ -102,14 +103,24 @@ class StopValueReplay:
         shorter horizons (as its tuning)."""
         counted = None if problems is None else problems[self.traces.problem]
         table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
-                                 self.deadlines, counted=counted)  # fmt: skip
+                                 self.deadlines, self.prices, counted)  # fmt: skip
         return with_shorter_horizons([
             Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
             for d in range(len(self.deadlines))
         ])  # fmt: skip
 
+    def setting(self, index: int, d: int) -> StopSetting:
+        """The setting behind candidate ``index`` at deadline ``d`` of ``candidates()``: grid
+        deadlines up to ``d`` in turn (the horizon), then (n, k), then price."""
+        horizon, rest = divmod(index, len(self.traces.configs) * len(self.prices))
+        config, price = divmod(rest, len(self.prices))
+        n, k = self.traces.configs[config]
+        return StopSetting(n, k, self.prices[price], self.deadlines[horizon] / self.deadlines[d])
 
-def rows_on(sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray) -> list[dict]:
+
+def rows_on(
+    sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray | slice
+) -> list[dict]:
     """A tuned rule controller's rows (accuracy, mean latency per deadline; ``controllers``: its
     report entries) on the flagged draws, read off the sweep."""
     rows = []
@@ -143,11 +154,15 @@ class Draws:
                                         deadlines, repeats, seed, config.n_grid)  # fmt: skip
         return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
 
+    def draws(self, problems: np.ndarray | None) -> np.ndarray | slice:
+        """The sweep's draws of the flagged problems (a flag per problem of the backend; every
+        draw when None)."""
+        return slice(None) if problems is None else problems[self.problem_of_draw]
+
     def families(self, problems: np.ndarray | None = None) -> dict[str, list[Candidates]]:
-        """Each family's candidates on the draws of the flagged problems (a flag per problem of
-        the backend; all when None), and all of them together."""
-        draws = None if problems is None else problems[self.problem_of_draw]
-        families = rule_candidates(self.sweep, draws)
+        """Each family's candidates on the draws of the flagged problems (all when None), and
+        all of them together."""
+        families = rule_candidates(self.sweep, self.draws(problems))
         if self.replay is not None:
             families[STOP_VALUE] = self.replay.candidates(problems)
         families["all"] = [
@@ -160,9 +175,7 @@ class Draws:
     def world(self, report: dict, problems: np.ndarray | None = None) -> World:
         """The tuned baselines' rows (the report's controllers) and the families' candidates on
         the flagged problems' draws."""
-        draws = (np.ones(len(self.problem_of_draw), bool) if problems is None
-                 else problems[self.problem_of_draw])  # fmt: skip
-        tuned = {name: rows_on(self.sweep, report["controllers"][name], draws)
+        tuned = {name: rows_on(self.sweep, report["controllers"][name], self.draws(problems))
                  for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
         return tuned, self.families(problems)
 

@@ -270,6 +270,12 @@ def tune_controllers(sweep: SweepResult) -> dict[str, list[RuleController]]:
     return tuned
 
 
+def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
+    """The problems the baselines (``tune_baselines``) and the stop-value settings are tuned
+    on: the first ``count`` of a random permutation of the ``total`` training problems."""
+    return np.random.default_rng(seed).permutation(total)[:count].tolist()
+
+
 def tune_baselines(
     backend: ReplayBackend,
     deadlines_s: Sequence[float],
@@ -282,8 +288,7 @@ def tune_baselines(
 ) -> dict[str, list[RuleController]]:
     """Every heuristic tuned per deadline (``tune_controllers``) on ``problems`` training
     problems drawn at random from ``backend`` (all of them when it has fewer)."""
-    rng = np.random.default_rng(seed)
-    chosen = rng.permutation(len(backend.problems))[:problems].tolist()
+    chosen = tuning_problem_indices(problems, len(backend.problems), seed)
     sweep = sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
     return tune_controllers(sweep)
 

@@ -34,7 +34,6 @@ from policies.report_plots import print_report
 from policies.saved_policy import SavedRacePolicy, load_race_policy, save_race_policy
 from policies.saving_bound import ACCURACY_SLACK, best_saving, heuristic_yardstick, training_draws
 from policies.stop_value import StopSetting, StopValuePolicy
-from policies.stop_value_training import PRICES
 
 
 def lead_settings(policy: SavedRacePolicy, report: dict) -> tuple[list[StopSetting], list[bool]]:
@@ -49,20 +48,10 @@ def lead_settings(policy: SavedRacePolicy, report: dict) -> tuple[list[StopSetti
     stick = heuristic_yardstick(methods, ACCURACY_SLACK)
     if stick is None:
         raise ValueError("the run's report has no tuned heuristics to measure the lead against")
-    configs, deadlines = tuning.replay.traces.configs, report["deadlines_s"]
-    per_horizon = len(configs) * len(PRICES)  # candidates per grid deadline (see candidates())
-    settings, retuned = [], []
     chosen = best_saving(families[STOP_VALUE], stick.floors, stick.front, 0.0)
-    for d, row in enumerate(chosen):
-        if row["setting"] is None:
-            settings.append(policy.model.settings[d])
-            retuned.append(False)
-            continue
-        horizon, rest = divmod(row["setting"], per_horizon)
-        config, price = divmod(rest, len(PRICES))
-        n, k = configs[config]
-        settings.append(StopSetting(n, k, PRICES[price], deadlines[horizon] / deadlines[d]))
-        retuned.append(True)
+    retuned = [row["setting"] is not None for row in chosen]
+    settings = [tuning.replay.setting(row["setting"], d) if moved else policy.model.settings[d]
+                for d, (row, moved) in enumerate(zip(chosen, retuned, strict=True))]  # fmt: skip
     return settings, retuned
 
 

@@ -46,10 +46,13 @@ from env.profiles.store import Profile, write_json
 from policies.bound_candidates import Candidates, Draws, World
 from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
-from policies.race_eval import BASELINE_TUNING_REPEATS, hold_out_validation
+from policies.race_eval import (
+    BASELINE_TUNING_REPEATS,
+    hold_out_validation,
+    tuning_problem_indices,
+)
 from policies.report_plots import plot_saving_bound
 from policies.saved_policy import SavedRacePolicy, load_race_policy
-from policies.stop_value_training import tuning_problem_indices
 
 ACCURACY_SLACK = -TARGETS["accuracy_vs_static_best"]
 """How far below the reference a setting may be and still count (the accuracy target)."""

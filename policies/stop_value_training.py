@@ -34,7 +34,7 @@ from tqdm import tqdm
 from env.backends.replay import ReplayBackend
 from env.features import ProblemFeaturizer
 from env.task.voting import VoteTally
-from policies.race_eval import draw_rng
+from policies.race_eval import draw_rng, tuning_problem_indices
 from policies.stop_value import (
     StopSetting,
     StopValuePolicy,
@@ -440,11 +440,6 @@ def stop_value_configs(
     """The (n, k) the traces and the tuning cover: every k, n from ``n_min`` (or the largest n
     when the grid stops below it)."""
     return [(n, k) for n in n_grid if n >= min(n_min, max(n_grid)) for k in k_grid]
-
-
-def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
-    """The problems ``policies.race_eval.tune_baselines`` tunes on (same seed, same draw)."""
-    return np.random.default_rng(seed).permutation(total)[:count].tolist()
 
 
 def fitting_problem_indices(count: int, tuning: int, total: int, seed: int) -> list[int]:

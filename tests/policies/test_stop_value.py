@@ -14,7 +14,7 @@ from env.race_env import RaceEnv
 from policies import stop_value
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RuleController, leader_posterior
-from policies.race_eval import draw_rng, run_race
+from policies.race_eval import draw_rng, run_race, tuning_problem_indices
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value import (
     STOP_FEATURES,
@@ -36,7 +36,6 @@ from policies.stop_value_training import (
     race_traces,
     sweep_stop_value,
     tune_settings,
-    tuning_problem_indices,
 )
 from tests.fake_profile import make_fake_profile
 
