@@ -110,7 +110,8 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
     backend = ReplayBackend(profile, "test", report["spec_method"])
     count = len(backend.problems)
     test = Draws.of(policy, backend, range(count), deadlines, repeats, seed)
-    families = test.families()
+    whole = test.world(report)  # every test draw: the report's rows, replayed, and candidates
+    families = whole[1]
     static = static_yardstick(report["methods"], slack)
     bound = {name: best_saving(cands, static.floors, static.front, 0.0)
              for name, cands in families.items()}  # fmt: skip
@@ -133,7 +134,7 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
     }
     if transfer:
         tuning = training_draws(policy, profile, report).world(report)
-        scored = choose_and_score([(tuning, test.world(report))], slack)
+        scored = choose_and_score([(tuning, whole)], slack)
         result["transferred"] = {"tuned_rows": tuning[0], **scored}
     return result
 
