@@ -89,15 +89,17 @@ def method_row(
 
     ``accuracy_se`` is the standard error over problems (each problem's draws averaged first:
     draws of one problem are correlated, so treating them as independent would understate it).
+    ``correct_per_problem`` counts the right draws of each problem, so that two methods of the
+    same report can be compared draw for draw (``paired_se``).
     """
     correct = np.array([o.correct for o in outcomes], dtype=float)
     latency = np.array([o.latency_s for o in outcomes])
     per_problem = correct.reshape(-1, repeats).mean(axis=1)
-    se = per_problem.std(ddof=1) / math.sqrt(len(per_problem)) if len(per_problem) > 1 else 0.0
     return {
         "deadline_s": float(deadline_s),
         "accuracy": float(correct.mean()),
-        "accuracy_se": float(se),
+        "accuracy_se": _se_of_mean(per_problem),
+        "correct_per_problem": correct.reshape(-1, repeats).sum(axis=1).astype(int).tolist(),
         "mean_latency_s": float(latency.mean()),
         "p95_latency_s": float(np.percentile(latency, 95)),
         "mean_n": float(np.mean([o.n for o in outcomes])),
@@ -107,6 +109,27 @@ def method_row(
         "answered": float(np.mean([o.answered for o in outcomes])),
         "reward": float(np.mean([call_reward(o, deadline_s, latency_cost) for o in outcomes])),
     }
+
+
+def _se_of_mean(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def paired_se(a: dict, b: dict, repeats: int) -> float | None:
+    """Standard error of ``a``'s accuracy minus ``b``'s (two rows of one report, on the same
+    draws), over problems: each problem's difference over its draws first, as ``accuracy_se``.
+
+    Why paired: both methods vote over the same drawn branches, so most of their luck is shared
+    and cancels in the difference; the unpaired errors would overstate its noise several times
+    over.  None when a row lacks ``correct_per_problem`` (reports written before it) or the
+    rows cover different problems.
+    """
+    if "correct_per_problem" not in a or "correct_per_problem" not in b:
+        return None
+    mine, theirs = np.asarray(a["correct_per_problem"]), np.asarray(b["correct_per_problem"])
+    if mine.shape != theirs.shape:
+        return None
+    return _se_of_mean((mine - theirs) / repeats)
 
 
 # -- the oracle --------------------------------------------------------------------------------
@@ -342,8 +365,16 @@ def summarize_targets(report: dict, policy: str = "policy") -> dict:
     rows = [{"deadline_s": r["deadline_s"], "accuracy_minus_static_best": v,
              "latency_saving_vs_static_best": float(s), "latency_ratio_to_static_best": q}
             for r, v, s, q in zip(mine, vs_static, saving, ratio, strict=True)]  # fmt: skip
+    repeats = report["repeats"]
+    for row, m, s in zip(rows, mine, static, strict=True):
+        _add_se(row, "accuracy_minus_static_best", paired_se(m, s, repeats))
+    worst = int(np.argmin(vs_static))
     targets = {
-        "accuracy_vs_static_best": _target(min(vs_static), TARGETS["accuracy_vs_static_best"]),
+        "accuracy_vs_static_best": _target(
+            min(vs_static),
+            TARGETS["accuracy_vs_static_best"],
+            **_se_at(rows[worst], "accuracy_minus_static_best"),
+        ),
         "latency_saving_vs_static_best": _target(
             saving.mean(),
             TARGETS["latency_saving_vs_static_best"],
@@ -352,14 +383,31 @@ def summarize_targets(report: dict, policy: str = "policy") -> dict:
     }
     heuristics = [h for h in HEURISTICS if h in methods]
     if heuristics:
-        targets.update(_heuristic_targets(methods, mine, heuristics, rows))
+        targets.update(_heuristic_targets(methods, mine, heuristics, rows, repeats))
     return {"policy": policy, "evaluated": True, "all_met": all(t["met"] for t in targets.values()),
             "targets": targets, "per_deadline": rows}  # fmt: skip
 
 
-def _heuristic_targets(methods: dict, mine: list[dict], names: list[str], rows: list[dict]) -> dict:
+def _add_se(row: dict, key: str, se: float | None) -> None:
+    if se is not None:
+        row[f"{key}_se"] = se
+
+
+def _se_at(row: dict, key: str) -> dict:
+    """The paired standard error of ``key`` at the row of a target's worst deadline, if known."""
+    return {"se_at_worst": row[f"{key}_se"]} if f"{key}_se" in row else {}
+
+
+def _heuristic_targets(
+    methods: dict, mine: list[dict], names: list[str], rows: list[dict], repeats: int
+) -> dict:
     """The two targets against the tuned heuristics (adds their per-deadline figures to
-    ``rows``)."""
+    ``rows``).
+
+    Beside the accuracy target, ``baselines_worst``: the same figure for ``static_best`` and
+    each heuristic (its worst accuracy minus the best heuristic's), the bar held to the
+    baselines themselves, to read the policy's figure against.
+    """
     best = [_best_heuristic(methods, names, d) for d in range(len(mine))]
     gap = [
         row["accuracy"] - methods[b][d]["accuracy"]
@@ -367,14 +415,26 @@ def _heuristic_targets(methods: dict, mine: list[dict], names: list[str], rows: 
     ]
     joint = frontier(*_points([row for h in names for row in methods[h]]))
     saving = latency_saving(*_points(mine), joint)
-    for row, b, g, s in zip(rows, best, gap, saving, strict=True):
+    for d, (row, b, g, s) in enumerate(zip(rows, best, gap, saving, strict=True)):
         row.update(best_heuristic=b, accuracy_minus_best_heuristic=g,
                    latency_saving_vs_heuristics=float(s))  # fmt: skip
+        _add_se(row, "accuracy_minus_best_heuristic", paired_se(mine[d], methods[b][d], repeats))
     wanted = TARGETS["ahead_of_heuristics"]
     ahead = {"accuracy_gain": float(np.mean(gap)), "latency_saving": float(saving.mean())}
     met = any(ahead[key] >= wanted[key] - TOLERANCE for key in wanted)
+    baselines = {
+        name: float(min(methods[name][d]["accuracy"] - methods[b][d]["accuracy"]
+                        for d, b in enumerate(best)))
+        for name in (REFERENCE, *names) if name in methods
+    }  # fmt: skip
+    worst = rows[int(np.argmin(gap))]
     return {
-        "accuracy_vs_best_heuristic": _target(min(gap), TARGETS["accuracy_vs_best_heuristic"]),
+        "accuracy_vs_best_heuristic": _target(
+            min(gap),
+            TARGETS["accuracy_vs_best_heuristic"],
+            baselines_worst=baselines,
+            **_se_at(worst, "accuracy_minus_best_heuristic"),
+        ),
         "ahead_of_heuristics": {"value": ahead, "threshold": wanted, "met": met},
     }
 

@@ -161,15 +161,29 @@ def print_report(report: dict, console: Console | None = None) -> None:
         targets.add_column(column)
     for name, t in summary["targets"].items():
         result = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
-        targets.add_row(name, _format(t["value"]), _format(t["threshold"]), result)
+        value = _format(t["value"]) + (f" ± {t['se_at_worst']:.4f}" if "se_at_worst" in t else "")
+        targets.add_row(name, value, _format(t["threshold"]), result)
     console.print(targets)
+    if "se_at_worst" in next(iter(summary["targets"].values())):
+        console.print("± : standard error of the accuracy difference at the worst deadline, "
+                      "paired over the same draws (per problem)")  # fmt: skip
+    baselines = summary["targets"].get("accuracy_vs_best_heuristic", {}).get("baselines_worst")
+    if baselines:
+        console.print(
+            "the same bar for the baselines (worst accuracy minus the best heuristic): "
+            + ", ".join(f"{name} {v:+.4f}" for name, v in baselines.items())
+        )
     console.print(_per_deadline_table(summary))
 
 
-def _cell(column: str, value: str | float) -> str:
+def _cell(column: str, row: dict) -> str:
+    value = row[column]
     if isinstance(value, str):
         return value
-    return f"{value:.3f}" if column == "latency_ratio_to_static_best" else f"{value:+.3f}"
+    if column == "latency_ratio_to_static_best":
+        return f"{value:.3f}"
+    se = row.get(f"{column}_se")
+    return f"{value:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def _per_deadline_table(summary: dict) -> Table:
@@ -188,7 +202,7 @@ def _per_deadline_table(summary: dict) -> Table:
     for column in ("deadline s", *(columns[c] for c in shown)):
         table.add_column(column, justify="right")
     for row in rows:
-        cells = [_cell(c, row[c]) for c in shown]
+        cells = [_cell(c, row) for c in shown]
         table.add_row(f"{row['deadline_s']:g}", *cells)
     return table
 

@@ -25,6 +25,7 @@ from policies.evaluate import (
     evaluate_methods,
     main,
     oracle_draw,
+    paired_se,
     print_report,
     summarize_targets,
     write_report,
@@ -40,7 +41,7 @@ N_GRID = (1, 2, 4, 8, 16)
 K_GRID = (0, 1, 2, 4)
 ROW_FIELDS = {"deadline_s", "accuracy", "accuracy_se", "mean_latency_s", "p95_latency_s",
               "mean_n", "mean_k_final", "mean_branches_finished", "mean_tokens", "answered",
-              "reward"}  # fmt: skip
+              "reward", "correct_per_problem"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,9 @@ def test_report_structure(report, tuned, test_backend):
         for row in rows:
             assert set(row) == ROW_FIELDS
             assert 0 <= row["accuracy"] <= 1 and row["accuracy_se"] >= 0
+            counts = row["correct_per_problem"]
+            assert len(counts) == len(test_backend.problems) and set(counts) <= {0, 1, 2}
+            assert sum(counts) / (2 * len(counts)) == pytest.approx(row["accuracy"])
             assert 0 < row["mean_latency_s"] <= row["deadline_s"] + 1e-9
     assert report["controllers"]["margin"][0]["family"] == "margin"
     assert not report["targets"]["evaluated"]  # no policy: baselines only
@@ -166,7 +170,7 @@ def _hand_report(policy):
         "adaptive_consistency": _rows([(0.45, 0.5), (0.55, 1.0), (0.65, 2.0)]),
         "policy": _rows(policy),
     }
-    return {"methods": methods}
+    return {"methods": methods, "repeats": 2}
 
 
 def test_targets_met_on_a_hand_made_report():
@@ -206,6 +210,45 @@ def test_targets_exactly_at_the_threshold_are_met():
     """-0.005 computed in floating point (0.495 - 0.5) still counts as -0.005."""
     summary = summarize_targets(_hand_report([(0.495, 0.5), (0.60, 1.0), (0.70, 2.0)]))
     assert summary["targets"]["accuracy_vs_static_best"]["met"]
+
+
+def test_paired_standard_error_is_over_problems_of_the_difference():
+    a = {"correct_per_problem": [2, 1, 0, 2]}
+    b = {"correct_per_problem": [1, 1, 0, 2]}
+    # per-problem differences 0.5, 0, 0, 0: sample std 0.25 over 4 problems
+    assert paired_se(a, b, repeats=2) == pytest.approx(0.25 / 2)
+    assert paired_se(a, a, repeats=2) == 0.0
+    assert paired_se(a, {"accuracy": 0.5}, repeats=2) is None  # a report written before
+    assert paired_se(a, {"correct_per_problem": [1, 1]}, repeats=2) is None
+
+
+def test_targets_carry_paired_errors_and_the_baselines_own_bar(report):
+    """A policy that replays static_best exactly differs from it by 0 with no noise; against the
+    best heuristic its error is the paired one; every baseline is held to the heuristic bar."""
+    methods = report["methods"]
+    copied = {
+        **report,
+        "methods": {**methods, "policy": json.loads(json.dumps(methods["static_best"]))},
+    }
+    summary = summarize_targets(copied)
+    rows, targets = summary["per_deadline"], summary["targets"]
+    assert all(r["accuracy_minus_static_best_se"] == 0.0 for r in rows)
+    assert targets["accuracy_vs_static_best"]["se_at_worst"] == 0.0
+    for d, row in enumerate(rows):
+        best = methods[row["best_heuristic"]][d]
+        expected = paired_se(methods["static_best"][d], best, report["repeats"])
+        assert row["accuracy_minus_best_heuristic_se"] == pytest.approx(expected)
+    bar = targets["accuracy_vs_best_heuristic"]["baselines_worst"]
+    assert set(bar) == {"static_best", *HEURISTICS}
+    assert bar["static_best"] == pytest.approx(targets["accuracy_vs_best_heuristic"]["value"])
+    for name in HEURISTICS:
+        worst = min(methods[name][d]["accuracy"] - methods[r["best_heuristic"]][d]["accuracy"]
+                    for d, r in enumerate(rows))  # fmt: skip
+        assert bar[name] == pytest.approx(worst) and bar[name] <= 0.0
+    console = Console(record=True, width=200)
+    print_report({**copied, "targets": summary}, console)
+    text = console.export_text()
+    assert "±" in text and "the same bar for the baselines" in text
 
 
 def test_targets_without_heuristics_keep_the_static_ones():
