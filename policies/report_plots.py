@@ -164,9 +164,13 @@ def print_report(report: dict, console: Console | None = None) -> None:
         value = _format(t["value"]) + (f" ± {t['se_at_worst']:.4f}" if "se_at_worst" in t else "")
         targets.add_row(name, value, _format(t["threshold"]), result)
     console.print(targets)
-    if "se_at_worst" in next(iter(summary["targets"].values())):
+    noisy = {name: t for name, t in summary["targets"].items() if "se_at_worst" in t}
+    if noisy:
         console.print("± : standard error of the accuracy difference at the worst deadline, "
-                      "paired over the same draws (per problem)")  # fmt: skip
+                      "paired over the same draws (per problem); chance that a method exactly "
+                      "as accurate misses the target by noise alone: "
+                      + ", ".join(f"{name} {t['miss_chance_if_equal']:.0%}"
+                                  for name, t in noisy.items()))  # fmt: skip
     baselines = summary["targets"].get("accuracy_vs_best_heuristic", {}).get("baselines_worst")
     if baselines:
         console.print(

@@ -4,6 +4,7 @@ random numbers, the oracle, the targets, the files and the command line."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,6 +235,10 @@ def test_targets_carry_paired_errors_and_the_baselines_own_bar(report):
     rows, targets = summary["per_deadline"], summary["targets"]
     assert all(r["accuracy_minus_static_best_se"] == 0.0 for r in rows)
     assert targets["accuracy_vs_static_best"]["se_at_worst"] == 0.0
+    assert targets["accuracy_vs_static_best"]["miss_chance_if_equal"] == 0.0  # no noise at all
+    chance = targets["accuracy_vs_best_heuristic"]["miss_chance_if_equal"]
+    errors = [r["accuracy_minus_best_heuristic_se"] for r in rows]
+    assert (chance > 0.0) == any(e > 0 for e in errors) and chance < 1.0
     for d, row in enumerate(rows):
         best = methods[row["best_heuristic"]][d]
         expected = paired_se(methods["static_best"][d], best, report["repeats"])
@@ -249,6 +254,24 @@ def test_targets_carry_paired_errors_and_the_baselines_own_bar(report):
     print_report({**copied, "targets": summary}, console)
     text = console.export_text()
     assert "±" in text and "the same bar for the baselines" in text
+
+
+def test_miss_chance_of_an_equal_method_follows_the_normal_errors():
+    """Two deadlines with a noisy difference (per problem +-1: SE 0.577) and one with none: an
+    equal method holds the -0.5-point floor at each noisy one with Phi(0.005 / 0.577), both
+    with its square, the quiet one always."""
+    report = _hand_report([(0.50, 0.6), (0.61, 1.2), (0.70, 2.0)])
+    counts = {"a": [2, 0] * 2, "b": [0, 2] * 2}  # differences +-1 per problem
+    for rows in report["methods"].values():
+        for row in rows:
+            row["correct_per_problem"] = counts["a"]
+    for row in report["methods"]["policy"][:2]:
+        row["correct_per_problem"] = counts["b"]
+    # per-problem differences of +-1 over 4 problems: SE = std(ddof=1) / 2 = 1.1547 / 2
+    target = summarize_targets(report)["targets"]["accuracy_vs_static_best"]
+    se = np.std([1, -1, 1, -1], ddof=1) / 2
+    held = 0.5 * (1 + math.erf(0.005 / (se * math.sqrt(2))))
+    assert target["miss_chance_if_equal"] == pytest.approx(1 - held**2)
 
 
 def test_targets_without_heuristics_keep_the_static_ones():
