@@ -185,6 +185,25 @@ def test_retuning_for_the_lead_keeps_the_network_and_scores_on_the_runs_draws(tr
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.png").is_file()
 
 
+def test_retuning_with_a_floor_margin_keeps_it_on_the_training_draws(trained, tmp_path):
+    """Every re-tuned setting clears both training floors by the margin, and a deadline
+    re-tuned with a margin is re-tuned without one (a setting that clears floor + margin clears
+    the floor); a negative margin is refused."""
+    out, _ = trained
+    margin = 0.01
+    wide = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "a"), floor_margin=margin))
+    plain = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "b")))
+    wide, plain = wide["retune"], plain["retune"]
+    assert wide["floors"] == plain["floors"] and wide["floor_margin"] == margin
+    for moved, accuracy, floor in zip(wide["retuned"], wide["tuning_accuracy"], wide["floors"],
+                                      strict=True):  # fmt: skip
+        assert (accuracy is not None) == moved
+        assert not moved or accuracy >= floor + margin - 1e-12
+    assert all(p for w, p in zip(wide["retuned"], plain["retuned"], strict=True) if w)
+    with pytest.raises(ValueError, match=r"floor margin -0\.01 must be a share"):
+        retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "c"), floor_margin=-0.01))
+
+
 def test_retuning_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not a train\.py run folder"):
         retune_main(RetuneArgs(run=str(tmp_path), out=str(tmp_path / "out")))
