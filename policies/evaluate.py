@@ -396,9 +396,10 @@ def _add_se(row: dict, key: str, se: float | None) -> None:
 def _noise(rows: list[dict], worst: int, key: str, threshold: float) -> dict:
     """How precise an accuracy target's measurement is, when the paired errors are known:
     ``se_at_worst``, the standard error of ``key`` at the worst deadline, and
-    ``miss_chance_if_equal``, the chance that a method exactly as accurate as the one compared
-    with misses the target by noise alone at one deadline or more (normal errors, deadlines
-    taken as independent: 1 - prod_d Phi(-threshold / se_d)).
+    ``miss_chance_if_equal``, the chance that a method whose outcomes differ from the compared
+    one's as much as the policy's do, but which is exactly as accurate in expectation, misses
+    the target by noise alone at one deadline or more (normal errors, deadlines taken as
+    independent: 1 - prod_d Phi(-threshold / se_d)).
 
     Why: a floor of a few tenths of a point over 500 problems x 4 draws is close to the
     measurement's own noise; this says how close.

@@ -167,8 +167,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
     noisy = {name: t for name, t in summary["targets"].items() if "se_at_worst" in t}
     if noisy:
         console.print("± : standard error of the accuracy difference at the worst deadline, "
-                      "paired over the same draws (per problem); chance that a method exactly "
-                      "as accurate misses the target by noise alone: "
+                      "paired over the same draws (per problem); chance that a method as "
+                      "different but exactly as accurate misses the target by noise alone: "
                       + ", ".join(f"{name} {t['miss_chance_if_equal']:.0%}"
                                   for name, t in noisy.items()))  # fmt: skip
     baselines = summary["targets"].get("accuracy_vs_best_heuristic", {}).get("baselines_worst")
