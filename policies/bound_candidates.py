@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from env.backends.replay import ReplayBackend
+from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from policies.evaluate import HEURISTICS, REFERENCE
 from policies.race_eval import SweepResult, sweep_rules
-from policies.saved_policy import SavedRacePolicy
 from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import (
     PRICES,
@@ -29,6 +30,9 @@ from policies.stop_value_training import (
     stop_value_configs,
     sweep_stop_value,
 )
+
+if TYPE_CHECKING:
+    from policies.saved_policy import RaceModel
 
 STOP_VALUE = "stop_value"
 """The value network's family name."""
@@ -142,16 +146,19 @@ class Draws:
 
     @classmethod
     def of(
-        cls, policy: SavedRacePolicy, backend: ReplayBackend, problems: Sequence[int],
-        deadlines: Sequence[float], repeats: int, seed: int,
+        cls, model: RaceModel, featurizer: ProblemFeaturizer, config: RaceEnvConfig,
+        backend: ReplayBackend, problems: Sequence[int], deadlines: Sequence[float],
+        repeats: int, seed: int,
     ) -> Draws:  # fmt: skip
-        config = policy.env_config
+        """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
+        ``model``, ``featurizer`` and race ``config``; the value network's family only when
+        the model is a stop-value policy)."""
         sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
                             config.k_grid)  # fmt: skip
         replay = None
-        if isinstance(policy.model, StopValuePolicy):
-            replay = StopValueReplay.on(policy.model, policy.featurizer, backend, problems,
-                                        deadlines, repeats, seed, config.n_grid)  # fmt: skip
+        if isinstance(model, StopValuePolicy):
+            replay = StopValueReplay.on(model, featurizer, backend, problems, deadlines, repeats,
+                                        seed, config.n_grid)  # fmt: skip
         return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
 
     def draws(self, problems: np.ndarray | None) -> np.ndarray | slice:

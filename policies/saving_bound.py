@@ -109,7 +109,8 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
     profile = policy_profile(policy)
     backend = ReplayBackend(profile, "test", report["spec_method"])
     count = len(backend.problems)
-    test = Draws.of(policy, backend, range(count), deadlines, repeats, seed)
+    test = Draws.of(policy.model, policy.featurizer, policy.env_config, backend, range(count),
+                    deadlines, repeats, seed)  # fmt: skip
     whole = test.world(report)  # every test draw: the report's rows, replayed, and candidates
     families = whole[1]
     static = static_yardstick(report["methods"], slack)
@@ -139,9 +140,12 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
     return result
 
 
-def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> Draws:
-    """The draws the run tuned its baselines on (``train.py``: its training problems less the
-    validation ones, ``tune_problems`` of them, two draws each, the run's seed)."""
+def tuning_problems(
+    policy: SavedRacePolicy, profile: Profile, report: dict
+) -> tuple[ReplayBackend, list[int], int]:
+    """The training backend, problems and seed the run tuned its baselines on (``train.py``:
+    its training problems less the validation ones, ``tune_problems`` of them, the run's seed;
+    ``BASELINE_TUNING_REPEATS`` draws each)."""
     args = policy.info.get("train", {}).get("args")
     if not args:
         raise ValueError(f"{policy.folder} records no training arguments: cannot rebuild the "
@@ -149,8 +153,14 @@ def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> D
     fit_ids, _ = hold_out_validation(profile, args["val_problems"], args["seed"])
     backend = ReplayBackend(profile, "train", report["spec_method"], ids=fit_ids)
     problems = tuning_problem_indices(args["tune_problems"], len(backend.problems), args["seed"])
-    return Draws.of(policy, backend, problems, report["deadlines_s"], BASELINE_TUNING_REPEATS,
-                    args["seed"])  # fmt: skip
+    return backend, problems, args["seed"]
+
+
+def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> Draws:
+    """The draws the run tuned its baselines on (``tuning_problems``), every family replayed."""
+    backend, problems, seed = tuning_problems(policy, profile, report)
+    return Draws.of(policy.model, policy.featurizer, policy.env_config, backend, problems,
+                    report["deadlines_s"], BASELINE_TUNING_REPEATS, seed)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -392,6 +393,24 @@ def tune_settings(
     return settings
 
 
+LEAD_FLOOR_MARGIN = 0.002
+"""How far above both accuracy floors the lead tuning (``policies.retune.tune_for_lead``) wants
+a setting on the tuning draws: 0.2 point.  Measured on the synthetic profile, learner seeds 0-3
+(``./run policies.retune --run <run> --floor-margin M``): with no margin the chosen settings sat
+on the floors and fell 0.25-0.6 point below the best heuristic on MATH-500 at every seed; with
+0.2 point, 0.1-0.6 point, and the static table's accuracy stayed within 0.45 point."""
+MAX_FLOOR_MARGIN = 0.05
+"""The largest margin accepted (5 points: far beyond any accuracy difference between the tuned
+controllers)."""
+
+
+def check_floor_margin(margin: float) -> None:
+    """Refuse a margin outside [0, ``MAX_FLOOR_MARGIN``] with what is allowed."""
+    if not 0.0 <= margin <= MAX_FLOOR_MARGIN:
+        raise ValueError(f"floor margin {margin} must be a share of accuracy in "
+                         f"[0, {MAX_FLOOR_MARGIN}], e.g. 0.002 for 0.2 point")  # fmt: skip
+
+
 @dataclass
 class StopValueArgs:
     """How the stop-value policy is fitted and tuned (``train.py`` passes its arguments).
@@ -419,6 +438,12 @@ class StopValueArgs:
         only here show how much the learner's own randomness moves its results.
     :param n_min: the least n the settings consider (fewer branches never won on the
         synthetic profile and only slow the sweep).
+    :param objective: ``lead``: after the tuning above, ``train.py`` re-tunes each deadline's
+        setting for the largest saving against the tuned heuristics' frontier among those
+        clearing both accuracy floors by ``floor_margin`` on the tuning draws
+        (``policies.retune.tune_for_lead``); ``accuracy``: keep the fastest setting at the
+        static table's full tuning accuracy.
+    :param floor_margin: the lead tuning's margin above both floors (``LEAD_FLOOR_MARGIN``).
     """
 
     fit_problems: int = 2000
@@ -432,6 +457,11 @@ class StopValueArgs:
     budget_margin: float = 0.1
     learner_seed: int | None = None
     n_min: int = 4
+    objective: Literal["lead", "accuracy"] = "lead"
+    floor_margin: float = LEAD_FLOOR_MARGIN
+
+    def __post_init__(self) -> None:
+        check_floor_margin(self.floor_margin)  # before a run spends minutes on the baselines
 
 
 def stop_value_configs(

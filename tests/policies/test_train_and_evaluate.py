@@ -17,6 +17,7 @@ from policies.retune import main as retune_main
 from policies.saved_policy import load_race_policy
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
+from policies.stop_value_training import LEAD_FLOOR_MARGIN, StopValueArgs
 from tests.fake_profile import make_fake_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,7 +193,7 @@ def test_retuning_with_a_floor_margin_keeps_it_on_the_training_draws(trained, tm
     out, _ = trained
     margin = 0.01
     wide = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "a"), floor_margin=margin))
-    plain = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "b")))
+    plain = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "b"), floor_margin=0.0))
     wide, plain = wide["retune"], plain["retune"]
     assert wide["floors"] == plain["floors"] and wide["floor_margin"] == margin
     for moved, accuracy, floor in zip(wide["retuned"], wide["tuning_accuracy"], wide["floors"],
@@ -202,6 +203,24 @@ def test_retuning_with_a_floor_margin_keeps_it_on_the_training_draws(trained, tm
     assert all(p for w, p in zip(wide["retuned"], plain["retuned"], strict=True) if w)
     with pytest.raises(ValueError, match=r"floor margin -0\.01 must be a share"):
         retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "c"), floor_margin=-0.01))
+
+
+def test_train_tunes_for_the_lead_as_the_retune_command_does(trained, tmp_path):
+    """train.py's default objective (lead) chooses what ``policies.retune`` chooses on the saved
+    run with the same margin: the same tuning draws, the same candidates, the same floors."""
+    out, _ = trained
+    policy = load_race_policy(out / "policy")
+    note = policy.model.info["lead_tuning"]
+    assert note["floor_margin"] == LEAD_FLOOR_MARGIN and len(note["retuned"]) == 4
+    again = retune_main(RetuneArgs(run=str(out), out=str(tmp_path)))
+    assert load_race_policy(tmp_path / "policy").model.settings == policy.model.settings
+    assert again["retune"]["floors"] == note["floors"]
+    assert again["retune"]["tuning_accuracy"] == note["tuning_accuracy"]
+
+
+def test_a_floor_margin_out_of_range_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"floor margin 0\.5 must be a share of accuracy"):
+        StopValueArgs(floor_margin=0.5)
 
 
 def test_retuning_a_folder_that_is_not_a_run_is_refused(tmp_path):
