@@ -45,7 +45,7 @@ from policies.saving_bound import (
     heuristic_yardstick,
     tuning_problems,
 )
-from policies.stop_value import StopValuePolicy
+from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import LEAD_FLOOR_MARGIN, check_floor_margin
 
 
@@ -64,11 +64,13 @@ def tune_for_lead(
     heuristics' frontier on the tuning draws (``problems`` x ``BASELINE_TUNING_REPEATS`` of
     ``backend``, the run's ``seed``: the draws the baselines were tuned on) among those at
     least ``floor_margin`` above both floors there (0.5 point below ``static_best``, 0.3 below
-    the best heuristic); its own setting where none is.  ``controllers``: the tuned baselines
-    as the report lists them.  What was chosen goes into ``info["lead_tuning"]``: ``retuned``
-    (per deadline), the training ``floors``, the chosen settings' ``tuning_accuracy`` (None
-    where kept) and the settings before."""
+    the best heuristic); the accuracy tuning's setting where none is (``accuracy_settings``).
+    ``controllers``: the tuned baselines as the report lists them.  What was chosen goes into
+    ``info["lead_tuning"]``: ``retuned`` (per deadline), the training ``floors``, the chosen
+    settings' ``tuning_accuracy`` (None where kept) and the accuracy tuning's settings
+    (``settings_before``)."""
     check_floor_margin(floor_margin)
+    before = accuracy_settings(model)
     tuning = Draws.of(model, featurizer, config, backend, problems, deadlines,
                       BASELINE_TUNING_REPEATS, seed)  # fmt: skip
     methods, families = tuning.world({"controllers": controllers})
@@ -78,14 +80,22 @@ def tune_for_lead(
     floors = [f + floor_margin for f in stick.floors]
     chosen = best_saving(families[STOP_VALUE], floors, stick.front, 0.0)
     retuned = [row["setting"] is not None for row in chosen]
-    settings = [tuning.replay.setting(row["setting"], d) if moved else model.settings[d]
+    settings = [tuning.replay.setting(row["setting"], d) if moved else before[d]
                 for d, (row, moved) in enumerate(zip(chosen, retuned, strict=True))]  # fmt: skip
     note = {"objective": "lead over the heuristics", "floor_margin": floor_margin,
             "floors": stick.floors, "retuned": retuned,
             "tuning_accuracy": [row["accuracy"] for row in chosen],
-            "settings_before": [dataclasses.asdict(s) for s in model.settings]}  # fmt: skip
+            "settings_before": [dataclasses.asdict(s) for s in before]}  # fmt: skip
     return dataclasses.replace(model, settings=settings,
                                info={**model.info, "lead_tuning": note})  # fmt: skip
+
+
+def accuracy_settings(model: StopValuePolicy) -> list[StopSetting]:
+    """The settings the accuracy tuning chose (``policies.stop_value_training.tune_settings``):
+    the model's own, or those it had before a lead tuning.  Why: re-tuning a lead-tuned policy
+    with another margin must fall back where ``train.py`` with that margin would."""
+    before = model.info.get("lead_tuning", {}).get("settings_before")
+    return model.settings if before is None else [StopSetting(**s) for s in before]
 
 
 def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dict:

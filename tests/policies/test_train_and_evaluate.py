@@ -201,6 +201,11 @@ def test_retuning_with_a_floor_margin_keeps_it_on_the_training_draws(trained, tm
         assert (accuracy is not None) == moved
         assert not moved or accuracy >= floor + margin - 1e-12
     assert all(p for w, p in zip(wide["retuned"], plain["retuned"], strict=True) if w)
+    # where nothing clears the margin, the accuracy tuning's setting, as train.py would keep it
+    first = load_race_policy(out / "policy").model.info["lead_tuning"]["settings_before"]
+    assert wide["settings_before"] == plain["settings_before"] == first
+    for moved, setting, accurate in zip(wide["retuned"], wide["settings"], first, strict=True):
+        assert moved or setting == accurate
     with pytest.raises(ValueError, match=r"floor margin -0\.01 must be a share"):
         retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "c"), floor_margin=-0.01))
 
