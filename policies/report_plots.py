@@ -60,9 +60,17 @@ def _deadline_axis(ax, deadlines: Sequence[float]) -> None:
 def plot_report(report: dict, path: Path) -> Path:
     """Three panels: accuracy against deadline, mean latency against deadline, and the
     accuracy-latency frontier (each method's (mean latency, accuracy) points over its deadlines,
-    connected in deadline order)."""
+    connected in deadline order); a fourth when the targets carry paired standard errors: the
+    policy's accuracy differences with their error bars against the floors
+    (``_plot_differences``)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    summary = report.get("targets", {})
+    rows = summary.get("per_deadline", []) if summary.get("evaluated") else []
+    precise = bool(rows) and "accuracy_minus_static_best_se" in rows[0]
+    fig, axes = plt.subplots(1, 4 if precise else 3, figsize=(21 if precise else 16, 4.8))
+    if precise:
+        _plot_differences(axes[3], summary, report["deadlines_s"])
+        axes = axes[:3]
     panels = (("deadline_s", "accuracy"), ("deadline_s", "mean_latency_s"),
               ("mean_latency_s", "accuracy"))  # fmt: skip
     for name, rows in report["methods"].items():
@@ -85,6 +93,32 @@ def plot_report(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _plot_differences(ax, summary: dict, deadlines: Sequence[float]) -> None:
+    """The policy's accuracy minus static_best's and minus the best heuristic's, in points, with
+    +-1 paired standard error, and each target's floor: where a miss is within the noise."""
+    rows = summary["per_deadline"]
+    series = (("accuracy_minus_static_best", "accuracy_vs_static_best", "static_best",
+               "tab:orange", 0.97),
+              ("accuracy_minus_best_heuristic", "accuracy_vs_best_heuristic", "best heuristic",
+               "tab:brown", 1.03))  # fmt: skip
+    for key, target, name, color, shift in series:
+        if f"{key}_se" not in rows[0] or target not in summary["targets"]:
+            continue
+        label = f"{summary['policy']} - {name} (+-1 s.e.)"
+        ax.errorbar([d * shift for d in deadlines], [100 * r[key] for r in rows],
+                    yerr=[100 * r[f"{key}_se"] for r in rows], color=color, marker="o", ms=3.5,
+                    capsize=3, lw=1.2, label=label)  # fmt: skip
+        floor = 100 * summary["targets"][target]["threshold"]
+        ax.axhline(floor, color=color, ls=":", lw=1, label=f"floor vs {name} ({floor:+.1f})")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    _deadline_axis(ax, deadlines)
+    ax.set_xlabel("deadline (s)")
+    ax.set_ylabel("accuracy difference (points)")
+    ax.set_title("accuracy targets, paired standard errors", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_saving_bound(result: dict, path: Path, target: float) -> Path:

@@ -256,6 +256,21 @@ def test_targets_carry_paired_errors_and_the_baselines_own_bar(report):
     assert "±" in text and "the same bar for the baselines" in text
 
 
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_the_report_plot_shows_the_paired_errors_when_it_has_them(report, tmp_path):
+    """A fourth panel (the accuracy differences with error bars) when the targets carry paired
+    standard errors; three without a policy to compare."""
+    methods = report["methods"]
+    with_policy = {**report, "methods": {**methods, "policy": methods["margin"]}}
+    with_policy["targets"] = summarize_targets(with_policy)
+    _, four = write_report(with_policy, tmp_path / "four")
+    _, three = write_report(report, tmp_path / "three")
+    assert _png_width(four) > _png_width(three) * 1.2
+
+
 def test_miss_chance_of_an_equal_method_follows_the_normal_errors():
     """Two deadlines with a noisy difference (per problem +-1: SE 0.577) and one with none: an
     equal method holds the -0.5-point floor at each noisy one with Phi(0.005 / 0.577), both
