@@ -48,7 +48,13 @@ from env.profiles.store import Profile, load_profile
 from env.race_env import DEFAULT_PROFILE, RaceEnv
 from policies.confidence_fit import Args as ConfidenceArgs
 from policies.confidence_fit import main as confidence_main
-from policies.evaluate import evaluate_methods, plot_middle_races, print_report, write_report
+from policies.evaluate import (
+    EVAL_REPEATS,
+    evaluate_methods,
+    plot_middle_races,
+    print_report,
+    write_report,
+)
 from policies.learned_controller import LearnedController
 from policies.ppo_training import (
     OutcomeLoggerCallback,
@@ -121,8 +127,8 @@ class Args:
     """save a checkpoint every this many decisions (PPO)"""
     value: StopValueArgs = dataclasses.field(default_factory=StopValueArgs)
     """the stop-value learner's fitting and tuning (stop_value)"""
-    eval_repeats: int = 4
-    """MATH-500 draws per problem and deadline in the final evaluation"""
+    eval_repeats: int = EVAL_REPEATS
+    """MATH-500 draws per problem and deadline in the final evaluation (``EVAL_REPEATS``)"""
 
 
 class Stopwatch:

@@ -17,7 +17,7 @@ Output: a table on the console (``print_report``), ``report.json`` and ``report.
 ``policies.report_plots``.  Numbers from a synthetic profile
 carry the synthetic label wherever they appear.
 
-    python -m policies.evaluate --policy DIR [--deadlines 0.3 0.6 ...] [--repeats 4] [--out DIR]
+    python -m policies.evaluate --policy DIR [--deadlines 0.3 0.6 ...] [--repeats 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ from env.task.voting import VoteTally
 from policies.frontier import frontier, latency_saving
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RaceController, RuleController
-from policies.race_eval import draw_rng, evaluate_controller, tune_baselines
+from policies.race_eval import (
+    baseline_tuning_backend,
+    draw_rng,
+    evaluate_controller,
+    tune_baselines,
+)
 from policies.report_plots import plot_races, plot_report, print_report
 from policies.saved_policy import SavedRacePolicy, load_race_policy
 
@@ -60,6 +65,13 @@ TARGETS = {
     "ahead_of_heuristics": {"accuracy_gain": 0.01, "latency_saving": 0.10},
 }
 """Issue 13's targets: the least value each must reach (``ahead_of_heuristics``: either one)."""
+
+EVAL_REPEATS = 16
+"""Draws per MATH-500 problem and deadline in the evaluation (issue 13 asks for at least 4).
+Why 16: at 4 the paired standard error of an accuracy difference was 0.6-0.9 point at the long
+deadlines of the synthetic profile, and a lead of 12% over the heuristics measured there came
+out at 3-5% at 16 draws (the heuristics' own points are noisy too); 16 draws bring the errors
+to about 0.4 point for about a minute more of replay."""
 
 Methods = dict[str, RaceController | Sequence[RaceController]]
 
@@ -474,7 +486,7 @@ class Args:
     """policy folder written by train.py"""
     deadlines: tuple[float, ...] | None = None
     """deadlines in seconds (default: the policy's evaluation deadlines)"""
-    repeats: int = 4
+    repeats: int = EVAL_REPEATS
     """draws per problem and deadline"""
     seed: int = 0
     out: str | None = None
@@ -498,8 +510,10 @@ def policy_profile(policy: SavedRacePolicy) -> Profile:
 
 
 def main(args: Args) -> dict:
-    """Load the policy, tune the baselines on the training problems, evaluate on MATH-500,
-    print and write the report and the races plot; returns the report."""
+    """Load the policy, tune the baselines on the training problems ``train.py`` tuned them on
+    (``baseline_tuning_backend``: so at the run's own deadlines, seed and draws they are the
+    run's baselines), evaluate on MATH-500, print and write the report and the races plot;
+    returns the report."""
     if args.deadlines is not None:
         check_deadlines(args.deadlines)  # before the slow part
     policy = load_race_policy(args.policy)
@@ -508,7 +522,7 @@ def main(args: Args) -> dict:
     method = policy.info.get("spec_method")
     test = ReplayBackend(profile, "test", method)
     controller = LearnedController(policy.model, RaceEnv(test, policy.featurizer, config))
-    train = ReplayBackend(profile, "train", method)
+    train = baseline_tuning_backend(profile, method, policy.info.get("train", {}).get("args"))
     tuned = tune_baselines(train, deadlines, args.tune_problems, args.tune_repeats, args.seed,
                            config.n_grid, config.k_grid)  # fmt: skip
     report = evaluate_methods({"policy": controller, **tuned}, test, deadlines, args.repeats,

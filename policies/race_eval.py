@@ -293,6 +293,18 @@ def tune_baselines(
     return tune_controllers(sweep)
 
 
+def baseline_tuning_backend(
+    profile: Profile, method: str | None, train_args: dict | None
+) -> ReplayBackend:
+    """The training problems ``train.py`` tuned a run's baselines on: the training split less the
+    validation problems it held back (``train_args``: the run's recorded arguments); the whole
+    training split for a policy that records none."""
+    if not train_args:
+        return ReplayBackend(profile, "train", method)
+    fit_ids, _ = hold_out_validation(profile, train_args["val_problems"], train_args["seed"])
+    return ReplayBackend(profile, "train", method, ids=fit_ids)
+
+
 def hold_out_validation(
     profile: Profile, val_problems: int, seed: int
 ) -> tuple[set[str], set[str]]:

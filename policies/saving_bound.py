@@ -48,7 +48,7 @@ from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
-    hold_out_validation,
+    baseline_tuning_backend,
     tuning_problem_indices,
 )
 from policies.report_plots import plot_saving_bound
@@ -150,8 +150,7 @@ def tuning_problems(
     if not args:
         raise ValueError(f"{policy.folder} records no training arguments: cannot rebuild the "
                          "draws it was tuned on")  # fmt: skip
-    fit_ids, _ = hold_out_validation(profile, args["val_problems"], args["seed"])
-    backend = ReplayBackend(profile, "train", report["spec_method"], ids=fit_ids)
+    backend = baseline_tuning_backend(profile, report["spec_method"], args)
     problems = tuning_problem_indices(args["tune_problems"], len(backend.problems), args["seed"])
     return backend, problems, args["seed"]
 

@@ -99,6 +99,19 @@ def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
     assert (tmp_path / "report.json").is_file() and (tmp_path / "races.png").is_file()
 
 
+def test_evaluate_at_the_runs_own_deadlines_reproduces_its_report(trained, tmp_path):
+    """The command tunes the baselines on the problems train.py tuned them on (the training
+    split less the validation problems), so at the run's deadlines, draws and seed every row of
+    its report comes back, the policy's included."""
+    out, _ = trained
+    run = json.loads((out / "report.json").read_text())
+    args = Args(policy=str(out / "policy"), deadlines=tuple(run["deadlines_s"]),
+                repeats=run["repeats"], out=str(tmp_path), tune_problems=60)  # fmt: skip
+    again = evaluate_main(args)
+    for name, rows in run["methods"].items():
+        assert again["methods"][name] == rows, name
+
+
 def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tmp_path):
     """Each family's hindsight bound is at least what its tuned controller reached on the same
     test draws (the tuned setting is one of the bound's candidates) wherever that controller
