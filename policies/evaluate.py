@@ -330,6 +330,7 @@ def evaluate_methods(
         "controllers": {name: [_describe(c) for c in cs] for name, cs in per_deadline.items()},
     }
     report["targets"] = summarize_targets(report)
+    report["targets_by_method"] = targets_by_method(report)
     return report
 
 
@@ -398,6 +399,23 @@ def summarize_targets(report: dict, policy: str = "policy") -> dict:
         targets.update(_heuristic_targets(methods, mine, heuristics, rows, repeats))
     return {"policy": policy, "evaluated": True, "all_met": all(t["met"] for t in targets.values()),
             "targets": targets, "per_deadline": rows}  # fmt: skip
+
+
+def targets_by_method(report: dict) -> dict[str, dict]:
+    """Issue 13's target figures with each controller of the report in the policy's place (all
+    but ``static_best``, ``plain`` and the oracle): name -> target -> value.
+
+    Why: "keep the best controller as the default" needs every controller held to the same
+    bars on the same draws.  A heuristic's lead is measured against the heuristics' frontier it
+    is part of, so it cannot be positive there by much.
+    """
+    out = {}
+    for name in report["methods"]:
+        if name in (REFERENCE, ORACLE, "plain"):
+            continue
+        summary = summarize_targets(report, name)
+        out[name] = {key: t["value"] for key, t in summary.get("targets", {}).items()}
+    return out
 
 
 def _add_se(row: dict, key: str, se: float | None) -> None:

@@ -212,6 +212,23 @@ def print_report(report: dict, console: Console | None = None) -> None:
             + ", ".join(f"{name} {v:+.4f}" for name, v in baselines.items())
         )
     console.print(_per_deadline_table(summary))
+    if report.get("targets_by_method"):
+        console.print(_by_method_table(report["targets_by_method"], summary["policy"]))
+
+
+def _by_method_table(by_method: dict[str, dict], policy: str) -> Table:
+    """Every controller in the policy's place: the same target figures on the same draws."""
+    table = Table(title="every controller held to the same targets (the best one should be the "
+                        "default)")  # fmt: skip
+    columns = ("accuracy_vs_static_best", "latency_saving_vs_static_best",
+               "accuracy_vs_best_heuristic", "ahead_of_heuristics")  # fmt: skip
+    table.add_column("controller")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, values in by_method.items():
+        cells = [_format(values[c]) if c in values else "" for c in columns]
+        table.add_row(f"[bold]{name}[/bold]" if name == policy else name, *cells)
+    return table
 
 
 def _cell(column: str, row: dict) -> str:

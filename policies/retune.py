@@ -34,7 +34,13 @@ from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from env.race_env import RaceEnv
 from policies.bound_candidates import STOP_VALUE, Draws
-from policies.evaluate import evaluate_methods, policy_profile, summarize_targets, write_report
+from policies.evaluate import (
+    evaluate_methods,
+    policy_profile,
+    summarize_targets,
+    targets_by_method,
+    write_report,
+)
 from policies.learned_controller import LearnedController
 from policies.race_eval import BASELINE_TUNING_REPEATS
 from policies.report_plots import print_report
@@ -130,6 +136,7 @@ def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dic
             "settings": [dataclasses.asdict(s) for s in model.settings]}  # fmt: skip
     merged = {**report, "methods": methods, "retune": note}
     merged["targets"] = summarize_targets(merged)
+    merged["targets_by_method"] = targets_by_method(merged)
     write_report(merged, out)
     return merged
 

@@ -213,6 +213,23 @@ def test_targets_exactly_at_the_threshold_are_met():
     assert summary["targets"]["accuracy_vs_static_best"]["met"]
 
 
+def test_every_controller_is_held_to_the_same_targets(report):
+    """``targets_by_method`` puts each controller in the policy's place on the same draws."""
+    by = report["targets_by_method"]
+    assert set(by) == set(report["methods"]) - {"static_best", "plain", "oracle"}
+    static = [r["accuracy"] for r in report["methods"]["static_best"]]
+    for name, values in by.items():
+        mine = [r["accuracy"] for r in report["methods"][name]]
+        worst = min(a - s for a, s in zip(mine, static, strict=True))
+        assert values["accuracy_vs_static_best"] == pytest.approx(worst)
+        if name in HEURISTICS:  # measured against the best of a group it belongs to
+            assert values["accuracy_vs_best_heuristic"] <= 1e-12
+    console = Console(record=True, width=200)
+    print_report({**report, "targets": summarize_targets({**report, "methods": {
+        **report["methods"], "policy": report["methods"]["margin"]}})}, console)  # fmt: skip
+    assert "every controller held to the same targets" in console.export_text()
+
+
 def test_paired_standard_error_is_over_problems_of_the_difference():
     a = {"correct_per_problem": [2, 1, 0, 2]}
     b = {"correct_per_problem": [1, 1, 0, 2]}
