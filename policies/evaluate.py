@@ -69,9 +69,9 @@ TARGETS = {
 EVAL_REPEATS = 16
 """Draws per MATH-500 problem and deadline in the evaluation (issue 13 asks for at least 4).
 Why 16: at 4 the paired standard error of an accuracy difference was 0.6-0.9 point at the long
-deadlines of the synthetic profile, and a lead of 12% over the heuristics measured there came
-out at 3-5% at 16 draws (the heuristics' own points are noisy too); 16 draws bring the errors
-to about 0.4 point for about a minute more of replay."""
+deadlines of the synthetic profile, about the size of the floors the targets set, and the
+default run's worst deadline against static_best read -0.45 point there but -0.63 at 16 draws;
+16 draws bring the errors to 0.4-0.6 point for about 75 s more of replay."""
 
 Methods = dict[str, RaceController | Sequence[RaceController]]
 

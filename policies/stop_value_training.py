@@ -395,10 +395,10 @@ def tune_settings(
 
 LEAD_FLOOR_MARGIN = 0.002
 """How far above both accuracy floors the lead tuning (``policies.retune.tune_for_lead``) wants
-a setting on the tuning draws: 0.2 point.  Measured on the synthetic profile, learner seeds 0-3
-(``./run policies.retune --run <run> --floor-margin M``): with no margin the chosen settings sat
-on the floors and fell 0.25-0.6 point below the best heuristic on MATH-500 at every seed; with
-0.2 point, 0.1-0.6 point, and the static table's accuracy stayed within 0.45 point."""
+a setting on the tuning draws: 0.2 point.  Measured on the synthetic profile, learner seeds 0-3,
+MATH-500 x 4 draws (``./run policies.retune --run <run> --floor-margin M``): with no margin the
+chosen settings sat on the floors and fell 0.25-0.6 point below the best heuristic at every
+seed; with 0.2 point, 0.1-0.6 point, and the static table's accuracy stayed within 0.45 point."""
 MAX_FLOOR_MARGIN = 0.05
 """The largest margin accepted (5 points: far beyond any accuracy difference between the tuned
 controllers)."""
