@@ -431,7 +431,7 @@ def _noise(rows: list[dict], worst: int, key: str, threshold: float) -> dict:
     the target by noise alone at one deadline or more (normal errors, deadlines taken as
     independent: 1 - prod_d Phi(-threshold / se_d)).
 
-    Why: a floor of a few tenths of a point over 500 problems x 4 draws is close to the
+    Why: a floor of a few tenths of a point over 500 problems x a few draws is close to the
     measurement's own noise; this says how close.
     """
     errors = [row.get(f"{key}_se") for row in rows]
