@@ -509,8 +509,9 @@ class Args:
     seed: int = 0
     out: str | None = None
     """output folder (default: <policy>/../eval)"""
-    tune_problems: int = 2000
-    """training problems the baselines are tuned on"""
+    tune_problems: int | None = None
+    """training problems the baselines are tuned on (default: as many as the policy's run
+    tuned them on, else 2,000)"""
     tune_repeats: int = 2
     """draws per training problem when tuning"""
 
@@ -540,14 +541,17 @@ def main(args: Args) -> dict:
     method = policy.info.get("spec_method")
     test = ReplayBackend(profile, "test", method)
     controller = LearnedController(policy.model, RaceEnv(test, policy.featurizer, config))
-    train = baseline_tuning_backend(profile, method, policy.info.get("train", {}).get("args"))
-    tuned = tune_baselines(train, deadlines, args.tune_problems, args.tune_repeats, args.seed,
+    train_args = policy.info.get("train", {}).get("args") or {}
+    train = baseline_tuning_backend(profile, method, train_args)
+    problems = train_args.get("tune_problems", 2000) if args.tune_problems is None else (
+        args.tune_problems)  # fmt: skip
+    tuned = tune_baselines(train, deadlines, problems, args.tune_repeats, args.seed,
                            config.n_grid, config.k_grid)  # fmt: skip
     report = evaluate_methods({"policy": controller, **tuned}, test, deadlines, args.repeats,
                               args.seed, config.latency_cost, n_grid=config.n_grid,
                               k_grid=config.k_grid)  # fmt: skip
     report["policy"] = {"folder": str(policy.folder), "algorithm": policy.info.get("algorithm")}
-    report["tuning"] = {"split": "train", "problems": args.tune_problems,
+    report["tuning"] = {"split": "train", "problems": problems,
                         "repeats": args.tune_repeats}  # fmt: skip
     out = Path(args.out) if args.out else Path(args.policy).resolve().parent / "eval"
     json_path, png_path = write_report(report, out)

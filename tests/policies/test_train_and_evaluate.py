@@ -101,12 +101,16 @@ def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
 
 def test_evaluate_at_the_runs_own_deadlines_reproduces_its_report(trained, tmp_path):
     """The command tunes the baselines on the problems train.py tuned them on (the training
-    split less the validation problems), so at the run's deadlines, draws and seed every row of
-    its report comes back, the policy's included."""
+    split less the validation problems, as many as the run tuned on), so at the run's
+    deadlines, draws and seed every row of its report comes back, the policy's included."""
     out, _ = trained
     run = json.loads((out / "report.json").read_text())
-    args = Args(policy=str(out / "policy"), deadlines=tuple(run["deadlines_s"]),
-                repeats=run["repeats"], out=str(tmp_path), tune_problems=60)  # fmt: skip
+    args = Args(
+        policy=str(out / "policy"),
+        deadlines=tuple(run["deadlines_s"]),
+        repeats=run["repeats"],
+        out=str(tmp_path),
+    )  # tune_problems: the run's (60)
     again = evaluate_main(args)
     for name, rows in run["methods"].items():
         assert again["methods"][name] == rows, name
