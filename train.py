@@ -67,10 +67,12 @@ from policies.ppo_training import (
 from policies.race_controllers import DeadlineTable
 from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
+    SweepResult,
     default_deadlines,
     hold_out_validation,
-    tune_baselines,
+    tune_controllers,
     tuning_problem_indices,
+    tuning_sweep,
 )
 from policies.retune import tune_for_lead
 from policies.saved_policy import load_race_policy, save_race_policy
@@ -170,8 +172,9 @@ def main(args: Args) -> dict:
     featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
 
     # The baselines to beat, tuned per deadline on the training problems.
-    baselines = tune_baselines(fit_backend, deadlines, args.tune_problems, BASELINE_TUNING_REPEATS,
-                               args.seed, config.n_grid, config.k_grid)  # fmt: skip
+    sweep = tuning_sweep(fit_backend, deadlines, args.tune_problems, BASELINE_TUNING_REPEATS,
+                         args.seed, config.n_grid, config.k_grid)  # fmt: skip
+    baselines = tune_controllers(sweep)
     for name, table in baselines.items():
         clock.say(f"{name} (n, k, threshold) per deadline:",
                   [(c.n, c.k, c.threshold) for c in table])  # fmt: skip
@@ -182,7 +185,8 @@ def main(args: Args) -> dict:
         model = learn_stop_value(fit_backend, featurizer, config.n_grid, deadlines,
                                  config.deadline_range_s, args.value, args.seed)  # fmt: skip
         if args.value.objective == "lead":
-            model = lead_tuned(model, args, featurizer, config, fit_backend, deadlines, baselines)
+            model = lead_tuned(model, args, featurizer, config, fit_backend, deadlines, baselines,
+                               sweep)  # fmt: skip
         clock.say("stop-value settings (n, k, price, budget) per deadline:",
                   [(s.n, s.k, s.price, round(s.budget, 3)) for s in model.settings])  # fmt: skip
         selection = validate_stop_value(model, baselines, val_backend, featurizer, config,
@@ -260,14 +264,16 @@ def lead_tuned(
     fit_backend: ReplayBackend,
     deadlines: tuple[float, ...],
     baselines: dict,
+    sweep: SweepResult,
 ) -> StopValuePolicy:
     """The stop-value settings re-tuned for the lead over the heuristics on the draws the
-    baselines were tuned on (``policies.retune.tune_for_lead``)."""
+    baselines were tuned on (``policies.retune.tune_for_lead``; ``sweep``: their tuning sweep,
+    reused)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
     controllers = {name: [dataclasses.asdict(c) for c in table]
                    for name, table in baselines.items()}  # fmt: skip
     return tune_for_lead(model, featurizer, config, fit_backend, problems, deadlines, args.seed,
-                         controllers, args.value.floor_margin)  # fmt: skip
+                         controllers, args.value.floor_margin, sweep)  # fmt: skip
 
 
 def validate_stop_value(

@@ -148,13 +148,15 @@ class Draws:
     def of(
         cls, model: RaceModel, featurizer: ProblemFeaturizer, config: RaceEnvConfig,
         backend: ReplayBackend, problems: Sequence[int], deadlines: Sequence[float],
-        repeats: int, seed: int,
+        repeats: int, seed: int, sweep: SweepResult | None = None,
     ) -> Draws:  # fmt: skip
         """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
         ``model``, ``featurizer`` and race ``config``; the value network's family only when
-        the model is a stop-value policy)."""
-        sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
-                            config.k_grid)  # fmt: skip
+        the model is a stop-value policy).  ``sweep``: the rules' sweep of exactly these draws
+        when the caller has it already (it is not replayed again)."""
+        if sweep is None:
+            sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
+                                config.k_grid)  # fmt: skip
         replay = None
         if isinstance(model, StopValuePolicy):
             replay = StopValueReplay.on(model, featurizer, backend, problems, deadlines, repeats,

@@ -46,7 +46,8 @@ from policies.race_eval import (
     baseline_tuning_backend,
     draw_rng,
     evaluate_controller,
-    tune_baselines,
+    tune_controllers,
+    tuning_sweep,
 )
 from policies.report_plots import plot_races, plot_report, print_report
 from policies.saved_policy import SavedRacePolicy, load_race_policy
@@ -545,8 +546,8 @@ def main(args: Args) -> dict:
     train = baseline_tuning_backend(profile, method, train_args)
     problems = train_args.get("tune_problems", 2000) if args.tune_problems is None else (
         args.tune_problems)  # fmt: skip
-    tuned = tune_baselines(train, deadlines, problems, args.tune_repeats, args.seed,
-                           config.n_grid, config.k_grid)  # fmt: skip
+    tuned = tune_controllers(tuning_sweep(train, deadlines, problems, args.tune_repeats,
+                                          args.seed, config.n_grid, config.k_grid))  # fmt: skip
     report = evaluate_methods({"policy": controller, **tuned}, test, deadlines, args.repeats,
                               args.seed, config.latency_cost, n_grid=config.n_grid,
                               k_grid=config.k_grid)  # fmt: skip

@@ -271,12 +271,12 @@ def tune_controllers(sweep: SweepResult) -> dict[str, list[RuleController]]:
 
 
 def tuning_problem_indices(count: int, total: int, seed: int) -> list[int]:
-    """The problems the baselines (``tune_baselines``) and the stop-value settings are tuned
+    """The problems the baselines (``tuning_sweep``) and the stop-value settings are tuned
     on: the first ``count`` of a random permutation of the ``total`` training problems."""
     return np.random.default_rng(seed).permutation(total)[:count].tolist()
 
 
-def tune_baselines(
+def tuning_sweep(
     backend: ReplayBackend,
     deadlines_s: Sequence[float],
     problems: int,
@@ -285,12 +285,13 @@ def tune_baselines(
     n_grid: Sequence[int],
     k_grid: Sequence[int],
     progress: bool = True,
-) -> dict[str, list[RuleController]]:
-    """Every heuristic tuned per deadline (``tune_controllers``) on ``problems`` training
-    problems drawn at random from ``backend`` (all of them when it has fewer)."""
+) -> SweepResult:
+    """Every rule configuration on ``problems`` training problems drawn at random from
+    ``backend`` (``tuning_problem_indices``; all of them when it has fewer) x ``repeats``
+    draws: what the baselines are tuned on (``tune_controllers``).  A caller that replays the
+    same draws again keeps it (``train.py``'s lead tuning)."""
     chosen = tuning_problem_indices(problems, len(backend.problems), seed)
-    sweep = sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
-    return tune_controllers(sweep)
+    return sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
 
 
 def baseline_tuning_backend(

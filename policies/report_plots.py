@@ -121,6 +121,12 @@ def _plot_differences(ax, summary: dict, deadlines: Sequence[float]) -> None:
     ax.legend(fontsize=7)
 
 
+def _saving_percent(rows: Sequence[dict]) -> list[float]:
+    """Per-deadline savings in percent, NaN (a gap in the line) where no setting kept the
+    accuracy."""
+    return [np.nan if r["saving"] is None else 100 * r["saving"] for r in rows]
+
+
 def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
     """The hindsight bounds (``policies.saving_bound``) per family against the deadline, beside
     what the policy reached as trained and the targets' lines: the saving against static_best's
@@ -136,15 +142,13 @@ def plot_saving_bound(result: dict, path: Path, target: float) -> Path:
     deadlines = result["deadlines_s"]
     for ax, (bound, line, against, validated) in zip(axes[0], panels, strict=True):
         for name, family in bound["families"].items():
-            values = [np.nan if r["saving"] is None else 100 * r["saving"]
-                      for r in family["per_deadline"]]  # fmt: skip
+            values = _saving_percent(family["per_deadline"])
             wide = name == "all"
             ax.plot(deadlines, values, marker="o", ms=3.5, lw=3.0 if wide else 1.2,
                     alpha=0.6 if wide else 1.0, zorder=3 if wide else 2,
                     label=f"{name} (bound)")  # fmt: skip
         if "all" in validated:
-            values = [np.nan if r["saving"] is None else 100 * r["saving"]
-                      for r in validated["all"]["per_deadline"]]  # fmt: skip
+            values = _saving_percent(validated["all"]["per_deadline"])
             ax.plot(deadlines, values, color="tab:orange", ls=":", marker="^", ms=4, lw=2.0,
                     label="all, chosen on half, scored on the other")  # fmt: skip
         mine = bound["policy_saving"]

@@ -42,7 +42,7 @@ from policies.evaluate import (
     write_report,
 )
 from policies.learned_controller import LearnedController
-from policies.race_eval import BASELINE_TUNING_REPEATS
+from policies.race_eval import BASELINE_TUNING_REPEATS, SweepResult
 from policies.report_plots import print_report
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.saving_bound import (
@@ -65,6 +65,7 @@ def tune_for_lead(
     seed: int,
     controllers: dict[str, list[dict]],
     floor_margin: float = LEAD_FLOOR_MARGIN,
+    sweep: SweepResult | None = None,
 ) -> StopValuePolicy:
     """``model`` with, per deadline, the setting that has the largest saving against the tuned
     heuristics' frontier on the tuning draws (``problems`` x ``BASELINE_TUNING_REPEATS`` of
@@ -74,11 +75,12 @@ def tune_for_lead(
     ``controllers``: the tuned baselines as the report lists them.  What was chosen goes into
     ``info["lead_tuning"]``: ``retuned`` (per deadline), the training ``floors``, the chosen
     settings' ``tuning_accuracy`` (None where kept) and the accuracy tuning's settings
-    (``settings_before``)."""
+    (``settings_before``).  ``sweep``: the baselines' tuning sweep, when the caller kept it
+    (``policies.race_eval.tuning_sweep``), so the rules are not replayed again."""
     check_floor_margin(floor_margin)
     before = accuracy_settings(model)
     tuning = Draws.of(model, featurizer, config, backend, problems, deadlines,
-                      BASELINE_TUNING_REPEATS, seed)  # fmt: skip
+                      BASELINE_TUNING_REPEATS, seed, sweep)  # fmt: skip
     methods, families = tuning.world({"controllers": controllers})
     stick = heuristic_yardstick(methods, ACCURACY_SLACK)
     if stick is None:
@@ -117,7 +119,8 @@ def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dic
     if not isinstance(policy.model, StopValuePolicy):
         raise ValueError(f"{policy.folder} is not a stop-value policy: only its settings can be "
                          "re-tuned (train with --learner stop_value)")  # fmt: skip
-    backend, problems, seed = tuning_problems(policy, policy_profile(policy), report)
+    profile = policy_profile(policy)
+    backend, problems, seed = tuning_problems(policy, profile, report)
     deadlines = report["deadlines_s"]
     model = tune_for_lead(policy.model, policy.featurizer, policy.env_config, backend, problems,
                           deadlines, seed, report["controllers"], floor_margin)  # fmt: skip
@@ -126,7 +129,7 @@ def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dic
     if (run / "policy" / "confidence.json").is_file():
         shutil.copy(run / "policy" / "confidence.json", folder / "confidence.json")
     config = policy.env_config
-    test = ReplayBackend(policy_profile(policy), "test", report["spec_method"])
+    test = ReplayBackend(profile, "test", report["spec_method"])
     controller = LearnedController(model, RaceEnv(test, policy.featurizer, config))
     mine = evaluate_methods({"policy": controller}, test, deadlines, report["repeats"],
                             report["seed"], config.latency_cost, n_grid=config.n_grid,

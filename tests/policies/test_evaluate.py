@@ -32,7 +32,7 @@ from policies.evaluate import (
     write_report,
 )
 from policies.race_controllers import CONTINUE, Decision, RuleController
-from policies.race_eval import draw_rng, run_race, tune_baselines
+from policies.race_eval import draw_rng, run_race, tune_controllers, tuning_sweep
 from policies.report_plots import plot_races, record_race
 from policies.saved_policy import save_race_policy
 from tests.fake_profile import make_fake_profile
@@ -58,7 +58,7 @@ def test_backend(profile_dir):
 @pytest.fixture(scope="module")
 def tuned(profile_dir):
     train = ReplayBackend(profile_dir, "train", method="ngram")
-    return tune_baselines(train, DEADLINES, 40, 1, 0, N_GRID, K_GRID, progress=False)
+    return tune_controllers(tuning_sweep(train, DEADLINES, 40, 1, 0, N_GRID, K_GRID, False))
 
 
 @pytest.fixture(scope="module")
