@@ -507,7 +507,9 @@ class Args:
     """deadlines in seconds (default: the policy's evaluation deadlines)"""
     repeats: int = EVAL_REPEATS
     """draws per problem and deadline"""
-    seed: int = 0
+    seed: int | None = None
+    """seed of the draws and of the baselines' tuning (default: the policy's run's seed, so
+    that at its own deadlines the report is the run's)"""
     out: str | None = None
     """output folder (default: <policy>/../eval)"""
     tune_problems: int | None = None
@@ -546,17 +548,18 @@ def main(args: Args) -> dict:
     train = baseline_tuning_backend(profile, method, train_args)
     problems = train_args.get("tune_problems", 2000) if args.tune_problems is None else (
         args.tune_problems)  # fmt: skip
+    seed = train_args.get("seed", 0) if args.seed is None else args.seed
     tuned = tune_controllers(tuning_sweep(train, deadlines, problems, args.tune_repeats,
-                                          args.seed, config.n_grid, config.k_grid))  # fmt: skip
+                                          seed, config.n_grid, config.k_grid))  # fmt: skip
     report = evaluate_methods({"policy": controller, **tuned}, test, deadlines, args.repeats,
-                              args.seed, config.latency_cost, n_grid=config.n_grid,
+                              seed, config.latency_cost, n_grid=config.n_grid,
                               k_grid=config.k_grid)  # fmt: skip
     report["policy"] = {"folder": str(policy.folder), "algorithm": policy.info.get("algorithm")}
     report["tuning"] = {"split": "train", "problems": problems,
-                        "repeats": args.tune_repeats}  # fmt: skip
+                        "repeats": args.tune_repeats, "seed": seed}  # fmt: skip
     out = Path(args.out) if args.out else Path(args.policy).resolve().parent / "eval"
     json_path, png_path = write_report(report, out)
-    races = plot_middle_races(test, controller, tuned, deadlines, out, args.seed)
+    races = plot_middle_races(test, controller, tuned, deadlines, out, seed)
     print_report(report)
     print(f"report: {json_path}\nplots:  {png_path} {races}")
     return report

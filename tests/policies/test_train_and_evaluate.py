@@ -43,8 +43,9 @@ def _train(root: Path, *extra: str) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One short train.py run with the default learner (stop-value)."""
-    return _train(tmp_path_factory.mktemp("train"))
+    """One short train.py run with the default learner (stop-value), under a seed other than
+    the default (commands that reuse the run must take its seed from it)."""
+    return _train(tmp_path_factory.mktemp("train"), "--seed", "3")
 
 
 def test_the_ppo_learner_still_trains_and_saves_an_sb3_policy(tmp_path):
@@ -110,8 +111,9 @@ def test_evaluate_at_the_runs_own_deadlines_reproduces_its_report(trained, tmp_p
         deadlines=tuple(run["deadlines_s"]),
         repeats=run["repeats"],
         out=str(tmp_path),
-    )  # tune_problems: the run's (60)
+    )  # tune_problems and seed: the run's (60 and 3)
     again = evaluate_main(args)
+    assert again["tuning"]["seed"] == 3
     for name, rows in run["methods"].items():
         assert again["methods"][name] == rows, name
 
