@@ -77,7 +77,7 @@ from policies.race_eval import (
 from policies.retune import tune_for_lead
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value import StopValuePolicy
-from policies.stop_value_training import StopValueArgs, learn_stop_value
+from policies.stop_value_training import StopValueArgs, learn_stop_value, tuning_deadlines
 
 HEURISTICS = ("margin", "esc", "adaptive_consistency")
 
@@ -171,10 +171,15 @@ def main(args: Args) -> dict:
     # its points; the prompt featurizer fitted on the fitting problems.
     featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
 
-    # The baselines to beat, tuned per deadline on the training problems.
-    sweep = tuning_sweep(fit_backend, deadlines, args.tune_problems, BASELINE_TUNING_REPEATS,
+    # The baselines to beat, tuned per deadline on the training problems; for the stop-value
+    # settings also at deadlines between the grid's (the floors they are tuned against there).
+    between = args.value.between if args.learner == "stop_value" else 0
+    tuning_grid = tuning_deadlines(deadlines, between)
+    sweep = tuning_sweep(fit_backend, tuning_grid, args.tune_problems, BASELINE_TUNING_REPEATS,
                          args.seed, config.n_grid, config.k_grid)  # fmt: skip
-    baselines = tune_controllers(sweep)
+    tuned = tune_controllers(sweep)
+    on_grid = [tuning_grid.index(d) for d in deadlines]
+    baselines = {name: [rows[i] for i in on_grid] for name, rows in tuned.items()}
     for name, table in baselines.items():
         clock.say(f"{name} (n, k, threshold) per deadline:",
                   [(c.n, c.k, c.threshold) for c in table])  # fmt: skip
@@ -182,13 +187,13 @@ def main(args: Args) -> dict:
     # Learn: the stop-value policy (default) or PPO, then the validation figures.
     run = init_wandb(args.wandb, args.wandb_project, out.name, dataclasses.asdict(args), out)
     if args.learner == "stop_value":
-        model = learn_stop_value(fit_backend, featurizer, config.n_grid, deadlines,
+        model = learn_stop_value(fit_backend, featurizer, config.n_grid, tuning_grid,
                                  config.deadline_range_s, args.value, args.seed)  # fmt: skip
         if args.value.objective == "lead":
-            model = lead_tuned(model, args, featurizer, config, fit_backend, deadlines, baselines,
-                               sweep)  # fmt: skip
-        clock.say("stop-value settings (n, k, price, budget) per deadline:",
-                  [(s.n, s.k, s.price, round(s.budget, 3)) for s in model.settings])  # fmt: skip
+            model = lead_tuned(model, args, featurizer, config, fit_backend, tuned, sweep)
+        clock.say("stop-value settings (n, k, price, budget) per tuning deadline:",
+                  {d: (s.n, s.k, s.price, round(s.budget, 3))
+                   for d, s in zip(tuning_grid, model.settings, strict=True)})  # fmt: skip
         selection = validate_stop_value(model, baselines, val_backend, featurizer, config,
                                         deadlines, args.seed)  # fmt: skip
     else:
@@ -262,18 +267,18 @@ def lead_tuned(
     featurizer: ProblemFeaturizer,
     config: RaceEnvConfig,
     fit_backend: ReplayBackend,
-    deadlines: tuple[float, ...],
-    baselines: dict,
+    tuned: dict,
     sweep: SweepResult,
 ) -> StopValuePolicy:
     """The stop-value settings re-tuned for the lead over the heuristics on the draws the
-    baselines were tuned on (``policies.retune.tune_for_lead``; ``sweep``: their tuning sweep,
-    reused)."""
+    baselines were tuned on (``policies.retune.tune_for_lead``), at the model's tuning
+    deadlines (``sweep``: the baselines' tuning sweep there, reused; ``tuned``: the baselines
+    tuned on it)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
     controllers = {name: [dataclasses.asdict(c) for c in table]
-                   for name, table in baselines.items()}  # fmt: skip
-    return tune_for_lead(model, featurizer, config, fit_backend, problems, deadlines, args.seed,
-                         controllers, args.value.floor_margin, sweep)  # fmt: skip
+                   for name, table in tuned.items()}  # fmt: skip
+    return tune_for_lead(model, featurizer, config, fit_backend, problems, model.deadlines_s,
+                         args.seed, controllers, args.value.floor_margin, sweep)  # fmt: skip
 
 
 def validate_stop_value(

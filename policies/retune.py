@@ -12,7 +12,9 @@ setting clears the floors.
 The command re-tunes a saved run (for example one trained with ``--value.objective accuracy``,
 or to try another margin): it writes the re-tuned policy (served like any race policy) and its
 report, the re-tuned policy on the test draws of the run beside the run's own baselines, so
-every target compares the same draws.
+every target compares the same draws.  It re-tunes at every deadline the policy's settings were
+tuned at (the run's grid and those between its points), against the baselines tuned there on
+the same draws, as ``train.py`` does.
 
     python -m policies.retune --run RUN_FOLDER --out DIR [--floor-margin 0.002]
 """
@@ -42,7 +44,12 @@ from policies.evaluate import (
     write_report,
 )
 from policies.learned_controller import LearnedController
-from policies.race_eval import BASELINE_TUNING_REPEATS, SweepResult
+from policies.race_eval import (
+    BASELINE_TUNING_REPEATS,
+    SweepResult,
+    sweep_rules,
+    tune_controllers,
+)
 from policies.report_plots import print_report
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.saving_bound import (
@@ -119,16 +126,20 @@ def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dic
     if not isinstance(policy.model, StopValuePolicy):
         raise ValueError(f"{policy.folder} is not a stop-value policy: only its settings can be "
                          "re-tuned (train with --learner stop_value)")  # fmt: skip
-    profile = policy_profile(policy)
+    profile, config = policy_profile(policy), policy.env_config
     backend, problems, seed = tuning_problems(policy, profile, report)
-    deadlines = report["deadlines_s"]
-    model = tune_for_lead(policy.model, policy.featurizer, policy.env_config, backend, problems,
-                          deadlines, seed, report["controllers"], floor_margin)  # fmt: skip
+    grid = policy.model.deadlines_s  # the run's grid and the deadlines tuned between its points
+    sweep = sweep_rules(backend, grid, problems, BASELINE_TUNING_REPEATS, seed, config.n_grid,
+                        config.k_grid)  # fmt: skip
+    controllers = {name: [dataclasses.asdict(c) for c in table]
+                   for name, table in tune_controllers(sweep).items()}  # fmt: skip
+    model = tune_for_lead(policy.model, policy.featurizer, config, backend, problems, grid, seed,
+                          controllers, floor_margin, sweep)  # fmt: skip
     folder = out / "policy"
-    save_race_policy(folder, model, policy.featurizer, policy.env_config, policy.info)
+    save_race_policy(folder, model, policy.featurizer, config, policy.info)
     if (run / "policy" / "confidence.json").is_file():
         shutil.copy(run / "policy" / "confidence.json", folder / "confidence.json")
-    config = policy.env_config
+    deadlines = report["deadlines_s"]
     test = ReplayBackend(profile, "test", report["spec_method"])
     controller = LearnedController(model, RaceEnv(test, policy.featurizer, config))
     mine = evaluate_methods({"policy": controller}, test, deadlines, report["repeats"],

@@ -23,6 +23,7 @@ Tests check the traces and the tuned accuracies against ``policies.race_eval.run
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -404,6 +405,37 @@ MAX_FLOOR_MARGIN = 0.05
 controllers)."""
 
 
+MAX_BETWEEN = 4
+"""The most tuning deadlines ``tuning_deadlines`` adds between two grid deadlines."""
+
+
+def tuning_deadlines(deadlines_s: Sequence[float], between: int) -> tuple[float, ...]:
+    """The deadlines the stop-value settings are tuned at (ascending): the grid's, and
+    ``between`` more between each two neighbours, evenly in log time (3 significant digits).
+
+    Why: a saved policy serves a deadline with the setting of the nearest deadline it was
+    tuned at (``StopValuePolicy.setting``), and an (n, k) tuned at one grid deadline can be
+    wrong half-way to the next.  Synthetic profile, learner seed 0, MATH-500 x 16 draws: at
+    0.29 s, between grid deadlines 0.24 and 0.34 s, the setting tuned at 0.34 s (32 branches)
+    lost 0.63 point to a static table tuned at 0.29 s (16 branches); taking the shorter
+    neighbour's (n, k) instead lost 1.34 points at 0.63 s (32 branches where 0.69 s's 64 won).
+    """
+    check_between(between)
+    grid = sorted(set(float(d) for d in deadlines_s))
+    out = list(grid)
+    for low, high in itertools.pairwise(grid):
+        inner = np.geomspace(low, high, between + 2)[1:-1]
+        out += [r for r in (float(f"{d:.3g}") for d in inner) if low < r < high]
+    return tuple(sorted(set(out)))
+
+
+def check_between(between: int) -> None:
+    """Refuse a count of deadlines between grid points outside [0, ``MAX_BETWEEN``]."""
+    if not (isinstance(between, int) and 0 <= between <= MAX_BETWEEN):
+        raise ValueError(f"deadlines tuned between grid points must be an integer in "
+                         f"[0, {MAX_BETWEEN}], got {between}")  # fmt: skip
+
+
 def check_floor_margin(margin: float) -> None:
     """Refuse a margin outside [0, ``MAX_FLOOR_MARGIN``] with what is allowed."""
     if not 0.0 <= margin <= MAX_FLOOR_MARGIN:
@@ -444,6 +476,9 @@ class StopValueArgs:
         (``policies.retune.tune_for_lead``); ``accuracy``: keep the fastest setting at the
         static table's full tuning accuracy.
     :param floor_margin: the lead tuning's margin above both floors (``LEAD_FLOOR_MARGIN``).
+    :param between: deadlines tuned between each two of the evaluation grid (with the
+        baselines' floors there: ``tuning_deadlines``), so that every deadline in the grid's
+        range is served by a setting tuned near it.
     """
 
     fit_problems: int = 2000
@@ -459,9 +494,11 @@ class StopValueArgs:
     n_min: int = 4
     objective: Literal["lead", "accuracy"] = "lead"
     floor_margin: float = LEAD_FLOOR_MARGIN
+    between: int = 1
 
     def __post_init__(self) -> None:
         check_floor_margin(self.floor_margin)  # before a run spends minutes on the baselines
+        check_between(self.between)
 
 
 def stop_value_configs(

@@ -97,6 +97,17 @@ def test_tuned_heuristics_keep_static_accuracy_on_training_draws(backend):
         assert tuned["plain"][d].n == 1
 
 
+def test_a_deadline_is_tuned_alike_whatever_other_deadlines_the_sweep_covers(backend):
+    """train.py tunes the baselines at the grid and between its points in one sweep and reports
+    those at the grid: they must be what a sweep of the grid alone tunes."""
+    grid = tune_controllers(sweep_rules(backend, (0.3, 3.0), range(30), 2, 0, (1, 4, 16), (0, 2),
+                                        progress=False))  # fmt: skip
+    dense = tune_controllers(sweep_rules(backend, (0.3, 1.0, 3.0), range(30), 2, 0, (1, 4, 16),
+                                         (0, 2), progress=False))  # fmt: skip
+    for name, table in grid.items():
+        assert [dense[name][0], dense[name][2]] == table, name
+
+
 def test_batch_k_schedule_drafts_more_as_the_batch_shrinks():
     """A memory-bound step (cost flat in batch) rewards drafting; a compute-bound one (cost
     grows with batch x verified tokens) punishes it: k must fall as the batch grows."""

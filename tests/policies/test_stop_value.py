@@ -36,6 +36,7 @@ from policies.stop_value_training import (
     race_traces,
     sweep_stop_value,
     tune_settings,
+    tuning_deadlines,
 )
 from tests.fake_profile import make_fake_profile
 
@@ -284,3 +285,17 @@ def test_a_stop_value_policy_drives_the_live_engine(tmp_path, featurizer, config
         assert solution.stop_reason in ("decided", "controller", "deadline", "complete")
         assert solution.decisions >= 0 and len(solution.branches) == solution.n
     assert not draft_engine.has_unfinished_requests()
+
+
+def test_tuning_deadlines_add_points_between_the_grids_evenly_in_log_time():
+    assert tuning_deadlines((4.0, 1.0, 2.0), 0) == (1.0, 2.0, 4.0)
+    assert tuning_deadlines((1.0, 4.0), 1) == (1.0, 2.0, 4.0)
+    assert tuning_deadlines((1.0, 8.0), 2) == (1.0, 2.0, 4.0, 8.0)
+    assert tuning_deadlines((0.24, 0.34), 1) == (0.24, 0.286, 0.34)  # 3 significant digits
+    assert tuning_deadlines((1.0, 1.0001), 1) == (1.0, 1.0001)  # no room at 3 digits
+    assert tuning_deadlines((2.5,), 3) == (2.5,)
+    for bad in (-1, 5, 1.5):
+        with pytest.raises(ValueError, match=r"between grid points must be an integer in \[0, 4\]"):
+            tuning_deadlines((1.0, 2.0), bad)
+    with pytest.raises(ValueError, match="between grid points"):
+        StopValueArgs(between=9)  # before a run spends minutes on the baselines

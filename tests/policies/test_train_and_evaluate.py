@@ -17,7 +17,7 @@ from policies.retune import main as retune_main
 from policies.saved_policy import load_race_policy
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
-from policies.stop_value_training import LEAD_FLOOR_MARGIN, StopValueArgs
+from policies.stop_value_training import LEAD_FLOOR_MARGIN, StopValueArgs, tuning_deadlines
 from tests.fake_profile import make_fake_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,9 +157,12 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         assert set(result["cross_validated"][name]) == set(families)
     moved = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), transfer=True))
     tuning = moved["transferred"]["tuned_rows"]["static_best"]  # the draws train.py tuned on
-    info = load_race_policy(out / "policy").model.info
-    recorded, n_min = info["tuning"]["static_best_accuracy"], info["args"]["n_min"]
-    chosen = report["controllers"]["static_best"]
+    model = load_race_policy(out / "policy").model
+    by_deadline = dict(
+        zip(model.deadlines_s, model.info["tuning"]["static_best_accuracy"], strict=True)
+    )  # the policy's tuning deadlines: more than the grid's
+    recorded = [by_deadline[d] for d in report["deadlines_s"]]
+    chosen, n_min = report["controllers"]["static_best"], model.info["args"]["n_min"]
     for d, row in enumerate(tuning):  # its tuning took the most accurate (n, k) on these draws
         assert row["accuracy"] >= recorded[d] - 1e-9  # recorded: the best with n >= n_min
         if chosen[d]["n"] >= n_min:
@@ -235,7 +238,9 @@ def test_train_tunes_for_the_lead_as_the_retune_command_does(trained, tmp_path):
     out, _ = trained
     policy = load_race_policy(out / "policy")
     note = policy.model.info["lead_tuning"]
-    assert note["floor_margin"] == LEAD_FLOOR_MARGIN and len(note["retuned"]) == 4
+    assert note["floor_margin"] == LEAD_FLOOR_MARGIN
+    grid = json.loads((out / "report.json").read_text())["deadlines_s"]
+    assert policy.model.deadlines_s == tuning_deadlines(grid, 1) and len(note["retuned"]) == 7
     again = retune_main(RetuneArgs(run=str(out), out=str(tmp_path)))
     assert load_race_policy(tmp_path / "policy").model.settings == policy.model.settings
     assert again["retune"]["floors"] == note["floors"]
