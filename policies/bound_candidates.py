@@ -4,8 +4,8 @@ bound (``policies.saving_bound``) chooses among.
 The vote rules come from one ``policies.race_eval.sweep_rules`` sweep, the run's value network
 from one set of ``policies.stop_value_training.race_traces``; both keep each draw apart, so the
 same replay serves every subset of problems (the halves the bound cross-validates on) without
-replaying again.  Any setting may also act as under a shorter deadline of the grid
-(``with_shorter_horizons``), as the stop-value tuning allows.
+replaying again.  Any setting may also act as under a shorter deadline of the grid, or of the
+deadlines a stop-value policy was tuned at (``with_shorter_horizons``), as its tuning allows.
 """
 
 from __future__ import annotations
@@ -123,12 +123,13 @@ class StopValueReplay:
 
 
 def rows_on(
-    sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray | slice
+    sweep: SweepResult, controllers: Sequence[dict], draws: np.ndarray | slice, at: Sequence[int]
 ) -> list[dict]:
     """A tuned rule controller's rows (accuracy, mean latency per deadline; ``controllers``: its
-    report entries) on the flagged draws, read off the sweep."""
+    report entries, one per deadline, at the sweep's deadlines ``at``) on the flagged draws,
+    read off the sweep."""
     rows = []
-    for d, c in enumerate(controllers):
+    for c, d in zip(controllers, at, strict=True):
         key = (c["family"], c["threshold"], c["n"], c["k"])
         rows.append({"accuracy": float(sweep.correct[key][d][draws].mean()),
                      "mean_latency_s": float(sweep.latency[key][d][draws].mean())})  # fmt: skip
@@ -138,11 +139,14 @@ def rows_on(
 @dataclass
 class Draws:
     """Every controller family replayed on a set of draws: the rule sweep, the value network's
-    replay (when the run has one) and which problem each draw of the sweep belongs to."""
+    replay (when the run has one) and which problem each draw of the sweep belongs to, at the
+    deadlines asked for and at the shorter horizons a setting may act as under (``at``: where
+    each deadline asked for is among the replayed ones)."""
 
     sweep: SweepResult
     replay: StopValueReplay | None
     problem_of_draw: np.ndarray
+    at: list[int]
 
     @classmethod
     def of(
@@ -152,16 +156,30 @@ class Draws:
     ) -> Draws:  # fmt: skip
         """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
         ``model``, ``featurizer`` and race ``config``; the value network's family only when
-        the model is a stop-value policy).  ``sweep``: the rules' sweep of exactly these draws
-        when the caller has it already (it is not replayed again)."""
+        the model is a stop-value policy) at ``deadlines`` and, for a stop-value policy, at the
+        deadlines its settings were tuned at (horizons it may act as under: since this round
+        also between the grid's).  ``sweep``: the rules' sweep of exactly these draws and
+        deadlines when the caller has it already (it is not replayed again)."""
+        tuned_at = model.deadlines_s if isinstance(model, StopValuePolicy) else ()
+        grid = tuple(sorted({float(d) for d in (*deadlines, *tuned_at)}))
         if sweep is None:
-            sweep = sweep_rules(backend, deadlines, problems, repeats, seed, config.n_grid,
+            sweep = sweep_rules(backend, grid, problems, repeats, seed, config.n_grid,
                                 config.k_grid)  # fmt: skip
+        elif tuple(sweep.deadlines_s) != grid:
+            raise ValueError(f"the sweep covers {sweep.deadlines_s}, the draws need {grid}")
         replay = None
         if isinstance(model, StopValuePolicy):
-            replay = StopValueReplay.on(model, featurizer, backend, problems, deadlines, repeats,
+            replay = StopValueReplay.on(model, featurizer, backend, problems, grid, repeats,
                                         seed, config.n_grid)  # fmt: skip
-        return cls(sweep, replay, np.repeat(np.asarray(problems), repeats))  # the sweep's order
+        at = [grid.index(float(d)) for d in deadlines]
+        return cls(sweep, replay, np.repeat(np.asarray(problems), repeats), at)  # sweep's order
+
+    def setting(self, index: int, d: int) -> StopSetting:
+        """The stop-value setting behind candidate ``index`` at the ``d``-th deadline asked for
+        (``StopValueReplay.setting``)."""
+        if self.replay is None:
+            raise ValueError("these draws replay no stop-value policy")
+        return self.replay.setting(index, self.at[d])
 
     def draws(self, problems: np.ndarray | None) -> np.ndarray | slice:
         """The sweep's draws of the flagged problems (a flag per problem of the backend; every
@@ -174,17 +192,20 @@ class Draws:
         families = rule_candidates(self.sweep, self.draws(problems))
         if self.replay is not None:
             families[STOP_VALUE] = self.replay.candidates(problems)
+        families = {name: [per_deadline[d] for d in self.at]
+                    for name, per_deadline in families.items()}  # fmt: skip
         families["all"] = [
             Candidates(np.concatenate([f[d].accuracy for f in families.values()]),
                        np.concatenate([f[d].latency for f in families.values()]))
-            for d in range(len(self.sweep.deadlines_s))
+            for d in range(len(self.at))
         ]  # fmt: skip
         return families
 
     def world(self, report: dict, problems: np.ndarray | None = None) -> World:
         """The tuned baselines' rows (the report's controllers) and the families' candidates on
         the flagged problems' draws."""
-        tuned = {name: rows_on(self.sweep, report["controllers"][name], self.draws(problems))
+        tuned = {name: rows_on(self.sweep, report["controllers"][name], self.draws(problems),
+                               self.at)
                  for name in (REFERENCE, *HEURISTICS) if name in report["controllers"]}  # fmt: skip
         return tuned, self.families(problems)
 

@@ -95,7 +95,7 @@ def tune_for_lead(
     floors = [f + floor_margin for f in stick.floors]
     chosen = best_saving(families[STOP_VALUE], floors, stick.front, 0.0)
     retuned = [row["setting"] is not None for row in chosen]
-    settings = [tuning.replay.setting(row["setting"], d) if moved else before[d]
+    settings = [tuning.setting(row["setting"], d) if moved else before[d]
                 for d, (row, moved) in enumerate(zip(chosen, retuned, strict=True))]  # fmt: skip
     note = {"objective": "lead over the heuristics", "floor_margin": floor_margin,
             "floors": stick.floors, "retuned": retuned,

@@ -415,10 +415,11 @@ def tuning_deadlines(deadlines_s: Sequence[float], between: int) -> tuple[float,
 
     Why: a saved policy serves a deadline with the setting of the nearest deadline it was
     tuned at (``StopValuePolicy.setting``), and an (n, k) tuned at one grid deadline can be
-    wrong half-way to the next.  Synthetic profile, learner seed 0, MATH-500 x 16 draws: at
-    0.29 s, between grid deadlines 0.24 and 0.34 s, the setting tuned at 0.34 s (32 branches)
-    lost 0.63 point to a static table tuned at 0.29 s (16 branches); taking the shorter
-    neighbour's (n, k) instead lost 1.34 points at 0.63 s (32 branches where 0.69 s's 64 won).
+    wrong half-way to the next.  Synthetic profile, learner seed 0, MATH-500 x 16 draws, with
+    ``between`` 0: at 0.29 s, between grid deadlines 0.24 and 0.34 s, the setting tuned at
+    0.34 s (32 branches) lost 0.63 point to a static table tuned at 0.29 s (16 branches); with
+    1, 0.19 point.  Neither neighbour's (n, k) is safe on its own: the shorter one's lost more
+    than a point at 0.63 s, where the longer one's 64 branches win.
     """
     check_between(between)
     grid = sorted(set(float(d) for d in deadlines_s))

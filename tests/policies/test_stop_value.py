@@ -3,6 +3,8 @@ races the evaluation runs, and a saved stop-value policy must serve like any rac
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -299,3 +301,25 @@ def test_tuning_deadlines_add_points_between_the_grids_evenly_in_log_time():
             tuning_deadlines((1.0, 2.0), bad)
     with pytest.raises(ValueError, match="between grid points"):
         StopValueArgs(between=9)  # before a run spends minutes on the baselines
+
+
+def test_the_bounds_candidates_act_as_under_every_deadline_the_policy_was_tuned_at(
+    backend, featurizer, config, policy
+):
+    """A policy tuned between the grid's deadlines may take a horizon there: the hindsight
+    bound's candidates at a grid deadline include those horizons, for every family."""
+    from policies.bound_candidates import STOP_VALUE, Draws
+
+    between = tuning_deadlines(DEADLINES, 1)
+    dense = dataclasses.replace(policy, deadlines_s=between,
+                                settings=[policy.settings[0]] * len(between))  # fmt: skip
+    grid_only = Draws.of(policy, featurizer, config, backend, range(6), DEADLINES, 1, SEED)
+    finer = Draws.of(dense, featurizer, config, backend, range(6), DEADLINES, 1, SEED)
+    assert grid_only.at == [0, 1, 2] and finer.at == [0, 2, 4]
+    coarse, fine = grid_only.families(), finer.families()
+    for name in (STOP_VALUE, "margin", "all"):
+        per_horizon = len(coarse[name][0].accuracy)  # the settings read at one deadline
+        for d in range(len(DEADLINES)):  # grid deadline d is tuning deadline 2d
+            assert len(coarse[name][d].accuracy) == (d + 1) * per_horizon
+            assert len(fine[name][d].accuracy) == (2 * d + 1) * per_horizon
+            assert set(coarse[name][d].latency.round(9)) <= set(fine[name][d].latency.round(9))
