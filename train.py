@@ -15,9 +15,10 @@ profile say so.
 Two learners (``--learner``).  The default, ``stop_value`` (``policies.stop_value``), fits a
 value network on counterfactual replays (at each branch finish: what answering now and what
 waiting would give) and tunes n, k, a stop price and a budget per deadline on training
-problems, then (``--value.objective lead``, the default) re-tunes them for the largest saving
-against the tuned heuristics within both accuracy floors; it beat the PPO policy on every
-target of issue 13 on the synthetic profile.
+problems (at the grid's deadlines and ``--value.between`` more between each two, so that any
+deadline in the grid's range has a setting tuned near it), then (``--value.objective lead``,
+the default) re-tunes them for the largest saving against the tuned heuristics within both
+accuracy floors; it beat the PPO policy on every target of issue 13 on the synthetic profile.
 ``ppo`` is Stable-Baselines3 PPO warm-started by cloning the best tuned heuristic, with
 checkpoints, TensorBoard and Weights & Biases logs, keeping the fine-tuned model only when
 validation supports it: its 0/1 rewards were too noisy to improve on the clone.
