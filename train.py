@@ -276,10 +276,8 @@ def lead_tuned(
     deadlines (``sweep``: the baselines' tuning sweep there, reused; ``tuned``: the baselines
     tuned on it)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
-    controllers = {name: [dataclasses.asdict(c) for c in table]
-                   for name, table in tuned.items()}  # fmt: skip
-    return tune_for_lead(model, featurizer, config, fit_backend, problems, model.deadlines_s,
-                         args.seed, controllers, args.value.floor_margin, sweep)  # fmt: skip
+    return tune_for_lead(model, featurizer, config, fit_backend, problems, args.seed, sweep,
+                         tuned, args.value.floor_margin)  # fmt: skip
 
 
 def validate_stop_value(

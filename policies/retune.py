@@ -44,6 +44,7 @@ from policies.evaluate import (
     write_report,
 )
 from policies.learned_controller import LearnedController
+from policies.race_controllers import RuleController
 from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
     SweepResult,
@@ -68,26 +69,26 @@ def tune_for_lead(
     config: RaceEnvConfig,
     backend: ReplayBackend,
     problems: Sequence[int],
-    deadlines: Sequence[float],
     seed: int,
-    controllers: dict[str, list[dict]],
+    sweep: SweepResult,
+    tuned: dict[str, list[RuleController]],
     floor_margin: float = LEAD_FLOOR_MARGIN,
-    sweep: SweepResult | None = None,
 ) -> StopValuePolicy:
-    """``model`` with, per deadline, the setting that has the largest saving against the tuned
-    heuristics' frontier on the tuning draws (``problems`` x ``BASELINE_TUNING_REPEATS`` of
-    ``backend``, the run's ``seed``: the draws the baselines were tuned on) among those at
-    least ``floor_margin`` above both floors there (0.5 point below ``static_best``, 0.3 below
-    the best heuristic); the accuracy tuning's setting where none is (``accuracy_settings``).
-    ``controllers``: the tuned baselines as the report lists them.  What was chosen goes into
-    ``info["lead_tuning"]``: ``retuned`` (per deadline), the training ``floors``, the chosen
-    settings' ``tuning_accuracy`` (None where kept) and the accuracy tuning's settings
-    (``settings_before``).  ``sweep``: the baselines' tuning sweep, when the caller kept it
-    (``policies.race_eval.tuning_sweep``), so the rules are not replayed again."""
+    """``model`` with, per deadline it was tuned at, the setting that has the largest saving
+    against the tuned heuristics' frontier on the tuning draws (``problems`` x
+    ``BASELINE_TUNING_REPEATS`` of ``backend``, the run's ``seed``: the draws the baselines
+    were tuned on) among those at least ``floor_margin`` above both floors there (0.5 point
+    below ``static_best``, 0.3 below the best heuristic); the accuracy tuning's setting where
+    none is (``accuracy_settings``).  ``sweep``: the rules' sweep of those draws at the model's
+    deadlines (``policies.race_eval.tuning_sweep``); ``tuned``: the baselines tuned on it
+    (``tune_controllers``).  What was chosen goes into ``info["lead_tuning"]``: ``retuned``
+    (per deadline), the training ``floors``, the chosen settings' ``tuning_accuracy`` (None
+    where kept) and the accuracy tuning's settings (``settings_before``)."""
     check_floor_margin(floor_margin)
     before = accuracy_settings(model)
-    tuning = Draws.of(model, featurizer, config, backend, problems, deadlines,
+    tuning = Draws.of(model, featurizer, config, backend, problems, sweep.deadlines_s,
                       BASELINE_TUNING_REPEATS, seed, sweep)  # fmt: skip
+    controllers = {name: [dataclasses.asdict(c) for c in table] for name, table in tuned.items()}
     methods, families = tuning.world({"controllers": controllers})
     stick = heuristic_yardstick(methods, ACCURACY_SLACK)
     if stick is None:
@@ -131,10 +132,8 @@ def retune(run: Path, out: Path, floor_margin: float = LEAD_FLOOR_MARGIN) -> dic
     grid = policy.model.deadlines_s  # the run's grid and the deadlines tuned between its points
     sweep = sweep_rules(backend, grid, problems, BASELINE_TUNING_REPEATS, seed, config.n_grid,
                         config.k_grid)  # fmt: skip
-    controllers = {name: [dataclasses.asdict(c) for c in table]
-                   for name, table in tune_controllers(sweep).items()}  # fmt: skip
-    model = tune_for_lead(policy.model, policy.featurizer, config, backend, problems, grid, seed,
-                          controllers, floor_margin, sweep)  # fmt: skip
+    model = tune_for_lead(policy.model, policy.featurizer, config, backend, problems, seed, sweep,
+                          tune_controllers(sweep), floor_margin)  # fmt: skip
     folder = out / "policy"
     save_race_policy(folder, model, policy.featurizer, config, policy.info)
     if (run / "policy" / "confidence.json").is_file():
