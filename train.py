@@ -18,7 +18,9 @@ waiting would give) and tunes n, k, a stop price and a budget per deadline on tr
 problems (at the grid's deadlines and ``--value.between`` more between each two, so that any
 deadline in the grid's range has a setting tuned near it), then (``--value.objective lead``,
 the default) re-tunes them for the largest saving against the tuned heuristics within both
-accuracy floors; it beat the PPO policy on every target of issue 13 on the synthetic profile.
+accuracy floors, on the tuning draws and on the held-out validation problems
+(``--value.validation-repeats``); it beat the PPO policy on every target of issue 13 on the
+synthetic profile.
 ``ppo`` is Stable-Baselines3 PPO warm-started by cloning the best tuned heuristic, with
 checkpoints, TensorBoard and Weights & Biases logs, keeping the fine-tuned model only when
 validation supports it: its 0/1 rewards were too noisy to improve on the clone.
@@ -75,7 +77,7 @@ from policies.race_eval import (
     tuning_problem_indices,
     tuning_sweep,
 )
-from policies.retune import tune_for_lead
+from policies.retune import tune_for_lead, validation_draws
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value import StopValuePolicy
 from policies.stop_value_training import StopValueArgs, learn_stop_value, tuning_deadlines
@@ -191,7 +193,8 @@ def main(args: Args) -> dict:
         model = learn_stop_value(fit_backend, featurizer, config.n_grid, tuning_grid,
                                  config.deadline_range_s, args.value, args.seed)  # fmt: skip
         if args.value.objective == "lead":
-            model = lead_tuned(model, args, featurizer, config, fit_backend, tuned, sweep)
+            model = lead_tuned(model, args, featurizer, config, fit_backend, val_backend, tuned,
+                               sweep)  # fmt: skip
         clock.say("stop-value settings (n, k, price, budget) per tuning deadline:",
                   {d: (s.n, s.k, s.price, round(s.budget, 3))
                    for d, s in zip(tuning_grid, model.settings, strict=True)})  # fmt: skip
@@ -268,16 +271,20 @@ def lead_tuned(
     featurizer: ProblemFeaturizer,
     config: RaceEnvConfig,
     fit_backend: ReplayBackend,
+    val_backend: ReplayBackend,
     tuned: dict,
     sweep: SweepResult,
 ) -> StopValuePolicy:
     """The stop-value settings re-tuned for the lead over the heuristics on the draws the
     baselines were tuned on (``policies.retune.tune_for_lead``), at the model's tuning
     deadlines (``sweep``: the baselines' tuning sweep there, reused; ``tuned``: the baselines
-    tuned on it)."""
+    tuned on it), each checked against both floors on the held-out validation problems too
+    (``--value.validation-repeats`` draws each)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
+    validation = validation_draws(model, featurizer, config, val_backend,
+                                  args.value.validation_repeats, args.seed)  # fmt: skip
     return tune_for_lead(model, featurizer, config, fit_backend, problems, args.seed, sweep,
-                         tuned, args.value.floor_margin)  # fmt: skip
+                         tuned, args.value.floor_margin, validation)  # fmt: skip
 
 
 def validate_stop_value(

@@ -306,6 +306,13 @@ def baseline_tuning_backend(
     return ReplayBackend(profile, "train", method, ids=fit_ids)
 
 
+def validation_backend(profile: Profile, method: str | None, train_args: dict) -> ReplayBackend:
+    """The training problems ``train.py`` held back for validation (``train_args``: the run's
+    recorded arguments)."""
+    _, val_ids = hold_out_validation(profile, train_args["val_problems"], train_args["seed"])
+    return ReplayBackend(profile, "train", method, ids=val_ids)
+
+
 def hold_out_validation(
     profile: Profile, val_problems: int, seed: int
 ) -> tuple[set[str], set[str]]:

@@ -247,6 +247,29 @@ def test_train_tunes_for_the_lead_as_the_retune_command_does(trained, tmp_path):
     assert load_race_policy(tmp_path / "policy").model.settings == policy.model.settings
     assert again["retune"]["floors"] == note["floors"]
     assert again["retune"]["tuning_accuracy"] == note["tuning_accuracy"]
+    assert again["retune"]["validation"] == note["validation"]
+
+
+def test_lead_tuned_settings_clear_both_floors_on_the_validation_draws_too(trained, tmp_path):
+    """With the validation check (train.py's default), every re-tuned setting clears both floors
+    on the held-out problems' draws as well as on the tuning draws; without it (0 draws) the
+    check is absent, and a deadline re-tuned with it is re-tuned without it."""
+    out, _ = trained
+    checked = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "a")))["retune"]
+    plain = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "b"), validation_repeats=0))
+    plain = plain["retune"]
+    check = checked["validation"]
+    assert plain["validation"] is None
+    assert check["draws"] == 30 * StopValueArgs().validation_repeats  # --val-problems 30
+    rows = zip(checked["retuned"], check["accuracy"], check["floors"], check["passed"],
+               strict=True)  # fmt: skip
+    for moved, accuracy, floor, passed in rows:
+        assert (accuracy is not None) == moved
+        assert not moved or (accuracy >= floor - 1e-12 and passed >= 1)
+    for moved, unchecked in zip(checked["retuned"], plain["retuned"], strict=True):
+        assert not moved or unchecked  # a setting the check passes was a candidate without it
+    with pytest.raises(ValueError, match=r"validation draws per problem must be an integer"):
+        StopValueArgs(validation_repeats=-1)
 
 
 def test_a_floor_margin_out_of_range_is_refused_before_training():
