@@ -246,9 +246,8 @@ class StopSetting:
 
 @dataclass
 class StopValuePolicy:
-    """The value network with one ``StopSetting`` per deadline of a grid (the nearest grid
-    deadline in log time serves any other deadline, as ``DeadlineTable`` does for the
-    heuristics).
+    """The value network with one ``StopSetting`` per deadline of a grid (any other deadline is
+    served by the longest grid deadline not longer than it: ``serving_index``).
 
     :param net: the value network.
     :param deadlines_s: the grid the settings were tuned at.
@@ -264,14 +263,14 @@ class StopValuePolicy:
     info: dict = field(default_factory=dict)
 
     def setting(self, deadline_s: float) -> StopSetting:
-        """The setting of the grid deadline nearest ``deadline_s`` (in log time)."""
-        return self.settings[nearest(self.deadlines_s, deadline_s)]
+        """The setting of the longest grid deadline at most ``deadline_s`` (``serving_index``)."""
+        return self.settings[serving_index(self.deadlines_s, deadline_s)]
 
     def call_deadline(self, deadline_s: float) -> float:
         """When a call under ``deadline_s`` ends at the latest: the grid deadline its setting
         was tuned for x its budget (an absolute horizon, so that a deadline between grid points
         acts as under the tuned one), never after ``deadline_s``."""
-        index = nearest(self.deadlines_s, deadline_s)
+        index = serving_index(self.deadlines_s, deadline_s)
         horizon = self.settings[index].budget * self.deadlines_s[index]
         return min(deadline_s, horizon) if self.settings[index].budget < 1.0 else deadline_s
 
@@ -329,7 +328,17 @@ def stop_mask(gain: np.ndarray, wait: np.ndarray, price: float) -> np.ndarray:
     return gain <= price * np.maximum(wait, 0.0)
 
 
-def nearest(values: Sequence[float], x: float) -> int:
-    """Index of the value nearest ``x`` in log space."""
-    logs = np.log(np.asarray(values, dtype=float))
-    return int(np.abs(logs - math.log(x)).argmin())
+def serving_index(deadlines_s: Sequence[float], deadline_s: float) -> int:
+    """Index of the longest of ``deadlines_s`` at most ``deadline_s``; of the shortest when
+    ``deadline_s`` is below them all.
+
+    Why not the nearest one: an (n, k) tuned for a longer deadline counts on time the call does
+    not have.  Synthetic profile, learner seed 0, settings checked on validation, MATH-500 x 16
+    draws: at 0.29 s the nearest tuned deadline, 0.303 s, took 32 branches and lost 0.64 point
+    to a static table tuned at 0.29 s (16 branches), the setting of 0.27 s 0.14 point.  At the
+    grid's midpoints (0.29 ... 2.37 s), learner seeds 0-3, the worst deadline against
+    static_best went from -0.64, -0.64, -0.69, -0.58 point to -0.53, -0.44, -0.29, -0.21.
+    """
+    values = np.asarray(deadlines_s, dtype=float)
+    fits = values <= deadline_s * (1 + 1e-9)
+    return int(np.where(fits, values, -np.inf).argmax()) if fits.any() else int(values.argmin())

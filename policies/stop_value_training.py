@@ -413,13 +413,14 @@ def tuning_deadlines(deadlines_s: Sequence[float], between: int) -> tuple[float,
     """The deadlines the stop-value settings are tuned at (ascending): the grid's, and
     ``between`` more between each two neighbours, evenly in log time (3 significant digits).
 
-    Why: a saved policy serves a deadline with the setting of the nearest deadline it was
-    tuned at (``StopValuePolicy.setting``), and an (n, k) tuned at one grid deadline can be
-    wrong half-way to the next.  Synthetic profile, learner seed 0, MATH-500 x 16 draws, with
-    ``between`` 0: at 0.29 s, between grid deadlines 0.24 and 0.34 s, the setting tuned at
+    Why: a saved policy serves a deadline with the setting of a deadline it was tuned at near it
+    (``StopValuePolicy.setting``: the longest not longer than it; the nearest one until this
+    round), and an (n, k) tuned at one grid deadline can be wrong half-way to the next.
+    Synthetic profile, learner seed 0, MATH-500 x 16 draws, with ``between`` 0 and the nearest
+    deadline serving: at 0.29 s, between grid deadlines 0.24 and 0.34 s, the setting tuned at
     0.34 s (32 branches) lost 0.63 point to a static table tuned at 0.29 s (16 branches); with
-    1 or 2, 0.19 point.  Neither neighbour's (n, k) is safe on its own: the shorter one's lost
-    more than a point at 0.63 s, where the longer one's 64 branches win.
+    1 or 2, 0.19 point.  With settings at the grid only, neither neighbour's (n, k) was safe:
+    the shorter one's lost more than a point at 0.63 s, where the longer one's 64 branches win.
     """
     check_between(between)
     grid = sorted(set(float(d) for d in deadlines_s))

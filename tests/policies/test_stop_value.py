@@ -23,6 +23,7 @@ from policies.stop_value import (
     StopSetting,
     StopValuePolicy,
     ValueNet,
+    serving_index,
     state_features,
 )
 from policies.stop_value import _posterior_table as posterior_table
@@ -257,14 +258,25 @@ def test_a_setting_outside_the_grids_is_refused(tmp_path, featurizer, config, po
 
 
 def test_a_budget_is_an_absolute_horizon_between_grid_points(policy):
-    """A setting tuned to act as under a shorter grid deadline keeps that horizon at nearby
-    deadlines (scaling it with the deadline made 1.6 s act as under 0.8 s)."""
-    settings = [StopSetting(4, 0, 0.0, 1.0), StopSetting(4, 0, 0.0, 0.5)]
+    """A setting tuned to act as under a shorter grid deadline keeps that horizon at longer
+    deadlines it serves (scaling it with the deadline made 1.6 s act as under 0.8 s)."""
+    settings = [StopSetting(4, 0, 0.0, 0.5), StopSetting(4, 0, 0.0, 1.0)]
     fixed = StopValuePolicy(policy.net, (1.0, 2.0), settings, policy.prompt_width)
-    assert fixed.call_deadline(2.0) == pytest.approx(1.0)
-    assert fixed.call_deadline(1.6) == pytest.approx(1.0)  # nearest grid deadline: 2.0
-    assert fixed.call_deadline(3.0) == pytest.approx(1.0)
-    assert fixed.call_deadline(1.2) == pytest.approx(1.2)  # budget 1 at grid deadline 1.0
+    assert fixed.call_deadline(1.0) == pytest.approx(0.5)
+    assert fixed.call_deadline(1.6) == pytest.approx(0.5)  # served by grid deadline 1.0
+    assert fixed.call_deadline(2.0) == pytest.approx(2.0)
+    assert fixed.call_deadline(3.0) == pytest.approx(3.0)  # budget 1 at grid deadline 2.0
+    assert fixed.call_deadline(0.4) == pytest.approx(0.4)  # below the grid: never past it
+
+
+def test_a_deadline_is_served_by_the_longest_tuned_deadline_not_longer_than_it(policy):
+    """A setting tuned for a longer deadline counts on time the call does not have, so it never
+    serves a shorter one, even the nearest (1.9 s is nearer 2.0 than 1.0 in log time)."""
+    settings = [StopSetting(4, 0, 0.0), StopSetting(8, 1, 0.0), StopSetting(16, 2, 0.0)]
+    fixed = StopValuePolicy(policy.net, (0.5, 1.0, 2.0), settings, policy.prompt_width)
+    assert [fixed.setting(d).n for d in (0.3, 0.5, 0.99, 1.0, 1.9, 2.0, 9.0)] == \
+        [4, 4, 4, 8, 8, 16, 16]  # fmt: skip
+    assert serving_index((2.0, 0.5, 1.0), 1.5) == 2  # order-free
 
 
 @pytest.mark.engine
