@@ -195,6 +195,7 @@ def main(args: Args) -> dict:
         if args.value.objective == "lead":
             model = lead_tuned(model, args, featurizer, config, fit_backend, val_backend, tuned,
                                sweep)  # fmt: skip
+            clock.say(lead_tuning_summary(model.info["lead_tuning"]))
         clock.say("stop-value settings (n, k, price, budget) per tuning deadline:",
                   {d: (s.n, s.k, s.price, round(s.budget, 3))
                    for d, s in zip(tuning_grid, model.settings, strict=True)})  # fmt: skip
@@ -285,6 +286,15 @@ def lead_tuned(
                                   args.value.validation_repeats, args.seed)  # fmt: skip
     return tune_for_lead(model, featurizer, config, fit_backend, problems, args.seed, sweep,
                          tuned, args.value.floor_margin, validation)  # fmt: skip
+
+
+def lead_tuning_summary(note: dict) -> str:
+    """One line on what the lead tuning changed (``info["lead_tuning"]``)."""
+    moved, check = note["retuned"], note["validation"]
+    line = f"lead tuning: {sum(moved)} of {len(moved)} tuning deadlines re-tuned"
+    if check is None:
+        return line + " (no validation check)"
+    return line + f", each clearing both floors on {check['draws']} validation draws too"
 
 
 def validate_stop_value(

@@ -254,7 +254,8 @@ def test_lead_tuned_settings_clear_both_floors_on_the_validation_draws_too(train
     """With the validation check (train.py's default), every re-tuned setting clears both floors
     on the held-out problems' draws as well as on the tuning draws; without it (0 draws) the
     check is absent, and a deadline re-tuned with it is re-tuned without it."""
-    out, _ = trained
+    out, stdout = trained
+    assert "each clearing both floors on 240 validation draws too" in stdout  # train.py says so
     checked = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "a")))["retune"]
     plain = retune_main(RetuneArgs(run=str(out), out=str(tmp_path / "b"), validation_repeats=0))
     plain = plain["retune"]
