@@ -5,9 +5,10 @@ keeping within 0.5 point of ``static_best`` and 0.3 of the best heuristic.  ``tu
 keeps the value network and chooses, per deadline, the setting (n, k, price, budget) with the
 largest saving against the heuristics' frontier on the training draws the baselines were tuned
 on, among those clearing both floors there by a margin (the choice ``policies.saving_bound
---transfer`` scores, with the margin).  ``train.py`` applies it by default (``--value.objective
-lead``) to the settings the stop-value tuning chose for accuracy, which stay wherever no
-setting clears the floors.
+--transfer`` scores, with the margin) and, by the same margin, on the validation problems the
+run held back (``held_up``).  ``train.py`` applies it by default (``--value.objective lead``)
+to the settings the stop-value tuning chose for accuracy, which stay wherever no setting clears
+the floors.
 
 The command re-tunes a saved run (for example one trained with ``--value.objective accuracy``,
 or to try another margin): it writes the re-tuned policy (served like any race policy) and its
@@ -17,6 +18,7 @@ tuned at (the run's grid and those between its points), against the baselines tu
 the same draws, as ``train.py`` does.
 
     python -m policies.retune --run RUN_FOLDER --out DIR [--floor-margin 0.002]
+                              [--validation-repeats 8]
 """
 
 from __future__ import annotations
