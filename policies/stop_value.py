@@ -336,8 +336,9 @@ def serving_index(deadlines_s: Sequence[float], deadline_s: float) -> int:
     not have.  Synthetic profile, learner seed 0, settings checked on validation, MATH-500 x 16
     draws: at 0.29 s the nearest tuned deadline, 0.303 s, took 32 branches and lost 0.64 point
     to a static table tuned at 0.29 s (16 branches), the setting of 0.27 s 0.14 point.  At the
-    grid's midpoints (0.29 ... 2.37 s), learner seeds 0-3, the worst deadline against
-    static_best went from -0.64, -0.64, -0.69, -0.58 point to -0.53, -0.44, -0.29, -0.21.
+    grid's midpoints (0.29 ... 2.37 s), learner seeds 0-3, two tuning deadlines between grid
+    deadlines, the worst deadline against static_best went from -0.64, -0.64, -0.69 and -0.58
+    point to -0.53, -0.44, -0.29 and -0.21.
     """
     values = np.asarray(deadlines_s, dtype=float)
     fits = values <= deadline_s * (1 + 1e-9)

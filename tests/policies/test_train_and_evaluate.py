@@ -241,7 +241,7 @@ def test_train_tunes_for_the_lead_as_the_retune_command_does(trained, tmp_path):
     assert note["floor_margin"] == LEAD_FLOOR_MARGIN
     grid = json.loads((out / "report.json").read_text())["deadlines_s"]
     tuned_at = tuning_deadlines(grid, StopValueArgs().between)
-    assert policy.model.deadlines_s == tuned_at and len(tuned_at) == 10  # 4 + 2 x 3 between
+    assert policy.model.deadlines_s == tuned_at and len(tuned_at) == 16  # 4 + 4 x 3 between
     assert len(note["retuned"]) == len(tuned_at)
     again = retune_main(RetuneArgs(run=str(out), out=str(tmp_path)))
     assert load_race_policy(tmp_path / "policy").model.settings == policy.model.settings
