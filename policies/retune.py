@@ -109,6 +109,10 @@ def tune_for_lead(
     floors = [f + floor_margin for f in stick.floors]
     candidates, checked = families[STOP_VALUE], None
     if validation is not None:
+        held, tuned_at = tuple(validation.sweep.deadlines_s), tuple(tuning.sweep.deadlines_s)
+        if held != tuned_at:
+            raise ValueError(f"the validation draws cover the deadlines {held}, the tuning "
+                             f"draws {tuned_at}: they must be the same")  # fmt: skip
         candidates, checked = held_up(candidates, validation, controllers, floor_margin)
     chosen = best_saving(candidates, floors, stick.front, 0.0)
     retuned = [row["setting"] is not None for row in chosen]
@@ -117,7 +121,7 @@ def tune_for_lead(
     note = {"objective": "lead over the heuristics", "floor_margin": floor_margin,
             "floors": stick.floors, "retuned": retuned,
             "tuning_accuracy": [row["accuracy"] for row in chosen],
-            "validation": checked and checked.summary(chosen),
+            "validation": None if checked is None else checked.summary(chosen),
             "settings_before": [dataclasses.asdict(s) for s in before]}  # fmt: skip
     return dataclasses.replace(model, settings=settings,
                                info={**model.info, "lead_tuning": note})  # fmt: skip

@@ -1,5 +1,6 @@
 """train.py end to end on a fake profile: the saved race policy, the report, and evaluation."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,14 +10,22 @@ import numpy as np
 import pytest
 
 from env.config import RACE_ENV_ID
-from policies.evaluate import Args
+from policies.evaluate import Args, policy_profile
 from policies.evaluate import main as evaluate_main
 from policies.frontier import frontier, latency_saving
+from policies.race_eval import (
+    BASELINE_TUNING_REPEATS,
+    sweep_rules,
+    tune_controllers,
+    validation_backend,
+)
 from policies.retune import Args as RetuneArgs
 from policies.retune import main as retune_main
+from policies.retune import tune_for_lead, validation_draws
 from policies.saved_policy import load_race_policy
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
+from policies.saving_bound import tuning_problems
 from policies.stop_value_training import LEAD_FLOOR_MARGIN, StopValueArgs, tuning_deadlines
 from tests.fake_profile import make_fake_profile
 
@@ -271,6 +280,25 @@ def test_lead_tuned_settings_clear_both_floors_on_the_validation_draws_too(train
         assert not moved or unchecked  # a setting the check passes was a candidate without it
     with pytest.raises(ValueError, match=r"validation draws per problem must be an integer"):
         StopValueArgs(validation_repeats=-1)
+
+
+def test_validation_draws_at_other_deadlines_than_the_tuning_draws_are_refused(trained):
+    """The check compares candidates by their index, so both sets of draws must replay the same
+    deadlines (else the same index would be another setting)."""
+    out, _ = trained
+    policy = load_race_policy(out / "policy")
+    report = json.loads((out / "report.json").read_text())
+    profile, config, model = policy_profile(policy), policy.env_config, policy.model
+    backend, problems, seed = tuning_problems(policy, profile, report)
+    sweep = sweep_rules(backend, model.deadlines_s, problems, BASELINE_TUNING_REPEATS, seed,
+                        config.n_grid, config.k_grid, progress=False)  # fmt: skip
+    held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
+    shorter = dataclasses.replace(model, deadlines_s=model.deadlines_s[:-1],
+                                  settings=model.settings[:-1])  # fmt: skip
+    validation = validation_draws(shorter, policy.featurizer, config, held_out, 1, seed)
+    with pytest.raises(ValueError, match="validation draws cover the deadlines"):
+        tune_for_lead(model, policy.featurizer, config, backend, problems, seed, sweep,
+                      tune_controllers(sweep), validation=validation)  # fmt: skip
 
 
 def test_a_floor_margin_out_of_range_is_refused_before_training():
