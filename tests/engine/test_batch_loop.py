@@ -93,8 +93,10 @@ def test_a_calls_deadline_and_cancel_abort_only_its_own_branches(draft_engine):
 @pytest.mark.engine
 def test_shared_steps_draft_the_batch_k(draft_engine):
     """A 3-branch call at k=0 and a 1-branch call at k=2 start together: while both run, every
-    step drafts 0 (most branches asked for 0), so the k=2 call drafts nothing; alone, the
-    k=2 call drafts 2 per step (vLLM's per-request counters)."""
+    step drafts 0 (most branches asked for 0), so the k=2 call drafts only in steps it ran
+    alone (the engine may step once before the other call joins: the two threads start a
+    moment apart, which CI saw under load); alone, the k=2 call drafts 2 per step (vLLM's
+    per-request counters)."""
     steps: list[BatchStep] = []
     draft_engine.add_step_listener(steps.append)
     try:
@@ -105,8 +107,10 @@ def test_shared_steps_draft_the_batch_k(draft_engine):
     finally:
         draft_engine.batch.listeners.remove(steps.append)
     assert narrow.branches[0].token_count == 12
-    assert narrow.branches[0].drafted_tokens == 0
-    assert all(step.k == 0 for step in steps if step.batch == 4)
+    ran_alone = [step for step in steps if step.batch == 1]  # the 3-branch call is never 1
+    assert narrow.branches[0].drafted_tokens == 2 * len(ran_alone)
+    shared = [step for step in steps if step.batch == 4]
+    assert len(shared) > len(ran_alone) and all(step.k == 0 for step in shared)
     alone = draft_engine.run(LONG, n=1, k=2, max_tokens=12, ignore_eos=True).branches[0]
     assert alone.drafted_tokens == 2 * alone.verify_steps > 0
     assert wide.stopped_by == "complete"
