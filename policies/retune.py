@@ -59,6 +59,7 @@ from policies.report_plots import print_report
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.saving_bound import (
     ACCURACY_SLACK,
+    Yardstick,
     best_saving,
     heuristic_yardstick,
     tuning_problems,
@@ -102,12 +103,9 @@ def tune_for_lead(
     tuning = Draws.of(model, featurizer, config, backend, problems, sweep.deadlines_s,
                       BASELINE_TUNING_REPEATS, seed, sweep)  # fmt: skip
     controllers = {name: [dataclasses.asdict(c) for c in table] for name, table in tuned.items()}
-    methods, families = tuning.world({"controllers": controllers})
-    stick = heuristic_yardstick(methods, ACCURACY_SLACK)
-    if stick is None:
-        raise ValueError("no tuned heuristics among the baselines to measure the lead against")
+    stick, candidates = lead_yardstick(tuning, controllers)
     floors = [f + floor_margin for f in stick.floors]
-    candidates, checked = families[STOP_VALUE], None
+    checked = None
     if validation is not None:
         held, tuned_at = tuple(validation.sweep.deadlines_s), tuple(tuning.sweep.deadlines_s)
         if held != tuned_at:
@@ -125,6 +123,19 @@ def tune_for_lead(
             "settings_before": [dataclasses.asdict(s) for s in before]}  # fmt: skip
     return dataclasses.replace(model, settings=settings,
                                info={**model.info, "lead_tuning": note})  # fmt: skip
+
+
+def lead_yardstick(
+    draws: Draws, controllers: dict[str, list[dict]]
+) -> tuple[Yardstick, list[Candidates]]:
+    """What the lead tuning holds the stop-value settings to on ``draws`` (the floors and the
+    heuristics' frontier of the tuned baselines, ``controllers``, replayed there) and the
+    settings' candidates there."""
+    methods, families = draws.world({"controllers": controllers})
+    stick = heuristic_yardstick(methods, ACCURACY_SLACK)
+    if stick is None:
+        raise ValueError("no tuned heuristics among the baselines to measure the lead against")
+    return stick, families[STOP_VALUE]
 
 
 @dataclass(frozen=True)
@@ -170,10 +181,8 @@ def held_up(
     from the same tuned baselines (``controllers``: their tuned entries) replayed on the
     validation draws.
     """
-    methods, families = validation.world({"controllers": controllers})
-    stick = heuristic_yardstick(methods, ACCURACY_SLACK)
+    stick, mine = lead_yardstick(validation, controllers)
     floors = [f + floor_margin for f in stick.floors]
-    mine = families[STOP_VALUE]
     kept = [Candidates(np.where(v.accuracy >= f - 1e-12, c.accuracy, -np.inf), c.latency)
             for c, v, f in zip(candidates, mine, floors, strict=True)]  # fmt: skip
     draws = len(validation.problem_of_draw)

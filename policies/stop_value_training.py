@@ -433,9 +433,14 @@ def tuning_deadlines(deadlines_s: Sequence[float], between: int) -> tuple[float,
 
 def check_between(between: int) -> None:
     """Refuse a count of deadlines between grid points outside [0, ``MAX_BETWEEN``]."""
-    if not (isinstance(between, int) and 0 <= between <= MAX_BETWEEN):
-        raise ValueError(f"deadlines tuned between grid points must be an integer in "
-                         f"[0, {MAX_BETWEEN}], got {between}")  # fmt: skip
+    check_count(between, MAX_BETWEEN, "deadlines tuned between grid points")
+
+
+def check_count(value: int, most: int, what: str, note: str = "") -> None:
+    """Refuse ``value`` unless it is an integer in [0, ``most``], naming ``what`` it counts
+    (``note``: what the range means, after it)."""
+    if not (isinstance(value, int) and 0 <= value <= most):
+        raise ValueError(f"{what} must be an integer in [0, {most}]{note}, got {value}")
 
 
 MAX_VALIDATION_REPEATS = 64
@@ -443,10 +448,8 @@ MAX_VALIDATION_REPEATS = 64
 
 
 def check_validation_repeats(repeats: int) -> None:
-    """Refuse a count of validation draws outside [0, ``MAX_VALIDATION_REPEATS``]."""
-    if not (isinstance(repeats, int) and 0 <= repeats <= MAX_VALIDATION_REPEATS):
-        raise ValueError(f"validation draws per problem must be an integer in "
-                         f"[0, {MAX_VALIDATION_REPEATS}] (0: no check), got {repeats}")  # fmt: skip
+    """Refuse a count of validation draws outside [0, ``MAX_VALIDATION_REPEATS``] (0: no check)."""
+    check_count(repeats, MAX_VALIDATION_REPEATS, "validation draws per problem", " (0: no check)")
 
 
 def check_floor_margin(margin: float) -> None:
