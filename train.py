@@ -283,7 +283,7 @@ def lead_tuned(
     (``--value.validation-repeats`` draws each)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
     validation = validation_draws(model, featurizer, config, val_backend,
-                                  args.value.validation_repeats, args.seed)  # fmt: skip
+                                  args.value.validation_repeats, args.seed, tuned)  # fmt: skip
     return tune_for_lead(model, featurizer, config, fit_backend, problems, args.seed, sweep,
                          tuned, args.value.floor_margin, validation)  # fmt: skip
 

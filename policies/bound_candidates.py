@@ -153,18 +153,22 @@ class Draws:
         cls, model: RaceModel, featurizer: ProblemFeaturizer, config: RaceEnvConfig,
         backend: ReplayBackend, problems: Sequence[int], deadlines: Sequence[float],
         repeats: int, seed: int, sweep: SweepResult | None = None,
+        rule_pairs: Sequence[tuple[int, int]] | None = None, label: str = "tuning sweep (n, k)",
     ) -> Draws:  # fmt: skip
         """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
         ``model``, ``featurizer`` and race ``config``; the value network's family only when
         the model is a stop-value policy) at ``deadlines`` and, for a stop-value policy, at the
         deadlines its settings were tuned at (horizons it may act as under: since this round
         also between the grid's).  ``sweep``: the rules' sweep of exactly these draws and
-        deadlines when the caller has it already (it is not replayed again)."""
+        deadlines when the caller has it already (it is not replayed again).  ``rule_pairs``:
+        replay the vote rules at these (n, k) only (the rule families' candidates then cover
+        only them; the lead tuning's check needs no more than the tuned baselines' rows);
+        ``label``: the rule sweep's progress bar."""
         tuned_at = model.deadlines_s if isinstance(model, StopValuePolicy) else ()
         grid = tuple(sorted({float(d) for d in (*deadlines, *tuned_at)}))
         if sweep is None:
             sweep = sweep_rules(backend, grid, problems, repeats, seed, config.n_grid,
-                                config.k_grid)  # fmt: skip
+                                config.k_grid, pairs=rule_pairs, label=label)  # fmt: skip
         elif tuple(sweep.deadlines_s) != grid:
             raise ValueError(f"the sweep covers {sweep.deadlines_s}, the draws need {grid}")
         replay = None

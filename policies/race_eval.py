@@ -212,16 +212,20 @@ def sweep_rules(
     n_grid: Sequence[int],
     k_grid: Sequence[int],
     progress: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    label: str = "tuning sweep (n, k)",
 ) -> SweepResult:
     """Every (family, threshold, n, k) of ``RULE_FAMILIES`` at every deadline, on the draws
-    (problem, repeat) of ``problems`` (see the module docstring)."""
+    (problem, repeat) of ``problems`` (see the module docstring).  ``pairs``: replay only these
+    (n, k) (every pair of the grids when None), for a caller that needs a few configurations
+    only; ``label``: the progress bar's."""
     deadlines = np.asarray(deadlines_s, dtype=float)
     draws = [(p, r) for p in problems for r in range(repeats)]
     correct: dict[tuple, np.ndarray] = {}
     latency: dict[tuple, np.ndarray] = {}
-    grid = [(n, k) for n in n_grid for k in k_grid]
+    grid = [(n, k) for n in n_grid for k in k_grid] if pairs is None else list(pairs)
     rules = _vote_rules()
-    for n, k in tqdm(grid, desc="tuning sweep (n, k)", disable=not progress):
+    for n, k in tqdm(grid, desc=label, disable=not progress):
         for j, (p, r) in enumerate(draws):
             times, right, stops = _stops_of_draw(backend, p, n, k, draw_rng(seed, p, r), rules)
             for budget in RULE_FAMILIES["static_budget"][1]:

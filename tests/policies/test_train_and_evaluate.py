@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from env.config import RACE_ENV_ID
+from policies.bound_candidates import Draws
 from policies.evaluate import Args, policy_profile
 from policies.evaluate import main as evaluate_main
 from policies.frontier import frontier, latency_saving
@@ -20,8 +21,8 @@ from policies.race_eval import (
     validation_backend,
 )
 from policies.retune import Args as RetuneArgs
+from policies.retune import floor_pairs, lead_yardstick, tune_for_lead, validation_draws
 from policies.retune import main as retune_main
-from policies.retune import tune_for_lead, validation_draws
 from policies.saved_policy import load_race_policy
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
@@ -295,10 +296,36 @@ def test_validation_draws_at_other_deadlines_than_the_tuning_draws_are_refused(t
     held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
     shorter = dataclasses.replace(model, deadlines_s=model.deadlines_s[:-1],
                                   settings=model.settings[:-1])  # fmt: skip
-    validation = validation_draws(shorter, policy.featurizer, config, held_out, 1, seed)
+    tuned = tune_controllers(sweep)
+    validation = validation_draws(shorter, policy.featurizer, config, held_out, 1, seed, tuned)
     with pytest.raises(ValueError, match="validation draws cover the deadlines"):
-        tune_for_lead(model, policy.featurizer, config, backend, problems, seed, sweep,
-                      tune_controllers(sweep), validation=validation)  # fmt: skip
+        tune_for_lead(model, policy.featurizer, config, backend, problems, seed, sweep, tuned,
+                      validation=validation)  # fmt: skip
+
+
+def test_the_validation_check_replays_only_the_baselines_pairs_and_reads_the_same(trained):
+    """``validation_draws`` replays the vote rules only at the tuned baselines' (n, k): the
+    floors, the heuristics' frontier and the value network's candidates it gives the check are
+    those of every configuration replayed."""
+    out, _ = trained
+    policy = load_race_policy(out / "policy")
+    report = json.loads((out / "report.json").read_text())
+    profile, config, model = policy_profile(policy), policy.env_config, policy.model
+    backend, problems, seed = tuning_problems(policy, profile, report)
+    tuned = tune_controllers(sweep_rules(backend, model.deadlines_s, problems,
+                                         BASELINE_TUNING_REPEATS, seed, config.n_grid,
+                                         config.k_grid, progress=False))  # fmt: skip
+    controllers = {name: [dataclasses.asdict(c) for c in rows] for name, rows in tuned.items()}
+    held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
+    few = validation_draws(model, policy.featurizer, config, held_out, 2, seed, tuned)
+    every = Draws.of(model, policy.featurizer, config, held_out, range(len(held_out.problems)),
+                     model.deadlines_s, 2, seed)  # fmt: skip
+    pairs = {key[2:] for key in few.sweep.correct}
+    assert pairs == set(floor_pairs(tuned)) < {key[2:] for key in every.sweep.correct}
+    (stick, mine), (full_stick, theirs) = (lead_yardstick(d, controllers) for d in (few, every))
+    assert stick.floors == full_stick.floors and np.array_equal(stick.front, full_stick.front)
+    for a, b in zip(mine, theirs, strict=True):
+        assert np.array_equal(a.accuracy, b.accuracy) and np.array_equal(a.latency, b.latency)
 
 
 def test_a_floor_margin_out_of_range_is_refused_before_training():
