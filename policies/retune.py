@@ -97,9 +97,10 @@ def tune_for_lead(
     ``sweep``: the rules' sweep of the tuning draws at the model's deadlines
     (``policies.race_eval.tuning_sweep``); ``tuned``: the baselines tuned on it
     (``tune_controllers``).  What was chosen goes into ``info["lead_tuning"]``: ``retuned``
-    (per deadline), the training ``floors``, the chosen settings' ``tuning_accuracy`` (None
-    where kept), the validation check's figures (``validation``) and the accuracy tuning's
-    settings (``settings_before``)."""
+    (per deadline), the training ``floors``, the chosen settings' ``tuning_accuracy`` and
+    ``tuning_saving`` against the heuristics' frontier there (None where kept; set beside the
+    saving on the test draws, it shows how far the lead carries over), the validation check's
+    figures (``validation``) and the accuracy tuning's settings (``settings_before``)."""
     check_floor_margin(floor_margin)
     before = accuracy_settings(model)
     tuning = Draws.of(model, featurizer, config, backend, problems, sweep.deadlines_s,
@@ -121,6 +122,7 @@ def tune_for_lead(
     note = {"objective": "lead over the heuristics", "floor_margin": floor_margin,
             "floors": stick.floors, "retuned": retuned,
             "tuning_accuracy": [row["accuracy"] for row in chosen],
+            "tuning_saving": [row["saving"] for row in chosen],
             "validation": None if checked is None else checked.summary(chosen),
             "settings_before": [dataclasses.asdict(s) for s in before]}  # fmt: skip
     return dataclasses.replace(model, settings=settings,

@@ -257,6 +257,9 @@ def test_train_tunes_for_the_lead_as_the_retune_command_does(trained, tmp_path):
     assert load_race_policy(tmp_path / "policy").model.settings == policy.model.settings
     assert again["retune"]["floors"] == note["floors"]
     assert again["retune"]["tuning_accuracy"] == note["tuning_accuracy"]
+    assert again["retune"]["tuning_saving"] == note["tuning_saving"]
+    for moved, saving in zip(note["retuned"], note["tuning_saving"], strict=True):
+        assert (saving is not None) == moved
     assert again["retune"]["validation"] == note["validation"]
 
 
