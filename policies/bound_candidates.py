@@ -20,7 +20,7 @@ from env.backends.replay import ReplayBackend
 from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from policies.evaluate import HEURISTICS, REFERENCE
-from policies.race_eval import SweepResult, sweep_rules
+from policies.race_eval import RULE_SWEEP_LABEL, SweepResult, sweep_rules
 from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import (
     PRICES,
@@ -153,7 +153,7 @@ class Draws:
         cls, model: RaceModel, featurizer: ProblemFeaturizer, config: RaceEnvConfig,
         backend: ReplayBackend, problems: Sequence[int], deadlines: Sequence[float],
         repeats: int, seed: int, sweep: SweepResult | None = None,
-        rule_pairs: Sequence[tuple[int, int]] | None = None, label: str = "tuning sweep (n, k)",
+        rule_pairs: Sequence[tuple[int, int]] | None = None, label: str = RULE_SWEEP_LABEL,
     ) -> Draws:  # fmt: skip
         """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
         ``model``, ``featurizer`` and race ``config``; the value network's family only when

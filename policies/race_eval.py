@@ -38,6 +38,9 @@ TUNING_TOLERANCE = 0.005
 training problems than the static table's best; within that, the fastest wins."""
 
 
+RULE_SWEEP_LABEL = "tuning sweep (n, k)"
+"""``sweep_rules``' progress bar unless its caller names another."""
+
 BASELINE_TUNING_REPEATS = 2
 """Draws per training problem the baselines are tuned on (``train.py``)."""
 
@@ -213,7 +216,7 @@ def sweep_rules(
     k_grid: Sequence[int],
     progress: bool = True,
     pairs: Sequence[tuple[int, int]] | None = None,
-    label: str = "tuning sweep (n, k)",
+    label: str = RULE_SWEEP_LABEL,
 ) -> SweepResult:
     """Every (family, threshold, n, k) of ``RULE_FAMILIES`` at every deadline, on the draws
     (problem, repeat) of ``problems`` (see the module docstring).  ``pairs``: replay only these
