@@ -53,6 +53,7 @@ from policies.confidence_fit import Args as ConfidenceArgs
 from policies.confidence_fit import main as confidence_main
 from policies.evaluate import (
     EVAL_REPEATS,
+    HEURISTICS,
     evaluate_methods,
     plot_middle_races,
     print_report,
@@ -72,7 +73,7 @@ from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
     SweepResult,
     default_deadlines,
-    hold_out_validation,
+    training_backends,
     tune_controllers,
     tuning_problem_indices,
     tuning_sweep,
@@ -81,8 +82,6 @@ from policies.retune import tune_for_lead, validation_draws
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value import StopValuePolicy
 from policies.stop_value_training import StopValueArgs, learn_stop_value, tuning_deadlines
-
-HEURISTICS = ("margin", "esc", "adaptive_consistency")
 
 
 @dataclass
@@ -164,15 +163,13 @@ def main(args: Args) -> dict:
     method = args.spec_method or choose_spec_method(profile)
     out = Path(args.out or f"runs/{profile.name}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     clock.say(f"profile: {profile.label}; speculative method: {method}; output: {out}")
-    fit_ids, val_ids = hold_out_validation(profile, args.val_problems, args.seed)
-    fit_backend = ReplayBackend(profile, "train", method, ids=fit_ids)
-    val_backend = ReplayBackend(profile, "train", method, ids=val_ids)
+    fit_backend, val_backend = training_backends(profile, method, args.val_problems, args.seed)
     deadlines = args.deadlines or default_deadlines(fit_backend)
     clock.say(f"evaluation deadlines (s): {deadlines}")
 
     # The race settings: deadlines log-uniform around the grid so the policy also works between
     # its points; the prompt featurizer fitted on the fitting problems.
-    featurizer, config = featurizer_and_config(args, profile, fit_ids, deadlines, fit_backend)
+    featurizer, config = featurizer_and_config(args, profile, deadlines, fit_backend)
 
     # The baselines to beat, tuned per deadline on the training problems; for the stop-value
     # settings also at deadlines between the grid's (the floors they are tuned against there).
@@ -320,13 +317,14 @@ def validate_stop_value(
 def featurizer_and_config(
     args: Args,
     profile: Profile,
-    fit_ids: set[str],
     deadlines: tuple[float, ...],
     backend: ReplayBackend,
 ) -> tuple[ProblemFeaturizer, RaceEnvConfig]:
-    """The prompt featurizer fitted on the fitting problems, and the race settings: deadlines
-    log-uniform from a little below to a little above the grid, the backend's grids."""
+    """The prompt featurizer fitted on the fitting problems (``backend``'s), and the race
+    settings: deadlines log-uniform from a little below to a little above the grid, the
+    backend's grids."""
     deadline_range = (min(deadlines) / 1.25, max(deadlines) * 1.25)
+    fit_ids = {problem.id for problem in backend.problems}
     fit_rows = [r for r in profile.split("train") if r["id"] in fit_ids]
     featurizer = ProblemFeaturizer.fit(fit_rows, deadline_range, seed=args.seed)
     powers = tuple(2**i for i in range(backend.max_branches.bit_length()))

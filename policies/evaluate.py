@@ -43,9 +43,9 @@ from policies.frontier import frontier, latency_saving
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RaceController, RuleController
 from policies.race_eval import (
-    baseline_tuning_backend,
     draw_rng,
     evaluate_controller,
+    run_training_backends,
     tune_controllers,
     tuning_sweep,
 )
@@ -533,7 +533,7 @@ def policy_profile(policy: SavedRacePolicy) -> Profile:
 
 def main(args: Args) -> dict:
     """Load the policy, tune the baselines on the training problems ``train.py`` tuned them on
-    (``baseline_tuning_backend``: so at the run's own deadlines, seed and draws they are the
+    (``run_training_backends``: so at the run's own deadlines, seed and draws they are the
     run's baselines), evaluate on MATH-500, print and write the report and the races plot;
     returns the report."""
     if args.deadlines is not None:
@@ -545,7 +545,10 @@ def main(args: Args) -> dict:
     test = ReplayBackend(profile, "test", method)
     controller = LearnedController(policy.model, RaceEnv(test, policy.featurizer, config))
     train_args = policy.info.get("train", {}).get("args") or {}
-    train = baseline_tuning_backend(profile, method, train_args)
+    if train_args:
+        train, _ = run_training_backends(profile, method, train_args)
+    else:  # a policy that records no training arguments: the whole training split
+        train = ReplayBackend(profile, "train", method)
     problems = train_args.get("tune_problems", 2000) if args.tune_problems is None else (
         args.tune_problems)  # fmt: skip
     seed = train_args.get("seed", 0) if args.seed is None else args.seed

@@ -301,23 +301,22 @@ def tuning_sweep(
     return sweep_rules(backend, deadlines_s, chosen, repeats, seed, n_grid, k_grid, progress)
 
 
-def baseline_tuning_backend(
-    profile: Profile, method: str | None, train_args: dict | None
-) -> ReplayBackend:
-    """The training problems ``train.py`` tuned a run's baselines on: the training split less the
-    validation problems it held back (``train_args``: the run's recorded arguments); the whole
-    training split for a policy that records none."""
-    if not train_args:
-        return ReplayBackend(profile, "train", method)
-    fit_ids, _ = hold_out_validation(profile, train_args["val_problems"], train_args["seed"])
-    return ReplayBackend(profile, "train", method, ids=fit_ids)
+def training_backends(
+    profile: Profile, method: str | None, val_problems: int, seed: int
+) -> tuple[ReplayBackend, ReplayBackend]:
+    """The two parts of the training split ``train.py`` keeps apart: the problems it fits and
+    tunes on, and those it holds back for validation (``hold_out_validation``)."""
+    fit_ids, val_ids = hold_out_validation(profile, val_problems, seed)
+    return (ReplayBackend(profile, "train", method, ids=fit_ids),
+            ReplayBackend(profile, "train", method, ids=val_ids))  # fmt: skip
 
 
-def validation_backend(profile: Profile, method: str | None, train_args: dict) -> ReplayBackend:
-    """The training problems ``train.py`` held back for validation (``train_args``: the run's
-    recorded arguments)."""
-    _, val_ids = hold_out_validation(profile, train_args["val_problems"], train_args["seed"])
-    return ReplayBackend(profile, "train", method, ids=val_ids)
+def run_training_backends(
+    profile: Profile, method: str | None, train_args: dict
+) -> tuple[ReplayBackend, ReplayBackend]:
+    """``training_backends`` of a saved run, from its recorded ``train.py`` arguments: so a
+    re-tuning or an evaluation reads the very problems the run tuned and validated on."""
+    return training_backends(profile, method, train_args["val_problems"], train_args["seed"])
 
 
 def hold_out_validation(

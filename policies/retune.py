@@ -55,7 +55,6 @@ from policies.race_eval import (
     SweepResult,
     sweep_rules,
     tune_controllers,
-    validation_backend,
 )
 from policies.report_plots import print_report
 from policies.saved_policy import load_race_policy, save_race_policy
@@ -254,12 +253,11 @@ def retune(
         raise ValueError(f"{policy.folder} is not a stop-value policy: only its settings can be "
                          "re-tuned (train with --learner stop_value)")  # fmt: skip
     profile, config = policy_profile(policy), policy.env_config
-    backend, problems, seed = tuning_problems(policy, profile, report)
+    backend, problems, seed, held_out = tuning_problems(policy, profile, report)
     grid = policy.model.deadlines_s  # the run's grid and the deadlines tuned between its points
     sweep = sweep_rules(backend, grid, problems, BASELINE_TUNING_REPEATS, seed, config.n_grid,
                         config.k_grid)  # fmt: skip
     tuned = tune_controllers(sweep)
-    held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
     validation = validation_draws(policy.model, policy.featurizer, config, held_out,
                                   validation_repeats, seed, tuned)  # fmt: skip
     model = tune_for_lead(policy.model, policy.featurizer, config, backend, problems, seed, sweep,

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tyro
@@ -48,7 +49,7 @@ from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
-    baseline_tuning_backend,
+    run_training_backends,
     tuning_problem_indices,
 )
 from policies.report_plots import plot_saving_bound
@@ -140,24 +141,32 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
     return result
 
 
-def tuning_problems(
-    policy: SavedRacePolicy, profile: Profile, report: dict
-) -> tuple[ReplayBackend, list[int], int]:
-    """The training backend, problems and seed the run tuned its baselines on (``train.py``:
-    its training problems less the validation ones, ``tune_problems`` of them, the run's seed;
-    ``BASELINE_TUNING_REPEATS`` draws each)."""
+class RunProblems(NamedTuple):
+    """The training problems a run tuned and validated on, as ``train.py`` chose them: the
+    fitting part of the training split (``backend``), the ``tune_problems`` of it the baselines
+    were tuned on (``indices``, ``BASELINE_TUNING_REPEATS`` draws each), the run's ``seed``, and
+    the problems it held back for validation (``held_out``)."""
+
+    backend: ReplayBackend
+    indices: list[int]
+    seed: int
+    held_out: ReplayBackend
+
+
+def tuning_problems(policy: SavedRacePolicy, profile: Profile, report: dict) -> RunProblems:
+    """The problems the run tuned its baselines on and held back (``RunProblems``)."""
     args = policy.info.get("train", {}).get("args")
     if not args:
         raise ValueError(f"{policy.folder} records no training arguments: cannot rebuild the "
                          "draws it was tuned on")  # fmt: skip
-    backend = baseline_tuning_backend(profile, report["spec_method"], args)
+    backend, held_out = run_training_backends(profile, report["spec_method"], args)
     problems = tuning_problem_indices(args["tune_problems"], len(backend.problems), args["seed"])
-    return backend, problems, args["seed"]
+    return RunProblems(backend, problems, args["seed"], held_out)
 
 
 def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> Draws:
     """The draws the run tuned its baselines on (``tuning_problems``), every family replayed."""
-    backend, problems, seed = tuning_problems(policy, profile, report)
+    backend, problems, seed, _ = tuning_problems(policy, profile, report)
     return Draws.of(policy.model, policy.featurizer, policy.env_config, backend, problems,
                     report["deadlines_s"], BASELINE_TUNING_REPEATS, seed)  # fmt: skip
 

@@ -60,9 +60,9 @@ from policies.race_eval import (
     SweepResult,
     default_deadlines,
     evaluate_controller,
-    hold_out_validation,
     load_rng,
     sweep_rules,
+    training_backends,
     tune_controllers,
 )
 
@@ -242,12 +242,10 @@ def build_study(args: Args, clock: train.Stopwatch) -> Study:
     profile = load_profile(args.profile)
     method = args.spec_method or choose_spec_method(profile)
     out = Path(args.out or f"runs/load-study-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    fit_ids, val_ids = hold_out_validation(profile, args.val_problems, args.seed)
-    fit = ReplayBackend(profile, "train", method, ids=fit_ids)
-    val = ReplayBackend(profile, "train", method, ids=val_ids)
+    fit, val = training_backends(profile, method, args.val_problems, args.seed)
     test = ReplayBackend(profile, "test", method)
     deadlines = tuple(args.deadlines or default_deadlines(fit))
-    featurizer, config = train.featurizer_and_config(args, profile, fit_ids, deadlines, fit)
+    featurizer, config = train.featurizer_and_config(args, profile, deadlines, fit)
     config = dataclasses.replace(config, load_distribution=args.load)
     pairs = zip(load.levels, load.weights, strict=True)
     shares = ", ".join(f"{level}: {w:.0%}" for level, w in pairs)

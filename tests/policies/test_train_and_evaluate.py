@@ -18,7 +18,6 @@ from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
     sweep_rules,
     tune_controllers,
-    validation_backend,
 )
 from policies.retune import Args as RetuneArgs
 from policies.retune import floor_pairs, lead_yardstick, tune_for_lead, validation_draws
@@ -293,10 +292,9 @@ def test_validation_draws_at_other_deadlines_than_the_tuning_draws_are_refused(t
     policy = load_race_policy(out / "policy")
     report = json.loads((out / "report.json").read_text())
     profile, config, model = policy_profile(policy), policy.env_config, policy.model
-    backend, problems, seed = tuning_problems(policy, profile, report)
+    backend, problems, seed, held_out = tuning_problems(policy, profile, report)
     sweep = sweep_rules(backend, model.deadlines_s, problems, BASELINE_TUNING_REPEATS, seed,
                         config.n_grid, config.k_grid, progress=False)  # fmt: skip
-    held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
     shorter = dataclasses.replace(model, deadlines_s=model.deadlines_s[:-1],
                                   settings=model.settings[:-1])  # fmt: skip
     tuned = tune_controllers(sweep)
@@ -314,12 +312,11 @@ def test_the_validation_check_replays_only_the_baselines_pairs_and_reads_the_sam
     policy = load_race_policy(out / "policy")
     report = json.loads((out / "report.json").read_text())
     profile, config, model = policy_profile(policy), policy.env_config, policy.model
-    backend, problems, seed = tuning_problems(policy, profile, report)
+    backend, problems, seed, held_out = tuning_problems(policy, profile, report)
     tuned = tune_controllers(sweep_rules(backend, model.deadlines_s, problems,
                                          BASELINE_TUNING_REPEATS, seed, config.n_grid,
                                          config.k_grid, progress=False))  # fmt: skip
     controllers = {name: [dataclasses.asdict(c) for c in rows] for name, rows in tuned.items()}
-    held_out = validation_backend(profile, report["spec_method"], policy.info["train"]["args"])
     few = validation_draws(model, policy.featurizer, config, held_out, 2, seed, tuned)
     every = Draws.of(model, policy.featurizer, config, held_out, range(len(held_out.problems)),
                      model.deadlines_s, 2, seed)  # fmt: skip
