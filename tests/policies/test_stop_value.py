@@ -203,6 +203,28 @@ def test_an_averaged_value_net_is_one_mlp_giving_its_members_mean():
         ValueNet.average([members[0], other])
 
 
+def test_an_averaged_net_multiplies_only_its_diagonal_blocks_and_gives_the_dense_product():
+    """The forward pass finds the members' blocks in the averaged hidden-to-hidden layer and
+    skips the zeros: same outputs as the dense product, one row or many; a dense square
+    layer (a single network's) is multiplied whole."""
+    rng = np.random.default_rng(2)
+    shapes = [(6, 8), (8, 8), (8, 2)]
+    standard = (np.zeros(6, np.float32), np.ones(6, np.float32))
+    weights = [[rng.normal(size=shape) for shape in shapes] for _ in range(4)]
+    biases = [[rng.normal(size=shape[1]) for shape in shapes] for _ in range(4)]
+    members = [ValueNet(w, b, *standard) for w, b in zip(weights, biases, strict=True)]
+    net = ValueNet.average(members)
+    assert [None if b is None else len(b) for b in net._blocks] == [None, 4, None]
+    assert members[0]._blocks == [None, None, None]
+    x = rng.normal(size=(50, 6)).astype(np.float32)
+    dense = x
+    for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
+        dense = dense @ w + b
+        dense = np.tanh(dense) if i < 2 else dense
+    np.testing.assert_allclose(net(x), dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net(x[0]), dense[0], rtol=1e-5, atol=1e-6)
+
+
 def test_fitting_problems_are_a_random_sample_apart_from_the_tuning_ones():
     """Training problems come grouped by subject: the fitting set must be drawn at random (the
     first problems not tuned on were three subjects of seven), and never overlap the tuning."""
