@@ -47,7 +47,7 @@ from env.paths import policies_dir
 from env.profiles.store import load_profile
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RuleController
-from policies.saved_policy import load_race_policy
+from policies.saved_policy import load_race_policy, policy_profile
 
 PROFILE = "smollm2-135m-cpu"
 RULES = {
@@ -58,16 +58,21 @@ RULES = {
 }
 
 
-def learned_policy(folder: str | None) -> tuple[LearnedController, str]:
-    """The race controller to time and what it is (see the module docstring)."""
+def learned_policy(folder: str | None) -> tuple[LearnedController, str, ReplayBackend]:
+    """The race controller to time, what it is, and the test races to replay: those of the
+    profile and speculative method the policy was trained on (a stop-value policy decides at
+    branch finishes, and under another profile's timing few branches may finish inside its
+    deadlines); of ``PROFILE`` for the untrained stand-in (see the module docstring)."""
     candidate = folder or str(policies_dir() / "default")
     try:
         policy = load_race_policy(candidate)
     except (ValueError, FileNotFoundError):
         if folder:
             raise
-        return untrained_controller(), f"untrained PPO race policy ({candidate}: not v1)"
-    return LearnedController.from_saved(policy), f"saved race policy {candidate}"
+        untrained = f"untrained PPO race policy ({candidate}: not v1)"
+        return untrained_controller(), untrained, ReplayBackend(PROFILE, "test", "draft_model")
+    races = ReplayBackend(policy_profile(policy), "test", policy.info.get("spec_method"))
+    return LearnedController.from_saved(policy), f"saved race policy {candidate}", races
 
 
 def untrained_controller(width: int = 128) -> LearnedController:
@@ -93,14 +98,17 @@ def _timed(fn: Callable[..., object], *args, **kwargs) -> float:
 
 
 def time_decisions(
-    controller: LearnedController, races: int, seed: int
+    controller: LearnedController, races: int, seed: int, backend: ReplayBackend
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Per controller, the microseconds of each ``decide``; and of each learned ``begin``."""
-    backend = ReplayBackend(load_profile(PROFILE), "test", "draft_model")
+    """Per controller, the microseconds of each ``decide``; and of each learned ``begin``.  For
+    a stop-value policy also of its decisions at branch finishes alone (``at finishes``): the
+    others return at once, and only these run its network."""
     low, high = controller.featurizer.deadline_range_s
     rng = np.random.default_rng(seed)
     model = controller.model
-    timings: dict[str, list[float]] = {"learned (served)": [], "learned (SB3 predict)": []}
+    sb3 = hasattr(model, "predict")  # a PPO policy; a stop-value policy is only ever served
+    extra = "learned (SB3 predict)" if sb3 else "learned (served), at finishes"
+    timings: dict[str, list[float]] = {"learned (served)": [], extra: []}
     timings.update({name: [] for name in RULES})
     begins: list[float] = []
     for race_index in range(races):
@@ -109,11 +117,17 @@ def time_decisions(
         race = ReplayRace(backend, p, deadline, np.random.default_rng(race_index))
         begins.append(_timed(controller.begin, backend.problems[p], deadline))
         race.begin(int(rng.choice([2, 4, 8])), int(rng.choice(backend.k_grid)))
+        finished = 0
         while not race.done:
             state = race.advance()
-            obs = controller.observation(state)
-            timings["learned (served)"].append(_timed(controller.decide, state))
-            timings["learned (SB3 predict)"].append(_timed(model.predict, obs, deterministic=True))
+            took = _timed(controller.decide, state)
+            timings["learned (served)"].append(took)
+            if sb3:
+                obs = controller.observation(state)
+                timings[extra].append(_timed(model.predict, obs, deterministic=True))
+            elif state.tally.finished > finished:
+                timings[extra].append(took)
+            finished = state.tally.finished
             for name, rule in RULES.items():
                 timings[name].append(_timed(rule.decide, state))
     return timings, begins
@@ -171,18 +185,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    controller, what = learned_policy(args.policy)
-    timings, begins = time_decisions(controller, args.races, args.seed)
+    controller, what, backend = learned_policy(args.policy)
+    timings, begins = time_decisions(controller, args.races, args.seed, backend)
     timings.update(time_admission())
     report = {
         "policy": what,
-        "profile": PROFILE,
+        "profile": backend.profile.name,
         "machine": {"processor": platform.processor(), "torch_threads": torch.get_num_threads()},
         "decide": {name: summary(values) for name, values in timings.items()},
         "begin": summary(begins),
     }
     print(f"decision time, {report['decide']['learned (served)']['count']} decision points of "
-          f"{args.races} replayed races ({PROFILE}); policy: {what}")  # fmt: skip
+          f"{args.races} replayed races ({backend.profile.name}); policy: {what}")  # fmt: skip
     print(f"  {'decide (observation + inference)':36s} {'median':>10s} {'p99':>10s}")
     for name, figures in report["decide"].items():
         print(f"  {name:36s} {figures['median_us']:8.1f}us {figures['p99_us']:8.1f}us")

@@ -316,8 +316,8 @@ def main(args: Args) -> dict:
     into the policy folder, report on the test split; returns the report."""
     from env.backends.replay import ReplayBackend
     from env.profiles.store import write_json
-    from policies.evaluate import check_deadlines, policy_profile
-    from policies.saved_policy import load_race_policy
+    from policies.evaluate import check_deadlines
+    from policies.saved_policy import load_race_policy, policy_profile
 
     policy = load_race_policy(args.policy)
     deadlines = check_deadlines(args.deadlines or policy.info.get("deadlines_s") or ())

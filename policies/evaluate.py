@@ -36,7 +36,7 @@ from tqdm import tqdm
 from env.backends.protocol import Outcome
 from env.backends.replay import ReplayBackend
 from env.config import call_reward
-from env.profiles.store import Profile, load_profile, write_json
+from env.profiles.store import write_json
 from env.race_env import RaceEnv
 from env.task.voting import VoteTally
 from policies.frontier import frontier, latency_saving
@@ -50,7 +50,7 @@ from policies.race_eval import (
     tuning_sweep,
 )
 from policies.report_plots import plot_races, plot_report, print_report
-from policies.saved_policy import SavedRacePolicy, load_race_policy
+from policies.saved_policy import load_race_policy, policy_profile
 
 REFERENCE = "static_best"
 """The published method (one static (n, k) per deadline) every target is measured against."""
@@ -517,18 +517,6 @@ class Args:
     tuned them on, else 2,000)"""
     tune_repeats: int = 2
     """draws per training problem when tuning"""
-
-
-def policy_profile(policy: SavedRacePolicy) -> Profile:
-    """The profile a policy was trained on: its recorded path, else its name under
-    data/profiles (the policy or the profile moved)."""
-    trained_on = policy.info.get("profile") or {}
-    path = trained_on.get("path")
-    if path and Path(path, "manifest.json").is_file():
-        return load_profile(path)
-    if not trained_on.get("name"):
-        raise ValueError(f"policy {policy.folder} does not record its profile")
-    return load_profile(trained_on["name"])
 
 
 def main(args: Args) -> dict:

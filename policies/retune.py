@@ -43,7 +43,6 @@ from policies.evaluate import (
     HEURISTICS,
     REFERENCE,
     evaluate_methods,
-    policy_profile,
     summarize_targets,
     targets_by_method,
     write_report,
@@ -57,7 +56,7 @@ from policies.race_eval import (
     tune_controllers,
 )
 from policies.report_plots import print_report
-from policies.saved_policy import load_race_policy, save_race_policy
+from policies.saved_policy import load_race_policy, policy_profile, save_race_policy
 from policies.saving_bound import (
     ACCURACY_SLACK,
     Yardstick,

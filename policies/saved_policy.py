@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from env.config import RACE_ENV_ID, RaceEnvConfig
 from env.features import FEATURE_SCHEMA_VERSION, ProblemFeaturizer, check_feature_schema
+from env.profiles.store import Profile, load_profile
 from env.race import RACE_FEATURES
 from policies.stop_value import STOP_VALUE_ALGORITHM, StopValuePolicy
 
@@ -109,6 +110,18 @@ class SavedRacePolicy:
     env_config: RaceEnvConfig
     info: dict
     folder: Path
+
+
+def policy_profile(policy: SavedRacePolicy) -> Profile:
+    """The profile a policy was trained on: its recorded path, else its name under
+    data/profiles (the policy or the profile moved)."""
+    trained_on = policy.info.get("profile") or {}
+    path = trained_on.get("path")
+    if path and Path(path, "manifest.json").is_file():
+        return load_profile(path)
+    if not trained_on.get("name"):
+        raise ValueError(f"policy {policy.folder} does not record its profile")
+    return load_profile(trained_on["name"])
 
 
 def _check_stop_value_fits(policy: StopValuePolicy, featurizer, env_config, where: str) -> None:

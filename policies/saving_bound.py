@@ -45,7 +45,7 @@ import tyro
 from env.backends.replay import ReplayBackend
 from env.profiles.store import Profile, write_json
 from policies.bound_candidates import Candidates, Draws, World
-from policies.evaluate import HEURISTICS, REFERENCE, TARGETS, policy_profile
+from policies.evaluate import HEURISTICS, REFERENCE, TARGETS
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import (
     BASELINE_TUNING_REPEATS,
@@ -53,7 +53,7 @@ from policies.race_eval import (
     tuning_problem_indices,
 )
 from policies.report_plots import plot_saving_bound
-from policies.saved_policy import SavedRacePolicy, load_race_policy
+from policies.saved_policy import SavedRacePolicy, load_race_policy, policy_profile
 
 ACCURACY_SLACK = -TARGETS["accuracy_vs_static_best"]
 """How far below the reference a setting may be and still count (the accuracy target)."""

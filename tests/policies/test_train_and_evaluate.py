@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from env.config import RACE_ENV_ID
+from policies.bench_decisions import main as bench_decisions_main
 from policies.bound_candidates import Draws
-from policies.evaluate import Args, policy_profile
+from policies.evaluate import Args
 from policies.evaluate import main as evaluate_main
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import (
@@ -22,7 +23,7 @@ from policies.race_eval import (
 from policies.retune import Args as RetuneArgs
 from policies.retune import floor_pairs, lead_yardstick, tune_for_lead, validation_draws
 from policies.retune import main as retune_main
-from policies.saved_policy import load_race_policy
+from policies.saved_policy import load_race_policy, policy_profile
 from policies.saving_bound import Args as SavingBoundArgs
 from policies.saving_bound import main as saving_bound_main
 from policies.saving_bound import tuning_problems
@@ -326,6 +327,19 @@ def test_the_validation_check_replays_only_the_baselines_pairs_and_reads_the_sam
     assert stick.floors == full_stick.floors and np.array_equal(stick.front, full_stick.front)
     for a, b in zip(mine, theirs, strict=True):
         assert np.array_equal(a.accuracy, b.accuracy) and np.array_equal(a.latency, b.latency)
+
+
+def test_the_decision_benchmark_times_a_trained_stop_value_policy_on_its_own_races(trained):
+    """``policies.bench_decisions --policy`` on train.py's output (a stop-value policy, no SB3
+    ``predict``) replays that run's profile and times the decisions that run its network."""
+    out, _ = trained
+    report = bench_decisions_main(["--policy", str(out / "policy"), "--races", "20"])
+    assert report["profile"] == "fake-train"
+    decide = report["decide"]
+    assert "learned (SB3 predict)" not in decide
+    at_finishes, every = decide["learned (served), at finishes"], decide["learned (served)"]
+    assert 0 < at_finishes["count"] < every["count"]
+    assert at_finishes["median_us"] > every["median_us"]  # the others return at once
 
 
 def test_a_floor_margin_out_of_range_is_refused_before_training():
