@@ -146,7 +146,9 @@ FORWARD_CHUNK_ROWS = 8192
 64-unit networks.  Why so few: glibc serves allocations above 32 MB with fresh pages from the
 kernel every time, and with chunks of 65,536 rows (84 MB) page faults took about a fifth of
 ``./run train`` (200 s of system time, 4 million minor faults); at 8,192 rows the buffers are
-reused and a tuning sweep ran about twice as fast."""
+reused, and a tuning sweep of 1,000 problems x 2 draws at 12 deadlines took 9.1 s instead of
+14.4 (the same table; 6.2 s with the features built per chunk too,
+``policies.stop_value_training.scores``, against 22.2 s before this round)."""
 
 
 @dataclass
@@ -199,7 +201,7 @@ class ValueNet:
         """Per layer, the diagonal blocks of a block-diagonal square weight matrix (None for any
         other).  An averaged network's hidden-to-hidden layer is one (``average``): five
         members of 64 units make it 320 x 320 with four fifths zeros, and multiplying by the
-        blocks alone made a tuning sweep's forward passes about twice as fast."""
+        blocks alone took a tuning sweep from 18.9 to 14.4 s (``FORWARD_CHUNK_ROWS``)."""
         return [_diagonal_blocks(w) for w in self.weights]
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -334,9 +336,9 @@ class StopValuePolicy:
 def _diagonal_blocks(w: np.ndarray) -> list[slice] | None:
     """The most equal square blocks along the diagonal of ``w`` outside which it is all zeros
     (None when ``w`` is not square or has one block)."""
-    width = w.shape[0]
-    if w.ndim != 2 or w.shape[1] != width:
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
         return None
+    width = w.shape[0]
     for count in range(width // 2, 1, -1):  # most blocks first; a trained block has no zero row
         if width % count:
             continue
