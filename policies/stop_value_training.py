@@ -345,11 +345,13 @@ def sweep_stop_value(
     deadlines_s: Sequence[float],
     prices: Sequence[float] = PRICES,
     counted: np.ndarray | None = None,
+    progress: bool = True,
 ) -> SweepTable:
     """Accuracy and latency of every (config, price) at every deadline, read off ``traces``
     (each config's draws weigh equally: a config with one repeat at n = all branches stands
     for the same draws as the others' several); ``counted`` (one flag per trace) limits the
-    means to some traces, e.g. half of the problems (``policies.saving_bound``)."""
+    means to some traces, e.g. half of the problems (``policies.saving_bound``); ``progress``: a
+    bar over the deadlines."""
     configs = traces.configs
     shape = (len(configs), len(prices), len(deadlines_s))
     accuracy, latency = np.zeros(shape), np.zeros(shape)
@@ -357,7 +359,8 @@ def sweep_stop_value(
     n_traces = len(traces.problem)
     members = [(traces.config == c) & (True if counted is None else counted)
                for c in range(len(configs))]  # fmt: skip
-    for d, deadline in enumerate(deadlines_s):
+    bar = tqdm(deadlines_s, desc="stop-value sweep (deadlines)", disable=not progress)
+    for d, deadline in enumerate(bar):
         view = traces.at_deadline(deadline)
         rows = np.flatnonzero(view.decision)
         out = scores(net, traces, view, prompts, featurizer, rows)
@@ -609,7 +612,8 @@ def learn_stop_value(
     net, fit_info = fit_value_ensemble(rows, targets, args.members, args.hidden, args.epochs,
                                        learner_seed, progress)  # fmt: skip
     tune_traces = race_traces(backend, tune_ids, args.tune_repeats, seed, configs, progress)
-    table = sweep_stop_value(net, tune_traces, prompts, featurizer, deadlines_s)
+    table = sweep_stop_value(net, tune_traces, prompts, featurizer, deadlines_s,
+                             progress=progress)  # fmt: skip
     settings = tune_settings(table, args.tolerance, args.budget_margin)
     chosen = [(table.configs.index((s.n, s.k)), table.prices.index(s.price),
                int(np.argmin(np.abs(np.asarray(deadlines_s) - s.budget * d))))
