@@ -41,7 +41,7 @@ from env.race_env import RaceEnv
 from env.task.voting import VoteTally
 from policies.frontier import frontier, latency_saving
 from policies.learned_controller import LearnedController
-from policies.race_controllers import RaceController, RuleController
+from policies.race_controllers import BatchKDrafting, RaceController, RuleController
 from policies.race_eval import (
     draw_rng,
     evaluate_controller,
@@ -517,6 +517,10 @@ class Args:
     tuned them on, else 2,000)"""
     tune_repeats: int = 2
     """draws per training problem when tuning"""
+    batch_k: bool = False
+    """also evaluate the policy re-drafting with the k fastest for its live batch at every
+    decision point (``policy_batch_k``, on each problem's recorded acceptance: the most that
+    changing k within a call could add to its stops)"""
 
 
 def main(args: Args) -> dict:
@@ -542,9 +546,11 @@ def main(args: Args) -> dict:
     seed = train_args.get("seed", 0) if args.seed is None else args.seed
     tuned = tune_controllers(tuning_sweep(train, deadlines, problems, args.tune_repeats,
                                           seed, config.n_grid, config.k_grid))  # fmt: skip
-    report = evaluate_methods({"policy": controller, **tuned}, test, deadlines, args.repeats,
-                              seed, config.latency_cost, n_grid=config.n_grid,
-                              k_grid=config.k_grid)  # fmt: skip
+    methods = {"policy": controller, **tuned}
+    if args.batch_k:
+        methods["policy_batch_k"] = BatchKDrafting(controller, test, "policy_batch_k")
+    report = evaluate_methods(methods, test, deadlines, args.repeats, seed, config.latency_cost,
+                              n_grid=config.n_grid, k_grid=config.k_grid)  # fmt: skip
     report["policy"] = {"folder": str(policy.folder), "algorithm": policy.info.get("algorithm")}
     report["tuning"] = {"split": "train", "problems": problems,
                         "repeats": args.tune_repeats, "seed": seed}  # fmt: skip

@@ -4,10 +4,9 @@ The policy acts at every decision point of a replayed call (``env.race_env.RaceE
 start it picks (n, k), later it continues or answers and sets k.  A call's reward arrives at its
 end and is 0 or 1 minus a small latency cost, so PPO from scratch spends most of a short
 training run rediscovering what the tuned heuristics already know.  Training therefore starts by
-cloning a teacher (``teach``: a tuned heuristic per deadline, optionally drafting with the
-fastest k for the live batch, ``BatchKTeacher``) into the actor and the teacher's returns into
-the critic, fine-tunes with PPO, and keeps the fine-tuned model only when a paired comparison
-on validation problems shows it beats the warm start (``select_on_validation``).
+cloning a teacher (``teach``: a tuned heuristic per deadline) into the actor and the teacher's
+returns into the critic, fine-tunes with PPO, and keeps the fine-tuned model only when a paired
+comparison on validation problems shows it beats the warm start (``select_on_validation``).
 
 This module holds the pieces ``train.py`` assembles: the vectorised environments, the callback
 that logs accuracy and latency, the warm start, model selection and Weights & Biases set-up.
@@ -18,7 +17,6 @@ Saving and loading the result is ``policies.saved_policy``'s job, and running it
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +25,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
-from env.backends.protocol import ProblemInfo
 from env.backends.replay import ReplayBackend
 from env.config import call_reward
-from env.race import RaceState
 from env.race_env import RaceEnv
-from policies.race_controllers import BatchKSchedule, Decision, RaceController
+from policies.race_controllers import RaceController
 from policies.race_eval import evaluate_controller
 
 
@@ -196,33 +192,3 @@ def select_on_validation(
                        "z_vs_reference": float(diff.mean() / se) if se > 0 else 0.0}  # fmt: skip
     eligible = [n for n in rewards if n == reference or stats[n]["z_vs_reference"] >= z]
     return max(eligible, key=lambda n: stats[n]["mean_reward"]), stats
-
-
-@dataclass
-class BatchKTeacher:
-    """A teacher that stops as ``base`` does but drafts with the k that is fastest for the live
-    batch (``BatchKSchedule`` on the replayed problem's own acceptance), so the student also
-    learns how fast to draft as the batch shrinks.  Replay only: it reads the recorded
-    acceptance, which the student never sees (it has the predicted acceptance features).
-
-    :param base: the stopping controller (e.g. the tuned margin rule per deadline).
-    :param backend: the replay backend the races run on.
-    """
-
-    base: RaceController
-    backend: ReplayBackend
-    name: str = "teacher"
-
-    def begin(self, problem: ProblemInfo, deadline_s: float) -> tuple[int, int]:
-        b = self.backend
-        slots = b.tokens_per_step[problem.index]
-        self._schedule = BatchKSchedule(b.k_grid, b.step_seconds, slots)
-        n, _ = self.base.begin(problem, deadline_s)
-        return n, self._schedule.k_for(n)
-
-    def decide(self, state: RaceState) -> Decision:
-        decision = self.base.decide(state)
-        return Decision(stop=decision.stop, k=self._schedule.k_for(state.running))
-
-    def call_deadline(self, deadline_s: float) -> float:
-        return self.base.call_deadline(deadline_s)

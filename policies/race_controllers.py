@@ -18,6 +18,8 @@ Every method the learned policy is compared with is a controller of the same rac
   time, without watching the votes, is worth);
 - ``plain``: one branch, the fastest k.
 Every rule also stops when the vote is decided and at the deadline (the race does that).
+``BatchKDrafting`` keeps any controller's stops and re-drafts with the k fastest for the
+shrinking batch (a replay-only measurement of what changing k within a call adds).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from env.backends.protocol import ProblemInfo
 from env.race import RaceState
+
+if TYPE_CHECKING:
+    from env.backends.replay import ReplayBackend
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,38 @@ class BatchKSchedule:
     def k_for(self, live_batch: int) -> int:
         """The draft length for ``live_batch`` running branches."""
         return int(self._best[min(max(live_batch, 1), len(self._best) - 1)])
+
+
+@dataclass
+class BatchKDrafting:
+    """``base``'s stops, drafting with the k fastest for the live batch at every decision point
+    (``BatchKSchedule`` on the replayed problem's own recorded acceptance).
+
+    Why: the issue asks that k may rise as the batch shrinks.  Replay only (it reads recorded
+    acceptance, which no controller sees live), so it measures at most what re-drafting could
+    add to ``base``: ``policies.evaluate --batch-k`` reports it beside the policy.
+
+    :param base: the controller whose (n, first k) and stops are kept.
+    :param backend: the replay backend the races run on.
+    """
+
+    base: RaceController
+    backend: ReplayBackend
+    name: str = "batch_k"
+
+    def begin(self, problem: ProblemInfo, deadline_s: float) -> tuple[int, int]:
+        b = self.backend
+        self._schedule = BatchKSchedule(b.k_grid, b.step_seconds, b.tokens_per_step[problem.index])
+        return self.base.begin(problem, deadline_s)
+
+    def decide(self, state: RaceState) -> Decision:
+        decision = self.base.decide(state)
+        if decision.stop:
+            return decision
+        return Decision(stop=False, k=self._schedule.k_for(state.running))
+
+    def call_deadline(self, deadline_s: float) -> float:
+        return self.base.call_deadline(deadline_s)
 
 
 @dataclass

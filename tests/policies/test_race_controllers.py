@@ -9,14 +9,22 @@ from env.backends.replay import ReplayBackend
 from env.race import RaceState
 from policies.race_controllers import (
     RULE_FAMILIES,
+    BatchKDrafting,
     BatchKSchedule,
+    Decision,
     RuleController,
     adaptive_consistency_rule,
     esc_rule,
     leader_posterior,
     margin_rule,
 )
-from policies.race_eval import draw_rng, run_race, sweep_rules, tune_controllers
+from policies.race_eval import (
+    draw_rng,
+    run_race,
+    run_race_with_state,
+    sweep_rules,
+    tune_controllers,
+)
 from tests.fake_profile import make_fake_profile
 
 
@@ -120,3 +128,33 @@ def test_batch_k_schedule_drafts_more_as_the_batch_shrinks():
     assert ks[0] == 4 and ks[-1] == 0 and ks == sorted(ks, reverse=True)
     per_token = step[:, 16] / tps
     assert schedule.k_for(16) == k_grid[int(per_token.argmin())]
+
+
+def test_batch_k_drafting_keeps_the_stops_and_drafts_the_fastest_k_for_the_live_batch(backend):
+    """At every decision point the wrapped controller's stop is kept and, when it goes on, k
+    becomes the schedule's for the branches still running (on the problem's own acceptance)."""
+    seen: list[tuple[int, int, Decision]] = []
+
+    class Spy(BatchKDrafting):
+        def decide(self, state: RaceState) -> Decision:
+            decision = super().decide(state)
+            seen.append((self._problem, state.running, decision))
+            return decision
+
+        def begin(self, problem, deadline_s):
+            self._problem = problem.index
+            return super().begin(problem, deadline_s)
+
+    base = RuleController("margin", 16, 0, 3)
+    spy = Spy(base, backend)
+    changed = 0
+    for p in range(10):
+        outcome, state = run_race_with_state(backend, spy, p, 3.0, draw_rng(0, p, 0))
+        changed += state.k != 0
+        plain = run_race(backend, base, p, 3.0, draw_rng(0, p, 0))
+        assert outcome.n == plain.n == 16
+    for p, running, decision in seen:
+        schedule = BatchKSchedule(backend.k_grid, backend.step_seconds, backend.tokens_per_step[p])
+        if not decision.stop:
+            assert decision.k == schedule.k_for(running)
+    assert any(d.stop for *_, d in seen) and changed > 0

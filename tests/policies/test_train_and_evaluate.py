@@ -105,8 +105,10 @@ def test_saved_policy_is_a_race_policy_with_its_baselines(trained):
 def test_evaluate_command_reuses_a_saved_policy(trained, tmp_path):
     out, _ = trained
     report = evaluate_main(Args(policy=str(out / "policy"), deadlines=(0.7, 3.0), repeats=1,
-                                out=str(tmp_path), tune_problems=40))  # fmt: skip
+                                out=str(tmp_path), tune_problems=40, batch_k=True))  # fmt: skip
     assert report["deadlines_s"] == [0.7, 3.0] and "policy" in report["methods"]
+    assert len(report["methods"]["policy_batch_k"]) == 2  # --batch-k: the policy re-drafting
+    assert "policy_batch_k" in report["targets_by_method"]
     assert (tmp_path / "report.json").is_file() and (tmp_path / "races.png").is_file()
 
 
