@@ -18,6 +18,7 @@ Output: a table on the console (``print_report``), ``report.json`` and ``report.
 carry the synthetic label wherever they appear.
 
     python -m policies.evaluate --policy DIR [--deadlines 0.3 0.6 ...] [--repeats 16] [--out DIR]
+        [--batch-k]
 """
 
 from __future__ import annotations
