@@ -81,7 +81,12 @@ from policies.race_eval import (
 from policies.retune import tune_for_lead, validation_draws
 from policies.saved_policy import load_race_policy, save_race_policy
 from policies.stop_value import StopValuePolicy
-from policies.stop_value_training import StopValueArgs, learn_stop_value, tuning_deadlines
+from policies.stop_value_training import (
+    StopValueArgs,
+    TuningReplay,
+    learn_stop_value,
+    tuning_deadlines,
+)
 
 
 @dataclass
@@ -187,11 +192,12 @@ def main(args: Args) -> dict:
     # Learn: the stop-value policy (default) or PPO, then the validation figures.
     run = init_wandb(args.wandb, args.wandb_project, out.name, dataclasses.asdict(args), out)
     if args.learner == "stop_value":
-        model = learn_stop_value(fit_backend, featurizer, config.n_grid, tuning_grid,
-                                 config.deadline_range_s, args.value, args.seed)  # fmt: skip
+        model, learned = learn_stop_value(fit_backend, featurizer, config.n_grid,
+                                          tuning_grid, config.deadline_range_s, args.value,
+                                          args.seed)  # fmt: skip
         if args.value.objective == "lead":
             model = lead_tuned(model, args, featurizer, config, fit_backend, val_backend, tuned,
-                               sweep)  # fmt: skip
+                               sweep, learned)  # fmt: skip
             clock.say(lead_tuning_summary(model.info["lead_tuning"]))
         clock.say("stop-value settings (n, k, price, budget) per tuning deadline:",
                   {d: (s.n, s.k, s.price, round(s.budget, 3))
@@ -272,17 +278,19 @@ def lead_tuned(
     val_backend: ReplayBackend,
     tuned: dict,
     sweep: SweepResult,
+    learned: TuningReplay,
 ) -> StopValuePolicy:
     """The stop-value settings re-tuned for the lead over the heuristics on the draws the
     baselines were tuned on (``policies.retune.tune_for_lead``), at the model's tuning
     deadlines (``sweep``: the baselines' tuning sweep there, reused; ``tuned``: the baselines
-    tuned on it), each checked against both floors on the held-out validation problems too
+    tuned on it; ``learned``: the learner's replay of its tuning draws, reused where they are
+    these draws), each checked against both floors on the held-out validation problems too
     (``--value.validation-repeats`` draws each)."""
     problems = tuning_problem_indices(args.tune_problems, len(fit_backend.problems), args.seed)
     validation = validation_draws(model, featurizer, config, val_backend,
                                   args.value.validation_repeats, args.seed, tuned)  # fmt: skip
     return tune_for_lead(model, featurizer, config, fit_backend, problems, args.seed, sweep,
-                         tuned, args.value.floor_margin, validation)  # fmt: skip
+                         tuned, args.value.floor_margin, validation, learned)  # fmt: skip
 
 
 def lead_tuning_summary(note: dict) -> str:

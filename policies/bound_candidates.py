@@ -24,7 +24,9 @@ from policies.race_eval import RULE_SWEEP_LABEL, SweepResult, sweep_rules
 from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import (
     PRICES,
+    SweepTable,
     Traces,
+    TuningReplay,
     prompt_table,
     race_traces,
     stop_value_configs,
@@ -84,6 +86,8 @@ class StopValueReplay:
     prompts: np.ndarray
     deadlines: Sequence[float]
     prices: Sequence[float] = PRICES
+    table: SweepTable | None = None
+    """the sweep of every trace at ``deadlines`` and ``prices``, when already computed"""
 
     @classmethod
     def on(
@@ -96,9 +100,17 @@ class StopValueReplay:
         repeats: int,
         seed: int,
         n_grid: Sequence[int],
+        tuning: TuningReplay | None = None,
     ) -> StopValueReplay:
+        """Replay ``model``'s network on ``problems`` x ``repeats`` draws of ``backend``; read
+        ``tuning`` instead where it holds exactly these draws and this network's sweep at
+        ``deadlines`` (``TuningReplay.serves``)."""
         n_min = model.info.get("args", {}).get("n_min", min(n_grid))
         configs = stop_value_configs(n_grid, backend.k_grid, n_min)
+        if tuning is not None and tuning.serves(model.net, problems, repeats, seed, deadlines,
+                                                configs, PRICES):  # fmt: skip
+            return cls(model, featurizer, tuning.traces, tuning.prompts, deadlines,
+                       table=tuning.table)  # fmt: skip
         traces = race_traces(backend, problems, repeats, seed, configs)
         return cls(model, featurizer, traces, prompt_table(backend, featurizer), deadlines)
 
@@ -106,8 +118,10 @@ class StopValueReplay:
         """Every (n, k, price) on the draws of the flagged problems (all when None), with
         shorter horizons (as its tuning)."""
         counted = None if problems is None else problems[self.traces.problem]
-        table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
-                                 self.deadlines, self.prices, counted)  # fmt: skip
+        table = self.table if problems is None else None
+        if table is None:
+            table = sweep_stop_value(self.model.net, self.traces, self.prompts, self.featurizer,
+                                     self.deadlines, self.prices, counted)  # fmt: skip
         return with_shorter_horizons([
             Candidates(table.accuracy[:, :, d].ravel(), table.latency[:, :, d].ravel())
             for d in range(len(self.deadlines))
@@ -154,6 +168,7 @@ class Draws:
         backend: ReplayBackend, problems: Sequence[int], deadlines: Sequence[float],
         repeats: int, seed: int, sweep: SweepResult | None = None,
         rule_pairs: Sequence[tuple[int, int]] | None = None, label: str = RULE_SWEEP_LABEL,
+        tuning: TuningReplay | None = None,
     ) -> Draws:  # fmt: skip
         """Replay every family on ``problems`` x ``repeats`` draws of ``backend`` (a policy's
         ``model``, ``featurizer`` and race ``config``; the value network's family only when
@@ -163,7 +178,9 @@ class Draws:
         deadlines when the caller has it already (it is not replayed again).  ``rule_pairs``:
         replay the vote rules at these (n, k) only (the rule families' candidates then cover
         only them; the lead tuning's check needs no more than the tuned baselines' rows);
-        ``label``: the rule sweep's progress bar."""
+        ``label``: the rule sweep's progress bar; ``tuning``: the learner's replay of its
+        tuning draws, read instead of replaying where it holds these draws
+        (``StopValueReplay.on``)."""
         tuned_at = model.deadlines_s if isinstance(model, StopValuePolicy) else ()
         grid = tuple(sorted({float(d) for d in (*deadlines, *tuned_at)}))
         if sweep is None:
@@ -174,7 +191,7 @@ class Draws:
         replay = None
         if isinstance(model, StopValuePolicy):
             replay = StopValueReplay.on(model, featurizer, backend, problems, grid, repeats,
-                                        seed, config.n_grid)  # fmt: skip
+                                        seed, config.n_grid, tuning)  # fmt: skip
         at = [grid.index(float(d)) for d in deadlines]
         return cls(sweep, replay, np.repeat(np.asarray(problems), repeats), at)  # sweep's order
 

@@ -68,6 +68,7 @@ from policies.stop_value import StopSetting, StopValuePolicy
 from policies.stop_value_training import (
     LEAD_FLOOR_MARGIN,
     StopValueArgs,
+    TuningReplay,
     check_floor_margin,
     check_validation_repeats,
 )
@@ -84,6 +85,7 @@ def tune_for_lead(
     tuned: dict[str, list[RuleController]],
     floor_margin: float = LEAD_FLOOR_MARGIN,
     validation: Draws | None = None,
+    learned: TuningReplay | None = None,
 ) -> StopValuePolicy:
     """``model`` with, per deadline it was tuned at, the setting that has the largest saving
     against the tuned heuristics' frontier on the tuning draws (``problems`` x
@@ -98,11 +100,13 @@ def tune_for_lead(
     (per deadline), the training ``floors``, the chosen settings' ``tuning_accuracy`` and
     ``tuning_saving`` against the heuristics' frontier there (None where kept; set beside the
     saving on the test draws, it shows how far the lead carries over), the validation check's
-    figures (``validation``) and the accuracy tuning's settings (``settings_before``)."""
+    figures (``validation``) and the accuracy tuning's settings (``settings_before``).
+    ``learned``: the learner's replay of these draws (``learn_stop_value``), read instead of
+    replaying them again."""
     check_floor_margin(floor_margin)
     before = accuracy_settings(model)
     tuning = Draws.of(model, featurizer, config, backend, problems, sweep.deadlines_s,
-                      BASELINE_TUNING_REPEATS, seed, sweep)  # fmt: skip
+                      BASELINE_TUNING_REPEATS, seed, sweep, tuning=learned)  # fmt: skip
     controllers = {name: [dataclasses.asdict(c) for c in table] for name, table in tuned.items()}
     stick, candidates = lead_yardstick(tuning, controllers)
     floors = [f + floor_margin for f in stick.floors]

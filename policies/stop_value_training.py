@@ -587,6 +587,43 @@ def fitting_problem_indices(count: int, tuning: int, total: int, seed: int) -> l
     return rest[:count].tolist()
 
 
+@dataclass(frozen=True)
+class TuningReplay:
+    """The tuning draws as ``learn_stop_value`` replayed them: ``problems`` x ``repeats``
+    draws under ``seed``, their ``traces``, the ``prompts`` table, and ``net``'s sweep of them
+    (``table``, at the tuning deadlines and ``PRICES``).
+
+    Why: the lead tuning (``policies.retune.tune_for_lead``) replays the very same draws with
+    the very same network; handed these it reads them instead of replaying them again
+    (``policies.bound_candidates.StopValueReplay.on``): about 50 s of the default run.
+    """
+
+    problems: tuple[int, ...]
+    repeats: int
+    seed: int
+    net: ValueNet
+    traces: Traces
+    prompts: np.ndarray
+    table: SweepTable
+
+    def serves(
+        self,
+        net: ValueNet,
+        problems: Sequence[int],
+        repeats: int,
+        seed: int,
+        deadlines_s: Sequence[float],
+        configs: Sequence[tuple[int, int]],
+        prices: Sequence[float],
+    ) -> bool:
+        """Whether these are exactly the draws, network, deadlines, (n, k) and prices asked
+        for (anything else must be replayed)."""
+        table = self.table
+        return (net is self.net and tuple(problems) == self.problems and repeats == self.repeats
+                and seed == self.seed and table.deadlines_s == tuple(map(float, deadlines_s))
+                and table.configs == list(configs) and table.prices == tuple(prices))  # fmt: skip
+
+
 def learn_stop_value(
     backend: ReplayBackend,
     featurizer: ProblemFeaturizer,
@@ -596,9 +633,10 @@ def learn_stop_value(
     args: StopValueArgs,
     seed: int,
     progress: bool = True,
-) -> StopValuePolicy:
+) -> tuple[StopValuePolicy, TuningReplay]:
     """Fit the value network on traces of some training problems and tune its settings per
-    deadline on others (the module docstring's steps 1-3)."""
+    deadline on others (the module docstring's steps 1-3); returns the policy and its tuning
+    draws' replay (``TuningReplay``)."""
     total = len(backend.problems)
     tune_ids = tuning_problem_indices(args.tune_problems, total, seed)
     fit_ids = fitting_problem_indices(args.fit_problems, args.tune_problems, total, seed)
@@ -627,5 +665,7 @@ def learn_stop_value(
                    "static_best_accuracy": table.static_accuracy.max(axis=0).tolist()},
         "args": dataclasses.asdict(args),
     }  # fmt: skip
-    return StopValuePolicy(net, tuple(float(d) for d in deadlines_s), settings,
-                           prompts.shape[1], info)  # fmt: skip
+    policy = StopValuePolicy(net, tuple(float(d) for d in deadlines_s), settings,
+                             prompts.shape[1], info)  # fmt: skip
+    return policy, TuningReplay(tuple(tune_ids), args.tune_repeats, seed, net, tune_traces,
+                                prompts, table)  # fmt: skip

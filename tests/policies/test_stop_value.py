@@ -14,6 +14,7 @@ from env.config import RaceEnvConfig
 from env.features import ProblemFeaturizer
 from env.race_env import RaceEnv
 from policies import stop_value
+from policies.bound_candidates import StopValueReplay
 from policies.learned_controller import LearnedController
 from policies.race_controllers import RuleController, leader_posterior
 from policies.race_eval import draw_rng, run_race, tuning_problem_indices
@@ -30,6 +31,7 @@ from policies.stop_value import _posterior_table as posterior_table
 from policies.stop_value_training import (
     StopValueArgs,
     SweepTable,
+    TuningReplay,
     fit_value_ensemble,
     fit_value_net,
     fitting_problem_indices,
@@ -66,10 +68,15 @@ def config(backend) -> RaceEnvConfig:
 
 
 @pytest.fixture(scope="module")
-def policy(backend, featurizer) -> StopValuePolicy:
+def learned(backend, featurizer) -> tuple[StopValuePolicy, TuningReplay]:
     args = StopValueArgs(fit_problems=30, tune_problems=20, epochs=2, hidden=16, n_min=2)
     return learn_stop_value(backend, featurizer, (1, 2, 4, 8), DEADLINES, (2.0, 20.0), args,
                             seed=SEED, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def policy(learned) -> StopValuePolicy:
+    return learned[0]
 
 
 def test_posterior_table_is_adaptive_consistency_statistic():
@@ -357,3 +364,26 @@ def test_the_bounds_candidates_act_as_under_every_deadline_the_policy_was_tuned_
             assert len(coarse[name][d].accuracy) == (d + 1) * per_horizon
             assert len(fine[name][d].accuracy) == (2 * d + 1) * per_horizon
             assert set(coarse[name][d].latency.round(9)) <= set(fine[name][d].latency.round(9))
+
+
+def test_the_lead_tuning_reads_the_learners_replay_only_of_the_very_same_draws(
+    learned, backend, featurizer
+):
+    """``StopValueReplay.on`` reads ``learn_stop_value``'s tuning replay instead of replaying
+    the draws again: the candidates must be those of a fresh replay, and other draws (another
+    seed, other repeats, another network) must be replayed, not read."""
+    policy, tuning = learned
+    problems = tuning_problem_indices(20, len(backend.problems), SEED)
+    assert tuning.problems == tuple(problems) and tuning.repeats == 2
+    n_grid = (1, 2, 4, 8)
+    reused = StopValueReplay.on(policy, featurizer, backend, problems, DEADLINES, 2, SEED, n_grid,
+                                tuning)  # fmt: skip
+    fresh = StopValueReplay.on(policy, featurizer, backend, problems, DEADLINES, 2, SEED, n_grid)
+    assert reused.table is tuning.table and fresh.table is None
+    for a, b in zip(reused.candidates(), fresh.candidates(), strict=True):
+        assert np.array_equal(a.accuracy, b.accuracy) and np.array_equal(a.latency, b.latency)
+    other_net = dataclasses.replace(policy, net=ValueNet.from_arrays(policy.net.arrays()))
+    for model, repeats, seed in ((policy, 2, SEED + 1), (policy, 1, SEED), (other_net, 2, SEED)):
+        again = StopValueReplay.on(model, featurizer, backend, problems, DEADLINES, repeats,
+                                   seed, n_grid, tuning)  # fmt: skip
+        assert again.table is None and again.traces is not tuning.traces
