@@ -170,9 +170,9 @@ class BatchKSchedule:
     Speculation pays at small batches (decoding reads the weights once per step whatever the
     batch, so verifying k + 1 tokens per branch is nearly free) and stops paying as the batch
     grows and verification becomes compute-bound.  vLLM keys its own dynamic speculation on
-    the batch size (``num_speculative_tokens_per_batch_size``), so this is the rule the
-    engine-wide k follows: for live batch b, the k minimising
-    ``step_seconds[k, b] / tokens_per_step[k]``.
+    the batch size (``num_speculative_tokens_per_batch_size``) in the same way.  For live batch
+    b the schedule takes the k minimising ``step_seconds[k, b] / tokens_per_step[k]``
+    (``BatchKDrafting`` applies it to a replayed race).
 
     :param k_grid: draft lengths, one per row of ``step_seconds``.
     :param step_seconds: (len(k_grid), max batch + 1) seconds of one decode step per batch.
@@ -198,9 +198,10 @@ class BatchKDrafting:
     """``base``'s stops, drafting with the k fastest for the live batch at every decision point
     (``BatchKSchedule`` on the replayed problem's own recorded acceptance).
 
-    Why: the issue asks that k may rise as the batch shrinks.  Replay only (it reads recorded
-    acceptance, which no controller sees live), so it measures at most what re-drafting could
-    add to ``base``: ``policies.evaluate --batch-k`` reports it beside the policy.
+    Why: a controller may raise k as its batch shrinks (issue 13), and this measures what that
+    is worth.  Replay only (it reads recorded acceptance, which no controller sees live), so it
+    is the most re-drafting could add to ``base``'s stops: ``policies.evaluate --batch-k``
+    reports it beside the policy.
 
     :param base: the controller whose (n, first k) and stops are kept.
     :param backend: the replay backend the races run on.

@@ -595,7 +595,9 @@ class TuningReplay:
 
     Why: the lead tuning (``policies.retune.tune_for_lead``) replays the very same draws with
     the very same network; handed these it reads them instead of replaying them again
-    (``policies.bound_candidates.StopValueReplay.on``): about 50 s of the default run.
+    (``policies.bound_candidates.StopValueReplay.on``): one trace pass and one sweep at every
+    tuning deadline, about 45 s of the default run.  The backend and featurizer are not
+    recorded: only ``train.py``'s own run, which uses one of each, hands these on.
     """
 
     problems: tuple[int, ...]
