@@ -314,6 +314,7 @@ class VLLMEngine:
         cancel: threading.Event | None = None,
         on_step: Callable[[StepReport], StepControl | None] | None = None,
         logprobs: bool = False,
+        on_queued: Callable[[], None] | None = None,
     ) -> Rollout:
         """Sample n branches of ``prompt`` with k drafts per step, until done or the deadline.
 
@@ -337,7 +338,9 @@ class VLLMEngine:
         for that many drafts per step from the next step on (recorded in
         ``Rollout.k_changes``; exact while the call is alone in the engine).
         ``logprobs`` records each sampled token's log-probability in
-        ``BranchResult.token_logprobs``.
+        ``BranchResult.token_logprobs``.  ``on_queued()`` is called on the caller's thread
+        once the call is queued in the batch, from when ``batch.calls_in_flight`` counts it
+        (a server's admission stops reserving room for it then; it must not raise).
 
         :raises ValueError: for a bad argument, before the engine runs.
         """
@@ -346,6 +349,8 @@ class VLLMEngine:
         call.ignore_eos, call.should_stop, call.cancel = ignore_eos, should_stop, cancel
         call.on_step, call.logprobs = on_step, logprobs
         self.batch.submit(call)
+        if on_queued is not None:
+            on_queued()
         return self._wait_for(call)
 
     def _new_call(

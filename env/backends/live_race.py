@@ -26,6 +26,7 @@ This module imports neither ``datasets`` nor training code: the deployed control
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -224,9 +225,11 @@ def run_live_race(
     :param logprobs: ask the engine for sampled-token log-probabilities (branch confidence).
     :param max_n: most branches the call may start, whatever the controller picks (the
         server's admission degrades a call to fit the engine's load this way).
-    :param on_start: called with the controller's (n, k) once it chose them (n before the
-        ``max_n`` cap), just before the branches go to the engine (the server's admission stops
-        reserving room for the call then).
+    :param on_start: called with the controller's (n, k) (n before the ``max_n`` cap) once
+        the branches are queued in the engine's batch: the server's admission stops reserving
+        room for the call then, and the engine's count of calls in flight has it from that
+        moment.  Called before they were queued, it left a gap in which a call was counted
+        nowhere, and a second request was admitted beside it on an engine with room for one.
     :raises ValueError: for a bad argument or a controller choice the engine cannot run.
     """
     started = time.monotonic() if started_at is None else started_at
@@ -236,13 +239,12 @@ def run_live_race(
     state = RaceState(stop_at, engine.config.max_n, engine.config.k_max, background_branches=load)
     # torch on the engine thread (between two steps of the calls in flight)
     n, k = engine_thread.call(begin_call, controller, problem, deadline, state)
-    if on_start is not None:
-        on_start(n, k)
+    queued = None if on_start is None else functools.partial(on_start, n, k)
     if max_n is not None:
         n = min(n, max_n)
     state.start(n, k, at_s=time.monotonic() - started)
     race = LiveRace(controller, state, started, checkpoints)
     left = None if math.isinf(stop_at) else max(stop_at - (time.monotonic() - started), 1e-6)
     rollout = engine.run(list(prompt_ids), n, k, left, max_tokens=max_tokens, cancel=cancel,
-                         on_step=race.on_step, logprobs=logprobs)  # fmt: skip
+                         on_step=race.on_step, logprobs=logprobs, on_queued=queued)  # fmt: skip
     return race.finish(rollout)

@@ -208,3 +208,21 @@ def test_the_deadline_is_honoured(draft_engine, deadline):
     assert result.stop_reason == "deadline" and result.state.stopped == "deadline"
     assert all(b.finish_s <= deadline for b in result.rollout.finished)
     assert not draft_engine.has_unfinished_requests()
+
+
+@pytest.mark.engine
+def test_on_start_comes_once_the_engine_counts_the_call(draft_engine):
+    """A server's admission stops reserving room for a call at ``on_start``, so the engine's
+    own count (``calls_in_flight``, which admission reads) must already have the call then;
+    called before the branches were queued, a second request could be admitted in between."""
+    seen = []
+
+    def on_start(n: int, k: int) -> None:
+        seen.append((n, k, [c.live for c in draft_engine.batch.calls_in_flight()]))
+
+    controller = RuleController("static_best", 4, 1)
+    ids = draft_engine.prompt_token_ids(SHORT_REPLY)
+    result = run_live_race(draft_engine, controller, _problem(SHORT_REPLY), ids, 30.0,
+                           max_tokens=8, max_n=2, on_start=on_start)  # fmt: skip
+    assert seen == [(4, 1, [2])]  # the controller's n before the cap; the engine holds the 2
+    assert result.rollout.n == 2 and not draft_engine.has_unfinished_requests()
