@@ -179,7 +179,8 @@ class DecodingController:
         Setting ``cancel`` aborts the call after the current engine step.  ``max_tokens`` caps
         each branch (at most the engine's ``max_tokens``), ``max_n`` the branches (the server's
         admission); ``on_start(n, k)`` is called with the controller's choice (before the
-        cap) once its branches are queued in the engine.  Calls made at the same time (from several threads) share the engine's batch.
+        cap) once its branches are queued in the engine.  Calls made at the same time (from
+        several threads) share the engine's batch.
 
         :raises ValueError: for a bad problem, deadline or max_tokens (before the engine runs).
         """
