@@ -67,8 +67,6 @@ class ReplayRace:
         load = backend.background_branches if observe_load else 0
         self.state = RaceState(deadline_s, backend.max_branches, max(backend.k_grid), load)
         self._checkpoints = [deadline_s * c for c in sorted(checkpoints)]
-        self._answer_class = -1
-        self._decided_at: float | None = None
 
     # -- the controller's side ---------------------------------------------------------------
 

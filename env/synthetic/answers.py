@@ -72,10 +72,6 @@ class AnswerModel:
     def one_off_index(self) -> int:
         return self.distractors.shape[1] + 1
 
-    @property
-    def none_index(self) -> int:
-        return self.distractors.shape[1] + 2
-
 
 def stick_breaking(uniforms: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """GEM(theta) weights from uniforms (P, J): v = 1 - (1 - u)^(1/theta), w_j = v_j prod(1 - v)."""
