@@ -24,7 +24,9 @@ against the best heuristic there), and the largest accuracy lead over the best h
 Part of a bound chosen on the draws it scores is noise, and a controller is tuned on other
 problems.  So the same choices are also scored where they were not made: cross-validated (each
 half of the test problems chooses, the other half scores) and, with ``transfer``, chosen on the
-training draws the run tuned its baselines on and scored on the test draws.
+training draws the run tuned its baselines on and scored on the test draws, and on the
+validation draws the run held back (where the run's own stop-value settings are scored too: a
+choice between families made on those draws can only follow what they show).
 
     python -m policies.saving_bound --run RUN_FOLDER [--out DIR] [--transfer]
                                     [--accuracy-slack 0.005]
@@ -33,6 +35,7 @@ training draws the run tuned its baselines on and scored on the test draws.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +47,7 @@ import tyro
 
 from env.backends.replay import ReplayBackend
 from env.profiles.store import Profile, write_json
-from policies.bound_candidates import Candidates, Draws, World
+from policies.bound_candidates import STOP_VALUE, Candidates, Draws, World
 from policies.evaluate import HEURISTICS, REFERENCE, TARGETS
 from policies.frontier import frontier, latency_saving
 from policies.race_eval import (
@@ -54,6 +57,8 @@ from policies.race_eval import (
 )
 from policies.report_plots import plot_saving_bound
 from policies.saved_policy import SavedRacePolicy, load_race_policy, policy_profile
+from policies.stop_value import StopSetting, StopValuePolicy
+from policies.stop_value_training import StopValueArgs
 
 ACCURACY_SLACK = -TARGETS["accuracy_vs_static_best"]
 """How far below the reference a setting may be and still count (the accuracy target)."""
@@ -138,6 +143,11 @@ def saving_bound(run: Path, slack: float = ACCURACY_SLACK, transfer: bool = Fals
         tuning = training_draws(policy, profile, report).world(report)
         scored = choose_and_score([(tuning, whole)], slack)
         result["transferred"] = {"tuned_rows": tuning[0], **scored}
+        held = held_out_draws(policy, profile, report)
+        held_world = held.world(report)
+        validated = choose_and_score([(tuning, held_world)], slack)
+        own = policy_scored(held, held_world, policy, slack)
+        result["validated"] = {"tuned_rows": held_world[0], **validated, "policy": own}
     return result
 
 
@@ -169,6 +179,51 @@ def training_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> D
     backend, problems, seed, _ = tuning_problems(policy, profile, report)
     return Draws.of(policy.model, policy.featurizer, policy.env_config, backend, problems,
                     report["deadlines_s"], BASELINE_TUNING_REPEATS, seed)  # fmt: skip
+
+
+def held_out_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> Draws:
+    """The validation problems the run held back (``tuning_problems``) x the draws its lead
+    tuning checked on each (``--value.validation-repeats``; the default where it ran none),
+    every family replayed at the report's deadlines."""
+    _, _, seed, held_out = tuning_problems(policy, profile, report)
+    value_args = policy.info.get("train", {}).get("args", {}).get("value") or {}
+    repeats = value_args.get("validation_repeats") or StopValueArgs().validation_repeats
+    return Draws.of(policy.model, policy.featurizer, policy.env_config, held_out,
+                    range(len(held_out.problems)), report["deadlines_s"], repeats, seed,
+                    label="validation sweep (n, k)")  # fmt: skip
+
+
+def policy_scored(draws: Draws, world: World, policy: SavedRacePolicy, slack: float) -> dict:
+    """The run's own stop-value settings at the report's deadlines on ``draws`` (their
+    candidates there), scored as ``choose_and_score`` scores a choice: per target, the saving
+    and the accuracy above the floor per deadline (empty for a policy of another kind)."""
+    model = policy.model
+    if not isinstance(model, StopValuePolicy):
+        return {}
+    candidates = world[1][STOP_VALUE]
+    indices = [
+        _candidate_of(draws, candidates[d], model.setting(deadline), d)
+        for d, deadline in enumerate(draws.sweep.deadlines_s[i] for i in draws.at)
+    ]
+    out = {}
+    for target, yardstick in (("static", static_yardstick), ("ahead", heuristic_yardstick)):
+        stick = yardstick(world[0], slack)
+        if stick is not None:
+            out[target] = [
+                dict(zip(("saving", "above_floor"), _score(c, i, stick, d), strict=True))
+                for d, (c, i) in enumerate(zip(candidates, indices, strict=True))
+            ]
+    return out
+
+
+def _candidate_of(draws: Draws, cands: Candidates, setting: StopSetting, d: int) -> int:
+    """The index of ``setting`` among the stop-value candidates at the ``d``-th deadline."""
+    for index in range(len(cands.accuracy)):
+        found = draws.setting(index, d)
+        same = (found.n, found.k, found.price) == (setting.n, setting.k, setting.price)
+        if same and math.isclose(found.budget, setting.budget, rel_tol=1e-9):
+            return index
+    raise ValueError(f"the setting {setting} is not among the replayed candidates")
 
 
 @dataclass(frozen=True)
@@ -332,13 +387,18 @@ def print_bound(result: dict) -> None:
                             "problems, scored on the other"),
         ("transferred", "transferred: the bound's choice on the training draws the run tuned "
                         "on, scored on the test draws"),
+        ("validated", "validated: the bound's choice on the training draws, scored on the "
+                      "validation draws the run held back (the policy's row: its own settings "
+                      "there)"),
     )  # fmt: skip
 
     def cross_table(target: str, mine: list, against: str) -> None:
         for key, title in chosen_elsewhere:
             if target in result.get(key, {}):
+                own = result[key].get("policy", {}).get(target)  # the policy scored there too
+                mine_there = mine if own is None else [row["saving"] for row in own]
                 _print_table(f"{title} (saving vs {against})", deadlines,
-                             *with_policy(result[key][target], "saving", mine))  # fmt: skip
+                             *with_policy(result[key][target], "saving", mine_there))  # fmt: skip
 
     static = with_policy(result["families"], "saving", result["policy_saving"])
     _print_table(f"hindsight bound on the latency saving vs {REFERENCE} ({label}; settings tuned "
@@ -368,8 +428,8 @@ class Args:
     out: str | None = None
     """where saving_bound.json and saving_bound.png go (default: the run folder)"""
     transfer: bool = False
-    """also choose on the training draws the run tuned on and score on the test draws (two more
-    sweeps, about a minute)"""
+    """also choose on the training draws the run tuned on and score on the test draws and on the
+    validation draws the run held back (four more replays, about 4 minutes)"""
     accuracy_slack: float = ACCURACY_SLACK
     """how far below static_best a setting may be and still count, as a share of accuracy
     (default 0.005: the target's half point; 0 asks what room is left without giving up any

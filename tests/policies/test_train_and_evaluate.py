@@ -180,6 +180,22 @@ def test_the_saving_bound_covers_the_policy_and_every_tuned_baseline(trained, tm
         if chosen[d]["n"] >= n_min:
             assert row["accuracy"] == pytest.approx(recorded[d], abs=1e-9)
     assert set(moved["transferred"]["ahead"]) == set(families)
+    assert set(moved["validated"]["ahead"]) == set(families)
+    # the policy's own settings on the validation draws, read off the bound's candidates, agree
+    # with what the lead tuning recorded of its check on the same draws (another code path)
+    check, margin = (
+        model.info["lead_tuning"]["validation"],
+        model.info["lead_tuning"]["floor_margin"],
+    )
+    own = moved["validated"]["policy"]["ahead"]
+    compared = 0
+    for d, deadline in enumerate(report["deadlines_s"]):
+        i = model.deadlines_s.index(deadline)
+        if check["accuracy"][i] is not None:
+            recorded_above = check["accuracy"][i] - (check["floors"][i] - margin)
+            assert own[d]["above_floor"] == pytest.approx(recorded_above, abs=1e-9), d
+            compared += 1
+    assert compared > 0  # the lead tuning moved at least one grid deadline of this run
     strict = saving_bound_main(SavingBoundArgs(run=str(out), out=str(tmp_path), accuracy_slack=0))
     assert strict["accuracy_slack"] == 0
     for name, family in strict["families"].items():  # fewer settings count: never more room
