@@ -366,7 +366,11 @@ def test_load_every_request_answered_in_time_or_refused(server, kind):
     Through the openai client the burst reaches the server spread over about 100 ms (the
     client's own work), so the first calls admitted may take the engine, and the later
     requests are refused to keep them in time; through httpx it arrives within a few ms, the
-    verdicts are given together, and answered calls share the batch."""
+    verdicts are given together, and answered calls share the batch.  How many are answered
+    depends on the machine's step times at that moment: in one fresh-clone run on a 2-core
+    machine only one of the 50 was (every other refused in time, as it should be), so the
+    sharing is checked wherever two or more were answered; that concurrent calls share the
+    batch is checked regardless by ``test_ten_openai_clients_at_once_share_the_engine``."""
     deadlines = [1.0 + 0.5 * (i % 7) for i in range(50)]
     bodies = []
     for i, deadline in enumerate(deadlines):
@@ -388,9 +392,9 @@ def test_load_every_request_answered_in_time_or_refused(server, kind):
             assert "deadline" in body["error"]["message"] or "busy" in body["error"]["message"]
             assert elapsed < 1.0, elapsed
         assert elapsed <= deadline + HTTP_SLACK_S, (status, elapsed, deadline)
-    if kind == "httpx":  # some answered call ran beside another's branches
-        shared = [(body["tts"]["n"], body["tts"]["batch_max"])
-                  for status, _, body in results if status == 200]  # fmt: skip
+    shared = [(body["tts"]["n"], body["tts"]["batch_max"])
+              for status, _, body in results if status == 200]  # fmt: skip
+    if kind == "httpx" and len(shared) > 1:  # some answered call ran beside another's branches
         assert any(batch > n for n, batch in shared), shared
     assert not server.engine.has_unfinished_requests()
     assert _healthy(server.url)["running"] == 0
