@@ -187,7 +187,7 @@ def held_out_draws(policy: SavedRacePolicy, profile: Profile, report: dict) -> D
     every family replayed at the report's deadlines."""
     _, _, seed, held_out = tuning_problems(policy, profile, report)
     value_args = policy.info.get("train", {}).get("args", {}).get("value") or {}
-    repeats = value_args.get("validation_repeats") or StopValueArgs().validation_repeats
+    repeats = value_args.get("validation_repeats") or StopValueArgs.validation_repeats
     return Draws.of(policy.model, policy.featurizer, policy.env_config, held_out,
                     range(len(held_out.problems)), report["deadlines_s"], repeats, seed,
                     label="validation sweep (n, k)")  # fmt: skip
